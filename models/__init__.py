@@ -1,0 +1,1 @@
+"""Pure compute: forward operators, solvers, networks and quality figures. No ZeroMQ, no Tiled."""

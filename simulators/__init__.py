@@ -1,0 +1,1 @@
+"""Simulated samples, probes, scans, photon noise and detector emitters."""

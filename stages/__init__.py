@@ -1,0 +1,1 @@
+"""Pipeline stages: thin glue between the runtime and phasestream.models."""
