@@ -10,7 +10,7 @@ import os
 
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server  # noqa: E402
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 FRAMES_RECEIVED = Counter(
     "phasestream_frames_received", "Detector frames received by a stage", ["stage", "worker"]

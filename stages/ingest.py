@@ -1,0 +1,294 @@
+"""Ingest: the only stage that speaks the detector's protocol (DECTRIS Stream V2).
+
+It decodes and validates each image, joins frames and positions by image index, and emits
+``FrameBatch``es in index order within each batch. Nothing is dropped silently: frames with the wrong
+shape or dtype, NaN or negative counts, duplicates, frames without a position and positions without a
+frame are each counted under their reason, and the ``ScanEnd`` it emits accounts for every image the
+detector announced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+import zmq
+from pydantic import BaseModel, ConfigDict, Field
+
+from phasestream import metrics
+from phasestream.errors import DetectorMessageError, FrameValidationError, PositionError
+from phasestream.messages import FrameBatch, Geometry, Message, ScanEnd, ScanStart
+from phasestream.stage import RawInput, Stage
+from phasestream.stages.position_channel import PositionsEnd, PositionsMessage, decode_positions
+from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
+
+
+class Reject(StrEnum):
+    """Why a frame did not reach the next stage (the ``reason`` label and accounting key)."""
+
+    NO_SCAN = "no_open_scan"
+    WRONG_SHAPE = "wrong_shape"
+    WRONG_DTYPE = "wrong_dtype"
+    NOT_FINITE = "not_finite"
+    NEGATIVE = "negative_counts"
+    DUPLICATE_FRAME = "duplicate_frame"
+    DUPLICATE_POSITION = "duplicate_position"
+    FRAME_WITHOUT_POSITION = "frame_without_position"
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=64, ge=1, le=4096, description="frames per FrameBatch")
+    batch_timeout_s: float = Field(
+        default=0.05, gt=0, description="send a partial batch when no frame came for this long"
+    )
+    position_grace_s: float = Field(
+        default=5.0, ge=0, description="after the detector's end, wait this long for late positions"
+    )
+
+
+@dataclass
+class OpenScan:
+    start: ScanStart
+    series_id: int
+    frames: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)
+    positions: dict[int, tuple[float, float]] = field(default_factory=dict)
+    ready: list[int] = field(default_factory=list)
+    seen_frames: set[int] = field(default_factory=set)
+    forwarded: int = 0
+    seq: int = 0
+    last_frame_s: float = 0.0
+    detector_ended_s: float | None = None
+    positions_ended: bool = False
+
+
+class IngestStage(Stage):
+    Config = IngestConfig
+    config: IngestConfig
+    idle_poll_ms = 20
+
+    def setup(self) -> None:
+        self._open: OpenScan | None = None
+        self._pending_positions: dict[int, list[PositionsMessage | PositionsEnd]] = {}
+
+    def raw_inputs(self) -> dict[str, RawInput]:
+        detector = self.pipeline.detector
+        return {
+            "detector": RawInput(zmq.PULL, detector.data_endpoint),
+            "positions": RawInput(zmq.PULL, detector.positions_endpoint),
+        }
+
+    def has_open_scan(self) -> bool:
+        return self._open is not None
+
+    def handle_raw(self, port: str, frames: list[zmq.Frame]) -> Iterable[Message]:
+        if len(frames) != 1:
+            self._count_undecodable()
+            raise DetectorMessageError(
+                f"{port} message has {len(frames)} parts; Stream V2 sends one CBOR map per ZeroMQ message "
+                "(a Stream V1 'legacy' detector? set the DCU stream format to 'cbor')"
+            )
+        buffer = frames[0].buffer
+        if port == "positions":
+            return self._on_positions(self._decoded(decode_positions, buffer))
+        return self._on_detector(self._decoded(decode_stream_v2, buffer))
+
+    def _decoded(self, decode, buffer):  # type: ignore[no-untyped-def]
+        try:
+            return decode(buffer)
+        except DetectorMessageError:
+            self._count_undecodable()
+            raise
+
+    def _count_undecodable(self) -> None:
+        if self._open is not None:
+            # Its image index is unknown, so the frame shows up as missing at the end; this says why.
+            self.count(self._open.start.scan_uid, "undecodable_messages")
+
+    # ---- detector messages ----------------------------------------------------------------------
+    def _on_detector(self, message: StartMessage | ImageMessage | EndMessage) -> Iterator[Message]:
+        if isinstance(message, StartMessage):
+            yield from self._on_start(message)
+        elif isinstance(message, ImageMessage):
+            yield from self._on_image(message)
+        else:
+            yield from self._on_detector_end(message)
+
+    def _on_start(self, start: StartMessage) -> Iterator[Message]:
+        if self._open is not None:
+            # A new series while one is open: the old one's end was lost. Close it with what we have.
+            yield from self._close_scan()
+        user = start.user_data if isinstance(start.user_data, dict) else {}
+        scan_uid = str(user.get("scan_uid") or start.series_unique_id)
+        extent = user.get("scan_extent_m")
+        scan_start = ScanStart(
+            scan_uid=scan_uid,
+            geometry=Geometry(
+                energy_kev=start.energy_kev,
+                detector_distance_m=start.detector_distance_m,
+                pixel_size_m=start.pixel_size_m,
+                detector_shape_px=start.shape,
+                detector_dtype=start.dtype,
+            ),
+            scan_shape=tuple(user.get("scan_shape") or ()),
+            planned_frames=start.number_of_images,
+            scan_extent_m=tuple(extent) if extent else None,
+            config_hash=self.pipeline.config_hash(),
+        )
+        self._open = OpenScan(start=scan_start, series_id=start.series_id)
+        self.scan(scan_uid).start = scan_start
+        for early in self._pending_positions.pop(start.series_id, []):
+            yield from self._on_positions(early)
+        yield scan_start
+
+    def _on_image(self, image: ImageMessage) -> Iterator[Message]:
+        scan = self._open
+        if scan is None or image.series_id != scan.series_id:
+            raise FrameValidationError(
+                f"image {image.image_id} of series {image.series_id} arrived with no open scan for that "
+                "series (its start message was lost, or ingest started mid-series); it is discarded. "
+                "Start ingest before arming the detector.",
+                reason=Reject.NO_SCAN,
+            )
+        uid = scan.start.scan_uid
+        metrics.FRAMES_RECEIVED.labels(stage=self.stage_name, worker=self.worker).inc()
+        self.count(uid, "frames_received")
+        self._validate_frame(scan, image)
+        scan.frames[image.image_id] = (image.frame, time.time())
+        scan.last_frame_s = time.monotonic()
+        self._join(scan, image.image_id)
+        yield from self._batches(scan, force=False)
+
+    def _validate_frame(self, scan: OpenScan, image: ImageMessage) -> None:
+        uid, geometry, frame = scan.start.scan_uid, scan.start.geometry, image.frame
+        where = f"image {image.image_id} of scan {uid}"
+        if image.image_id in scan.seen_frames:
+            self.reject_frames(uid, Reject.DUPLICATE_FRAME, 1)
+            raise FrameValidationError(
+                f"{where} arrived twice; the second copy is discarded (check the detector's "
+                "image_id counter or a second emitter on the same port)",
+                reason=Reject.DUPLICATE_FRAME,
+            )
+        scan.seen_frames.add(image.image_id)
+        if tuple(frame.shape) != tuple(geometry.detector_shape_px):
+            self.reject_frames(uid, Reject.WRONG_SHAPE, 1)
+            raise FrameValidationError(
+                f"{where} has shape {frame.shape}, the start message announced "
+                f"{geometry.detector_shape_px}; check the detector's ROI mode",
+                reason=Reject.WRONG_SHAPE,
+            )
+        if frame.dtype != np.dtype(geometry.detector_dtype):
+            self.reject_frames(uid, Reject.WRONG_DTYPE, 1)
+            raise FrameValidationError(
+                f"{where} has dtype {frame.dtype}, the start message announced {geometry.detector_dtype}; "
+                "check the detector's bit depth setting",
+                reason=Reject.WRONG_DTYPE,
+            )
+        if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+            self.reject_frames(uid, Reject.NOT_FINITE, 1)
+            raise FrameValidationError(
+                f"{where} holds {int(np.count_nonzero(~np.isfinite(frame)))} NaN/inf pixels; "
+                "mask dead pixels upstream",
+                reason=Reject.NOT_FINITE,
+            )
+        if frame.dtype.kind in "if" and frame.min() < 0:
+            self.reject_frames(uid, Reject.NEGATIVE, 1)
+            raise FrameValidationError(
+                f"{where} has negative counts (min {frame.min()}); photon counts cannot be negative: "
+                "check dark subtraction upstream",
+                reason=Reject.NEGATIVE,
+            )
+
+    def _on_detector_end(self, end: EndMessage) -> Iterator[Message]:
+        scan = self._open
+        if scan is None or end.series_id != scan.series_id:
+            raise DetectorMessageError(
+                f"end of series {end.series_id} with no open scan for it; nothing to close"
+            )
+        scan.detector_ended_s = time.monotonic()
+        if scan.positions_ended or self.config.position_grace_s == 0:
+            yield from self._close_scan()
+
+    # ---- positions ----------------------------------------------------------------------------
+    def _on_positions(self, message: PositionsMessage | PositionsEnd) -> Iterator[Message]:
+        scan = self._open
+        if scan is None or message.series_id != scan.series_id:
+            # Positions may overtake the detector's start message: keep them for that series.
+            self._pending_positions.setdefault(message.series_id, []).append(message)
+            return
+        if isinstance(message, PositionsEnd):
+            scan.positions_ended = True
+            if scan.detector_ended_s is not None:
+                yield from self._close_scan()
+            return
+        duplicates = []
+        for image_id, y_m, x_m in zip(message.image_id, message.y_m, message.x_m, strict=True):
+            index = int(image_id)
+            if index in scan.positions:
+                duplicates.append(index)
+                continue
+            scan.positions[index] = (float(y_m), float(x_m))
+            self._join(scan, index)
+        yield from self._batches(scan, force=False)
+        if duplicates:
+            self.count(scan.start.scan_uid, "duplicate_positions", len(duplicates))
+            raise PositionError(
+                f"positions for images {duplicates[:10]} arrived twice in scan {scan.start.scan_uid}; "
+                "the first value is kept (check the position channel's source)",
+                reason=Reject.DUPLICATE_POSITION,
+            )
+
+    def _join(self, scan: OpenScan, index: int) -> None:
+        if index in scan.frames and index in scan.positions:
+            scan.ready.append(index)
+
+    # ---- batching and closing ---------------------------------------------------------------------
+    def idle(self) -> Iterable[Message]:
+        scan = self._open
+        if scan is None:
+            return
+        now = time.monotonic()
+        if scan.ready and now - scan.last_frame_s > self.config.batch_timeout_s:
+            yield from self._batches(scan, force=True)
+        if scan.detector_ended_s is not None and now - scan.detector_ended_s > self.config.position_grace_s:
+            yield from self._close_scan()
+
+    def _batches(self, scan: OpenScan, force: bool) -> Iterator[FrameBatch]:
+        size = self.config.batch_size
+        while len(scan.ready) >= size or (force and scan.ready):
+            indices, scan.ready = sorted(scan.ready[:size]), scan.ready[size:]
+            yield self._batch(scan, indices)
+
+    def _batch(self, scan: OpenScan, indices: list[int]) -> FrameBatch:
+        entries = [scan.frames.pop(i) for i in indices]
+        positions = np.array([scan.positions.pop(i) for i in indices], dtype=np.float64)
+        scan.seq += 1
+        scan.forwarded += len(indices)
+        return FrameBatch(
+            scan_uid=scan.start.scan_uid,
+            seq=scan.seq,
+            frame_indices=indices,
+            received_at_s=min(received for _, received in entries),
+            frames=np.stack([frame for frame, _ in entries]),
+            positions_m=positions,
+        )
+
+    def _close_scan(self) -> Iterator[Message]:
+        scan = self._open
+        assert scan is not None
+        yield from self._batches(scan, force=True)
+        uid, planned = scan.start.scan_uid, scan.start.planned_frames
+        if scan.frames:
+            self.reject_frames(uid, Reject.FRAME_WITHOUT_POSITION, len(scan.frames))
+        if scan.positions:
+            self.count(uid, "positions_without_frame", len(scan.positions))
+        missing = planned - len(scan.seen_frames & set(range(planned)))
+        if missing:
+            self.count(uid, "missing_frames", missing)
+        self.count(uid, "frames_forwarded", scan.forwarded)
+        self._open = None
+        yield ScanEnd(scan_uid=uid, seq=scan.seq + 1, frames_sent=planned)

@@ -1,0 +1,3 @@
+from phasestream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""The ``phasestream`` command line. Each subcommand's --help says what it does and how to use it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from phasestream.errors import PhasestreamError
+
+EPILOG = """\
+Start here:
+  phasestream demo                      simulate a scan and reconstruct it live (about 2 minutes)
+  phasestream run deploy/live.yaml      serve a pipeline beside a real or simulated detector
+  phasestream simulate                  stream a simulated SELUN scan (DECTRIS Stream V2)
+  phasestream bench ingest | epie       measure throughput (figures go in docs/benchmarks.md)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except PhasestreamError as exc:
+        print(f"phasestream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("phasestream: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phasestream",
+        description="Live phase retrieval for coherent X-ray imaging: detector frames in, "
+        "reconstructions in Tiled out, Prometheus metrics from every stage.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_run(sub)
+    _add_simulate(sub)
+    _add_stage(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _add_tiled_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tiled-uri",
+        help="an existing Tiled server (default: start an embedded one; env PHASESTREAM_TILED__URI)",
+    )
+    parser.add_argument("--tiled-api-key", help="its API key (env PHASESTREAM_TILED__API_KEY)")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="simulate a ptychography scan and reconstruct it live, end to end",
+        description="Simulates a sample, a focused probe and a Fermat-spiral scan on a SELUN detector, "
+        "streams it through emitter → ingest → binning → refine → publish into an embedded Tiled "
+        "server, shows progress, and writes a PNG of the reconstruction beside the truth.",
+    )
+    p.add_argument("--large", action="store_true", help="a longer, larger scan (about 10 minutes on 2 cores)")
+    p.add_argument("--positions", type=int, help="number of scan positions (default 420, 900 with --large)")
+    p.add_argument("--rate-hz", type=float, help="detector frame rate (default 60)")
+    p.add_argument("--epochs-after-scan", type=int, help="ePIE epochs after the last frame")
+    p.add_argument(
+        "--out", type=Path, default=Path("phasestream-data"), help="data folder (default %(default)s)"
+    )
+    p.add_argument("--pipeline", type=Path, help="topology to run (default deploy/demo.yaml)")
+    _add_tiled_options(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="start a pipeline from a topology YAML and serve until Ctrl-C",
+        description="Starts one process per stage worker as the YAML says, an embedded Tiled server "
+        "unless --tiled-uri is given, and prints where results and metrics are. Ctrl-C stops it cleanly.",
+    )
+    p.add_argument("pipeline", type=Path, help="topology file, e.g. deploy/live.yaml")
+    _add_tiled_options(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="stream a simulated SELUN scan over DECTRIS Stream V2 (for a pipeline started with run)",
+        description="Binds the detector's PUSH sockets (Stream V2 CBOR frames, bslz4) and a position "
+        "channel, waits for a client, and streams a simulated or saved scan.",
+    )
+    p.add_argument("--data-endpoint", default="tcp://127.0.0.1:31001", help="default %(default)s")
+    p.add_argument("--positions-endpoint", default="tcp://127.0.0.1:31002", help="default %(default)s")
+    p.add_argument("--rate-hz", type=float, help="frame rate; default: as fast as possible")
+    p.add_argument("--positions", type=int, default=420, help="scan positions (default %(default)s)")
+    p.add_argument("--from", dest="scan_file", type=Path, help="stream a scan saved by the demo (.npz)")
+    p.add_argument("--scan-uid", help="scan uid to announce (default: a new uuid)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _add_stage(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stage",
+        help="run one stage worker of a pipeline (the launcher does this for you)",
+        description="Runs one worker of one stage. Use it to place stages on other hosts by hand; "
+        "endpoints follow from the pipeline file.",
+    )
+    p.add_argument("name", help="stage name in the pipeline file")
+    p.add_argument("--pipeline", type=Path, required=True, help="pipeline YAML or the launcher's JSON")
+    p.add_argument("--worker", type=int, default=0, help="worker index (default 0)")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_cmd_stage)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure throughput; figures go in docs/benchmarks.md")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    ingest = bench.add_parser(
+        "ingest", help="frames/s through emitter → ingest → binning for 192×192 bslz4 low-dose frames"
+    )
+    ingest.add_argument("--frames", type=int, default=200_000, help="default %(default)s")
+    ingest.add_argument("--repeats", type=int, default=3, help="runs; the median is quoted")
+    ingest.set_defaults(func=_cmd_bench_ingest)
+    epie = bench.add_parser("epie", help="seconds per ePIE epoch, sequential and batched")
+    epie.add_argument("--positions", type=int, default=516, help="default %(default)s")
+    epie.add_argument("--size", type=int, default=128, help="pattern side in pixels (default %(default)s)")
+    epie.add_argument("--epochs", type=int, default=5, help="epochs per variant (default %(default)s)")
+    epie.set_defaults(func=_cmd_bench_epie)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from phasestream.demo import run_demo
+
+    return run_demo(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from phasestream.serve import serve_pipeline
+
+    return serve_pipeline(args.pipeline, tiled_uri=args.tiled_uri, tiled_api_key=args.tiled_api_key)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from phasestream.simulate import run_simulate
+
+    return run_simulate(args)
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from phasestream.config import load_pipeline
+    from phasestream.registry import resolve_stage
+    from phasestream.topology import place
+
+    pipeline = load_pipeline(args.pipeline)
+    placement = place(pipeline, args.name, args.worker)
+    stage_cls = resolve_stage(placement.spec.stage)
+    stage_cls.from_placement(placement, pipeline).run()
+    return 0
+
+
+def _cmd_bench_ingest(args: argparse.Namespace) -> int:
+    from phasestream.bench_ingest import bench_ingest
+
+    bench_ingest(n_frames=args.frames, repeats=args.repeats)
+    return 0
+
+
+def _cmd_bench_epie(args: argparse.Namespace) -> int:
+    from phasestream.models.benchmarks import bench_epie
+
+    for batched in (False, True):
+        result = bench_epie(
+            n_positions=args.positions, size_px=args.size, batched=batched, epochs=args.epochs
+        )
+        print(result)
+    return 0

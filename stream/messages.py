@@ -1,0 +1,207 @@
+"""Typed messages between stages: a pydantic header plus raw array buffers.
+
+On the wire a message is a ZeroMQ multipart ``[header, payload, payload, ...]``. The header is the JSON
+of the message model with its arrays replaced by their descriptions (name, dtype, shape); each array
+travels as one contiguous buffer in the same order. No pickle, no positional tuples (DESIGN.md,
+"Describe, then stream").
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from phasestream.errors import WireFormatError
+
+SCHEMA_VERSION = 1
+
+
+class MessageKind(StrEnum):
+    SCAN_START = "scan_start"
+    FRAME_BATCH = "frame_batch"
+    RECONSTRUCTION = "reconstruction"
+    SCAN_END = "scan_end"
+
+
+class PositionSource(StrEnum):
+    POSITION_CHANNEL = "position_channel"
+    BLUESKY = "bluesky"
+    FILE = "file"
+
+
+class ArraySpec(BaseModel):
+    """How one raw buffer after the header is to be read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Geometry(BaseModel):
+    """Far-field geometry from the detector's start message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    energy_kev: float = Field(gt=0)
+    detector_distance_m: float = Field(gt=0)
+    pixel_size_m: float = Field(gt=0)
+    detector_shape_px: tuple[int, int]
+    detector_dtype: str
+
+
+class Message(BaseModel):
+    """Common header fields. Subclasses list their array fields in ``array_fields``."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    array_fields: ClassVar[tuple[str, ...]] = ()
+
+    schema_version: int = SCHEMA_VERSION
+    scan_uid: str
+    seq: int = Field(default=0, ge=0)
+
+
+class ScanStart(Message):
+    kind: Literal[MessageKind.SCAN_START] = MessageKind.SCAN_START
+    geometry: Geometry
+    scan_shape: tuple[int, ...] = ()
+    planned_frames: int = Field(ge=0)
+    positions_source: PositionSource = PositionSource.POSITION_CHANNEL
+    scan_extent_m: tuple[float, float, float, float] | None = Field(
+        default=None, description="(y_min, y_max, x_min, x_max) of the probe centres, when known"
+    )
+    config_hash: str = ""
+    # Each frame of this scan is the sum of this many detector frames (set by binning).
+    frames_per_position: int = Field(default=1, ge=1)
+
+
+class FrameBatch(Message):
+    """Consecutive frames of one scan; ``frames`` is one contiguous (n, H, W) buffer."""
+
+    array_fields: ClassVar[tuple[str, ...]] = ("frames", "positions_m")
+
+    kind: Literal[MessageKind.FRAME_BATCH] = MessageKind.FRAME_BATCH
+    frame_indices: list[int]
+    # How many detector frames each frame of this batch sums (1 before binning).
+    detector_frames: list[int] | None = None
+    # time.time() at which ingest received the first frame of the batch, for end-to-end latency.
+    received_at_s: float = 0.0
+    frames: np.ndarray
+    positions_m: np.ndarray
+
+    @property
+    def first_index(self) -> int:
+        return self.frame_indices[0]
+
+    @property
+    def last_index(self) -> int:
+        return self.frame_indices[-1]
+
+    def detector_frame_count(self) -> int:
+        return sum(self.detector_frames) if self.detector_frames else len(self.frame_indices)
+
+
+class Reconstruction(Message):
+    """A solver's current estimate. ``object_pixel_size_m`` turns the canvas into metres."""
+
+    array_fields: ClassVar[tuple[str, ...]] = ("object", "probe")
+
+    kind: Literal[MessageKind.RECONSTRUCTION] = MessageKind.RECONSTRUCTION
+    algorithm: str
+    iteration: int = Field(ge=0)
+    positions_used: int = Field(ge=0)
+    final: bool = False
+    object_pixel_size_m: float = Field(gt=0)
+    quality: dict[str, float] = Field(default_factory=dict)
+    object: np.ndarray
+    probe: np.ndarray
+
+
+class ScanEnd(Message):
+    """Closes a scan. ``accounting`` maps each stage to its counts so nothing goes missing silently.
+
+    ``frames_sent`` is what the detector announced; every stage adds what it received, forwarded,
+    binned and rejected (with the reason), so the last stage can prove that every frame is accounted for.
+    """
+
+    kind: Literal[MessageKind.SCAN_END] = MessageKind.SCAN_END
+    frames_sent: int = Field(ge=0)
+    accounting: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+
+AnyMessage = Annotated[ScanStart | FrameBatch | Reconstruction | ScanEnd, Field(discriminator="kind")]
+_HEADER_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyMessage)
+
+
+def encode(message: Message) -> list[Any]:
+    """Turn a message into multipart frames: the JSON header, then one buffer per array field."""
+    arrays = [np.ascontiguousarray(getattr(message, name)) for name in message.array_fields]
+    header = message.model_dump(mode="json", exclude=set(message.array_fields))
+    header["arrays"] = [
+        {"name": name, "dtype": a.dtype.str, "shape": list(a.shape)}
+        for name, a in zip(message.array_fields, arrays, strict=True)
+    ]
+    return [_dumps(header), *arrays]
+
+
+def decode(frames: list[Any]) -> Message:
+    """Parse multipart frames (bytes or zmq.Frame) back into a message; raise ``WireFormatError``."""
+    if not frames:
+        raise WireFormatError("empty multipart message: a phasestream message starts with a JSON header")
+    raw = _frame_bytes(frames[0])
+    try:
+        header = _loads(raw)
+    except ValueError as exc:
+        raise WireFormatError(
+            f"header is not JSON ({exc}); first bytes {bytes(raw[:40])!r}: is a detector or a foreign "
+            "program connected to a phasestream stage's input?"
+        ) from exc
+    if not isinstance(header, dict):
+        raise WireFormatError(f"header must be a JSON object, got {type(header).__name__}")
+    version = header.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise WireFormatError(
+            f"schema_version {version!r} is not {SCHEMA_VERSION}: run the same phasestream version "
+            "on every stage"
+        )
+    specs = [ArraySpec.model_validate(s) for s in header.pop("arrays", [])]
+    if len(specs) != len(frames) - 1:
+        raise WireFormatError(
+            f"header describes {len(specs)} arrays but {len(frames) - 1} buffers followed it"
+        )
+    for spec, frame in zip(specs, frames[1:], strict=True):
+        header[spec.name] = _array_from_frame(spec, frame)
+    try:
+        return _HEADER_ADAPTER.validate_python(header)
+    except ValidationError as exc:
+        raise WireFormatError(f"invalid {header.get('kind')!r} message: {exc}") from exc
+
+
+def _array_from_frame(spec: ArraySpec, frame: Any) -> np.ndarray:
+    buffer = frame.buffer if hasattr(frame, "buffer") else frame
+    dtype = np.dtype(spec.dtype)
+    expected = dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64))
+    if len(memoryview(buffer).cast("B")) != expected:
+        raise WireFormatError(
+            f"array {spec.name!r}: {len(memoryview(buffer).cast('B'))} bytes received, "
+            f"{expected} expected for {spec.dtype}{list(spec.shape)}"
+        )
+    return np.frombuffer(buffer, dtype=dtype).reshape(spec.shape)
+
+
+def _frame_bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def _dumps(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def _loads(raw: bytes) -> Any:
+    return json.loads(raw)

@@ -1,0 +1,61 @@
+"""``phasestream run``: a topology, a Tiled server to publish into, and a clean stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from phasestream.config import PipelineConfig, TiledSettings, load_pipeline
+from phasestream.launcher import Launcher
+
+
+@contextlib.contextmanager
+def tiled_for(pipeline: PipelineConfig) -> Iterator[PipelineConfig]:
+    """Yield the pipeline with a reachable Tiled server: the configured one, else an embedded one."""
+    from phasestream.tiled_server import EmbeddedTiledServer, check_tiled, generate_api_key
+
+    tiled = pipeline.tiled
+    if tiled.uri:
+        check_tiled(tiled.uri, tiled.api_key)
+        yield pipeline
+        return
+    api_key = tiled.api_key or generate_api_key()
+    with EmbeddedTiledServer(tiled.data_dir, api_key=api_key) as server:
+        settings = TiledSettings(uri=server.uri, api_key=api_key, data_dir=tiled.data_dir)
+        yield pipeline.model_copy(update={"tiled": settings})
+
+
+def serve_pipeline(path: Path, tiled_uri: str | None, tiled_api_key: str | None) -> int:
+    pipeline = load_pipeline(path)
+    if tiled_uri or tiled_api_key:
+        update = {"uri": tiled_uri or pipeline.tiled.uri, "api_key": tiled_api_key or pipeline.tiled.api_key}
+        pipeline = pipeline.model_copy(update={"tiled": pipeline.tiled.model_copy(update=update)})
+    with tiled_for(pipeline) as resolved, Launcher(resolved) as launcher:
+        print(f"phasestream: pipeline {resolved.name!r} is up; results in Tiled at {resolved.tiled.uri}")
+        detector = resolved.detector
+        print(f"  detector: data {detector.data_endpoint}, positions {detector.positions_endpoint}")
+        for label, worker in launcher.workers.items():
+            print(f"  {label:<14} /metrics on http://127.0.0.1:{worker.metrics_port}/metrics")
+        print("Ctrl-C stops every stage.")
+        try:
+            while True:
+                for event in launcher.events(timeout_s=3600):
+                    _print_event(event, last_stage=resolved.stages[-1].name)
+                    if resolved.exit_after_scan and launcher.wait_for_exit(0):
+                        return 0
+        except KeyboardInterrupt:
+            print("\nphasestream: stopping")
+    return 0
+
+
+def _print_event(event: dict, last_stage: str) -> None:
+    kind = event["event"]
+    if kind == "log":
+        print(f"  [{event['sender']}] {event['reason']}: {event['text']}")
+    elif kind == "died":
+        print(f"  [{event['sender']}] exited with code {event['code']}:\n{event['log']}")
+    elif kind == "scan_end" and event["sender"].split(".")[0] == last_stage:
+        print(f"  scan {event['scan_uid']} complete: {event['frames_sent']} frames sent by the detector")
+        for stage, counts in event["accounting"].items():
+            print(f"    {stage:<12} {counts}")

@@ -1,0 +1,304 @@
+"""The Stage base class: subclasses compute, the runtime here owns everything else.
+
+A stage implements ``process(message)`` (and optionally ``on_scan_start``, ``on_scan_end``, ``idle``
+and, for stages that face a detector, ``raw_inputs``/``handle_raw``). ``Stage.run()`` owns the sockets,
+high-water marks and backpressure, timing, metrics, per-scan accounting, error handling and shutdown.
+It is the only place that catches per-message errors: it counts them and goes on with the scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import zmq
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from phasestream import metrics
+from phasestream.config import PipelineConfig, format_validation_error
+from phasestream.errors import ConfigError, PhasestreamError
+from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart, decode
+from phasestream.topology import WorkerPlacement
+from phasestream.transport import Outlet, StatusChannel, StopRequestedError
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL_MS = 100
+_DRAIN_LIMIT = 64
+_STATUS_INTERVAL_S = 0.25
+
+
+class NoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """A detector-facing socket: the runtime creates and polls it, the stage decodes what arrives."""
+
+    socket_type: int
+    endpoint: str
+    bind: bool = False
+
+
+@dataclass
+class ScanState:
+    start: ScanStart | None = None
+    ends_received: int = 0
+    frames_sent_by_detector: int = 0
+    accounting: dict[str, dict[str, int]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Stage:
+    """Base class of every stage. Subclasses set ``Config`` and implement ``process``."""
+
+    Config: ClassVar[type[BaseModel]] = NoConfig
+    # Stages with background work get ``idle()`` calls when their inbox is empty, at most this many
+    # milliseconds apart while a scan is open (0: continuously, as an iterative solver wants).
+    idle_poll_ms: ClassVar[int | None] = None
+
+    def __init__(self, config: BaseModel, placement: WorkerPlacement, pipeline: PipelineConfig) -> None:
+        self.config = config
+        self.placement = placement
+        self.pipeline = pipeline
+        self.stage_name = placement.spec.name
+        self.worker = str(placement.worker)
+        self._labels = {"stage": self.stage_name, "worker": self.worker}
+        self._scans: dict[str, ScanState] = {}
+        self._stop = threading.Event()
+        self._scans_completed = 0
+        self._last_status_s = 0.0
+        self._status: StatusChannel | None = None
+        self.setup()
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_placement(cls, placement: WorkerPlacement, pipeline: PipelineConfig) -> Stage:
+        try:
+            config = cls.Config.model_validate(placement.spec.config)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"stage {placement.spec.name!r} ({cls.__name__}) config: {format_validation_error(exc)}"
+            ) from exc
+        return cls(config, placement, pipeline)
+
+    # ---- what subclasses implement --------------------------------------------------------------
+    def setup(self) -> None:
+        """Initialise subclass state; ``self.config`` and ``self.pipeline`` are set."""
+
+    def raw_inputs(self) -> dict[str, RawInput]:
+        """Detector-facing sockets by port name; empty for stages fed by phasestream messages."""
+        return {}
+
+    def handle_raw(self, port: str, frames: list[zmq.Frame]) -> Iterable[Message]:
+        raise NotImplementedError(f"{type(self).__name__} declares raw inputs but no handle_raw()")
+
+    def on_scan_start(self, message: ScanStart) -> Iterable[Message]:
+        yield message
+
+    def process(self, message: Message) -> Iterable[Message]:
+        yield message
+
+    def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:
+        yield message
+
+    def idle(self) -> Iterable[Message]:
+        return ()
+
+    def close(self) -> None:
+        """Release resources (threads, files) when the stage stops."""
+
+    # ---- helpers for subclasses ---------------------------------------------------------------
+    def scan(self, scan_uid: str) -> ScanState:
+        return self._scans.setdefault(scan_uid, ScanState())
+
+    def count(self, scan_uid: str, key: str, n: int = 1) -> None:
+        """Add to this stage's accounting for a scan; it travels in that scan's ScanEnd."""
+        self.scan(scan_uid).counts[key] += n
+
+    def reject_frames(self, scan_uid: str, reason: str, n: int) -> None:
+        """Frames this stage could not use: counted in the metrics and in the scan's accounting."""
+        metrics.FRAMES_DROPPED.labels(reason=reason, **self._labels).inc(n)
+        self.count(scan_uid, f"rejected_{reason}", n)
+
+    def report_status(self, **fields: Any) -> None:
+        if self._status is not None:
+            self._status.report("status", **fields)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ---- the runtime ------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until stopped (signal, ``request_stop()``) or, with ``exit_after_scan``, a scan ends."""
+        self._install_signal_handlers()
+        context = zmq.Context()
+        poller = zmq.Poller()
+        ports: dict[zmq.Socket, str] = {}
+        if self.placement.input_endpoint is not None:
+            inbox = context.socket(zmq.PULL)
+            inbox.setsockopt(zmq.RCVHWM, self.pipeline.high_water_mark)
+            inbox.bind(self.placement.input_endpoint)
+            ports[inbox] = "in"
+        for port, raw in self.raw_inputs().items():
+            sock = context.socket(raw.socket_type)
+            sock.setsockopt(zmq.RCVHWM, max(self.pipeline.high_water_mark, 1000))
+            sock.bind(raw.endpoint) if raw.bind else sock.connect(raw.endpoint)
+            ports[sock] = port
+        for sock in ports:
+            poller.register(sock, zmq.POLLIN)
+        self._outlet = Outlet(
+            context, self.placement.output_endpoints, self.pipeline.high_water_mark, self._stop
+        )
+        self._status = StatusChannel(context, self.placement.control_endpoint, self.placement.label)
+        metrics_port = metrics.serve_metrics(self.placement.metrics_port)
+        self._status.report("ready", metrics_port=metrics_port, pid=os.getpid())
+        log.info("%s ready; /metrics on 127.0.0.1:%d", self.placement.label, metrics_port)
+        try:
+            self._loop(poller, ports)
+        except StopRequestedError:
+            log.info("%s stopped while waiting for downstream room", self.placement.label)
+        finally:
+            self.close()
+            self._status.report("stopped")
+            self._outlet.close(linger_ms=5000)
+            self._status.close()
+            for sock in ports:
+                sock.close(linger=0)
+            context.term()
+
+    def _loop(self, poller: zmq.Poller, ports: dict[zmq.Socket, str]) -> None:
+        while not self._stop.is_set():
+            wants_idle = self.idle_poll_ms is not None and self.has_open_scan()
+            timeout = self.idle_poll_ms if wants_idle else _IDLE_POLL_MS
+            ready = dict(poller.poll(timeout))
+            handled = 0
+            for sock, port in ports.items():
+                if not ready.get(sock, 0) & zmq.POLLIN:
+                    continue
+                for _ in range(_DRAIN_LIMIT):
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    handled += 1
+                    self._handle(port, frames)
+            metrics.QUEUE_DEPTH.labels(**self._labels).set(handled)
+            if handled == 0 and wants_idle:
+                with self._errors_counted():
+                    self._send_all(self.idle())
+            if self.pipeline.exit_after_scan and self._scans_completed:
+                return
+
+    def has_open_scan(self) -> bool:
+        """Whether ``idle()`` has work: a scan has started here and not yet ended."""
+        return any(s.start is not None and s.ends_received == 0 for s in self._scans.values())
+
+    def _handle(self, port: str, frames: list[zmq.Frame]) -> None:
+        started = time.perf_counter()
+        with self._errors_counted():
+            if port == "in":
+                self._current = decode(frames)
+                self._send_all(self._dispatch_message(self._current))
+            else:
+                self._send_all(self.handle_raw(port, frames))
+        metrics.PROCESS_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+
+    def _send_all(self, outputs: Iterable[Message]) -> None:
+        for out in outputs:
+            self._send(out)
+
+    @contextmanager
+    def _errors_counted(self) -> Iterator[None]:
+        """A failure costs the message at hand only: count it, say why, go on with the scan."""
+        self._current: Message | None = None
+        try:
+            yield
+        except StopRequestedError:
+            raise
+        except PhasestreamError as exc:
+            self._reject(exc.reason, str(exc))
+        except Exception as exc:  # a bug in one stage must not end a beamline scan
+            log.exception("%s: internal error", self.placement.label)
+            self._reject("internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _reject(self, reason: str, text: str) -> None:
+        metrics.MESSAGES_REJECTED.labels(reason=reason, **self._labels).inc()
+        if isinstance(self._current, FrameBatch):
+            self.reject_frames(self._current.scan_uid, reason, len(self._current.frame_indices))
+        log.warning("%s rejected a message (%s): %s", self.placement.label, reason, text)
+        if self._status is not None:
+            self._status.report("log", level="warning", reason=reason, text=text)
+
+    def _dispatch_message(self, message: Message) -> Iterable[Message]:
+        if isinstance(message, ScanStart):
+            state = self.scan(message.scan_uid)
+            if state.start is not None:
+                return ()  # the same ScanStart from another upstream worker
+            state.start = message
+            return self.on_scan_start(message)
+        if isinstance(message, ScanEnd):
+            return self._scan_end_arrived(message)
+        if isinstance(message, FrameBatch):
+            n = len(message.frame_indices)
+            metrics.FRAMES_RECEIVED.labels(**self._labels).inc(n)
+            self.count(message.scan_uid, "frames_received", n)
+            if message.received_at_s:
+                metrics.END_TO_END_LATENCY.labels(**self._labels).observe(time.time() - message.received_at_s)
+            self._maybe_report_progress(message.scan_uid)
+        return self.process(message)
+
+    def _scan_end_arrived(self, message: ScanEnd) -> Iterator[Message]:
+        state = self.scan(message.scan_uid)
+        state.ends_received += 1
+        state.accounting.update(message.accounting)
+        state.frames_sent_by_detector = max(state.frames_sent_by_detector, message.frames_sent)
+        if state.ends_received < self.placement.upstream_workers:
+            return  # wait for every upstream worker: only then is the scan complete here
+        merged = message.model_copy(update={"accounting": dict(state.accounting)})
+        yield from self.on_scan_end(merged)
+        if not self.placement.output_endpoints:
+            self._finish_scan(merged)
+
+    def _send(self, message: Message) -> None:
+        if isinstance(message, FrameBatch):
+            n = len(message.frame_indices)
+            metrics.FRAMES_SENT.labels(**self._labels).inc(n)
+            self.count(message.scan_uid, "frames_sent", n)
+        if isinstance(message, ScanEnd):
+            counts = dict(self.scan(message.scan_uid).counts)
+            message = message.model_copy(
+                update={"accounting": {**message.accounting, self.placement.label: counts}}
+            )
+            self._finish_scan(message)
+        self._outlet.send(message)
+
+    def _finish_scan(self, message: ScanEnd) -> None:
+        accounting = {**message.accounting, self.placement.label: dict(self.scan(message.scan_uid).counts)}
+        if self._status is not None:
+            self._status.report(
+                "scan_end", scan_uid=message.scan_uid, frames_sent=message.frames_sent, accounting=accounting
+            )
+        self._scans_completed += 1
+
+    def _maybe_report_progress(self, scan_uid: str) -> None:
+        now = time.monotonic()
+        if now - self._last_status_s >= _STATUS_INTERVAL_S:
+            self._last_status_s = now
+            received = self.scan(scan_uid).counts["frames_received"]
+            self.report_status(scan_uid=scan_uid, frames_received=received)
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
