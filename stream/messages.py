@@ -118,6 +118,8 @@ class Reconstruction(Message):
     positions_used: int = Field(ge=0)
     final: bool = False
     object_pixel_size_m: float = Field(gt=0)
+    # Position (y, x) in metres of object pixel (0, 0), in the frame of the scan positions.
+    origin_m: tuple[float, float] = (0.0, 0.0)
     quality: dict[str, float] = Field(default_factory=dict)
     object: np.ndarray
     probe: np.ndarray

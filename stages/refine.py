@@ -1,0 +1,235 @@
+"""Refine: streaming ePIE that starts on the first positions and keeps extending as frames arrive.
+
+Frames are added to the solver as they come; between arrivals the runtime calls ``idle()``, which runs
+one epoch over every position known so far and emits a ``Reconstruction`` every few epochs. After
+``ScanEnd`` it runs a set number of epochs on the complete scan and emits the final estimate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from phasestream import metrics
+from phasestream.errors import FrameValidationError
+from phasestream.messages import FrameBatch, Message, Reconstruction, ScanEnd, ScanStart
+from phasestream.stage import Stage
+
+if TYPE_CHECKING:
+    from phasestream.models.epie import EpieSolver
+
+
+class Algorithm(StrEnum):
+    EPIE = "epie"
+
+
+class RefineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Algorithm = Algorithm.EPIE
+    variant: str = Field(default="batched", pattern="^(batched|sequential)$")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="positions per mini-batch (batched)")
+    min_positions: int = Field(
+        default=32, ge=1, description="positions that must arrive before the first epoch"
+    )
+    epochs_after_scan: int = Field(default=40, ge=0, description="epochs on the complete scan after ScanEnd")
+    emit_every_epochs: int = Field(default=2, ge=1, description="a Reconstruction every this many epochs")
+    object_step: float = Field(default=1.0, gt=0, le=2, description="ePIE α")
+    probe_step: float = Field(default=1.0, gt=0, le=2, description="ePIE β")
+    probe_update_start_epoch: int = Field(default=2, ge=0)
+    margin_px: int = Field(default=4, ge=0, description="free canvas around the outermost windows")
+    probe_search_epochs: int = Field(
+        default=2, ge=0, description="epochs per candidate in the defocus search for the first probe; 0: off"
+    )
+    device: str | None = Field(default=None, description="torch device; default cuda when present, else cpu")
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch (default: all)")
+
+
+@dataclass
+class ScanSolve:
+    """One scan's solver and what it needs to map positions to canvas pixels."""
+
+    start: ScanStart
+    pixel_size_m: float
+    pending_patterns: list[np.ndarray] = field(default_factory=list)
+    pending_positions: list[np.ndarray] = field(default_factory=list)
+    origin_m: np.ndarray | None = None
+    solver: EpieSolver | None = None
+    last_error: float = float("nan")
+    seq: int = 0
+
+    @property
+    def pending_count(self) -> int:
+        return sum(len(p) for p in self.pending_patterns)
+
+
+class RefineStage(Stage):
+    Config = RefineConfig
+    config: RefineConfig
+    idle_poll_ms = 0
+
+    def setup(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
+        self._solves: dict[str, ScanSolve] = {}
+
+    def has_open_scan(self) -> bool:
+        return any(s.solver is not None for s in self._solves.values())
+
+    def on_scan_start(self, message: ScanStart) -> Iterable[Message]:
+        from phasestream.models.physics import object_pixel_size_m
+
+        geometry = message.geometry
+        pixel_size_m = object_pixel_size_m(
+            geometry.energy_kev,
+            geometry.detector_distance_m,
+            geometry.pixel_size_m,
+            geometry.detector_shape_px[0],
+        )
+        solve = ScanSolve(start=message, pixel_size_m=pixel_size_m)
+        if message.scan_extent_m is not None:
+            y_min, _, x_min, _ = message.scan_extent_m
+            solve.origin_m = np.array([y_min, x_min])
+        self._solves[message.scan_uid] = solve
+        yield message
+
+    def process(self, message: Message) -> Iterable[Message]:
+        if not isinstance(message, FrameBatch):
+            yield message
+            return
+        solve = self._solves.get(message.scan_uid)
+        if solve is None:
+            raise FrameValidationError(
+                f"frames {message.first_index}..{message.last_index} of scan {message.scan_uid} arrived "
+                "before its ScanStart, so they cannot be placed; check the stage before refine",
+                reason="no_scan_start",
+            )
+        patterns = _per_detector_frame(message)
+        if not np.isfinite(message.positions_m).all():
+            raise FrameValidationError(
+                f"frames {message.first_index}..{message.last_index}: positions hold NaN or inf; "
+                "fix the position source",
+                reason="not_finite",
+            )
+        solve.pending_patterns.append(patterns)
+        solve.pending_positions.append(np.asarray(message.positions_m, dtype=np.float64))
+        self.count(message.scan_uid, "frames_used", len(message.frame_indices))
+        if solve.solver is not None or solve.pending_count >= self.config.min_positions:
+            self._feed(solve)
+
+    def _feed(self, solve: ScanSolve) -> None:
+        from phasestream.models.physics import positions_to_pixels
+
+        patterns = np.concatenate(solve.pending_patterns)
+        positions = np.concatenate(solve.pending_positions)
+        solve.pending_patterns.clear()
+        solve.pending_positions.clear()
+        if solve.origin_m is None:
+            solve.origin_m = positions.min(axis=0)
+        pixels = positions_to_pixels(
+            positions, solve.pixel_size_m, patterns.shape[1:], margin_px=self.config.margin_px,
+            origin_m=tuple(solve.origin_m),
+        )  # fmt: skip
+        if solve.solver is None:
+            probe = self._first_probe(patterns, pixels.top_left_px, pixels.canvas_shape_px)
+            solve.solver = self._new_solver(probe, pixels.canvas_shape_px)
+        solve.solver.add_patterns(patterns, pixels.top_left_px)
+
+    def _new_solver(self, probe: np.ndarray | None, canvas_shape_px: tuple[int, int]) -> EpieSolver:
+        from phasestream.models.epie import EpieSolver
+
+        return EpieSolver(
+            probe=probe,
+            variant=self.config.variant,
+            batch_size=self.config.batch_size,
+            object_step=self.config.object_step,
+            probe_step=self.config.probe_step,
+            probe_update_start_epoch=self.config.probe_update_start_epoch,
+            canvas_shape_px=canvas_shape_px,
+            device=self.config.device,
+        )
+
+    def _first_probe(
+        self, patterns: np.ndarray, corners_px: np.ndarray, canvas_shape_px: tuple[int, int]
+    ) -> np.ndarray | None:
+        """The candidate start probe whose fit to the first patterns is best (see models.probe_guess)."""
+        from phasestream.models.probe_guess import probe_candidates
+
+        if self.config.probe_search_epochs == 0:
+            return None
+        scores = []
+        for label, probe in probe_candidates(patterns.mean(axis=0)):
+            trial = self._new_solver(probe, canvas_shape_px)
+            trial.probe_update_start_epoch = self.config.probe_search_epochs
+            trial.add_patterns(patterns, corners_px)
+            error = min(trial.run_epoch() for _ in range(self.config.probe_search_epochs))
+            scores.append((error, label, probe))
+        error, label, probe = min(scores, key=lambda score: score[0])
+        self.report_status(probe_start=label, probe_start_error=error)
+        return probe
+
+    def idle(self) -> Iterator[Message]:
+        for solve in self._solves.values():
+            if solve.solver is not None:
+                yield from self._epoch(solve)
+
+    def _epoch(self, solve: ScanSolve) -> Iterator[Message]:
+        solver = solve.solver
+        solve.last_error = solver.run_epoch()
+        metrics.ITERATIONS.labels(stage=self.stage_name, worker=self.worker).inc()
+        self.report_status(
+            scan_uid=solve.start.scan_uid,
+            iteration=solver.epochs_run,
+            fourier_error=solve.last_error,
+            positions_used=solver.n_positions,
+        )
+        if solver.epochs_run % self.config.emit_every_epochs == 0:
+            yield self._reconstruction(solve, final=False)
+
+    def _reconstruction(self, solve: ScanSolve, final: bool) -> Reconstruction:
+        solver = solve.solver
+        probe_shape = np.array(solver.probe.shape)
+        # Canvas pixel c holds the probe centre of position p when c = (p − origin)/dx + margin + corner
+        # offset + N//2 (the probe is centred on pixel N//2 of its window); solve that for c = 0.
+        offset_px = self.config.margin_px + np.array(solver.canvas_origin_px) + probe_shape // 2
+        origin_m = solve.origin_m - offset_px * solve.pixel_size_m
+        solve.seq += 1
+        return Reconstruction(
+            scan_uid=solve.start.scan_uid,
+            seq=solve.seq,
+            algorithm=f"{self.config.algorithm}-{self.config.variant}",
+            iteration=solver.epochs_run,
+            positions_used=solver.n_positions,
+            final=final,
+            object_pixel_size_m=solve.pixel_size_m,
+            origin_m=(float(origin_m[0]), float(origin_m[1])),
+            quality={"fourier_error": float(solve.last_error)},
+            object=solver.object,
+            probe=solver.probe,
+        )
+
+    def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:
+        solve = self._solves.pop(message.scan_uid, None)
+        if solve is not None:
+            if solve.pending_count:
+                self._feed(solve)  # fewer than min_positions in the whole scan: solve what there is
+            if solve.solver is not None:
+                for _ in range(self.config.epochs_after_scan):
+                    yield from self._epoch(solve)
+                yield self._reconstruction(solve, final=True)
+        yield message
+
+
+def _per_detector_frame(batch: FrameBatch) -> np.ndarray:
+    """Counts per detector frame, so bins holding fewer frames (the end of a batch) match the others."""
+    patterns = np.asarray(batch.frames, dtype=np.float32)
+    if batch.detector_frames:
+        patterns = patterns / np.asarray(batch.detector_frames, dtype=np.float32)[:, None, None]
+    return patterns

@@ -1,0 +1,197 @@
+"""``phasestream demo``: a whole live scan on one machine, from a simulated SELUN to a picture.
+
+It simulates a scan with its ground truth, starts an embedded Tiled server and the demo topology,
+streams the scan from a separate emitter process over DECTRIS Stream V2, shows progress, and at the
+end reads the final reconstruction back from Tiled, compares it with the truth and draws both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from phasestream.accounting import unaccounted_frames
+from phasestream.config import DetectorSettings, PipelineConfig, TiledSettings, load_pipeline
+from phasestream.errors import ConfigError, PhasestreamError
+from phasestream.launcher import Launcher
+from phasestream.serve import tiled_for
+
+REPO_DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+class DemoError(PhasestreamError):
+    reason = "demo"
+
+
+@dataclass
+class DemoProgress:
+    """What the control channel told us, with the times the key events arrived."""
+
+    frames_received: int = 0
+    iteration: int = 0
+    fourier_error: float = float("nan")
+    last_frame_s: float | None = None
+    final_published_s: float | None = None
+    accounting: dict[str, dict[str, int]] = field(default_factory=dict)
+    frames_sent: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from phasestream.simulators.scan_file import save_scan
+    from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
+
+    out: Path = args.out
+    n_positions = args.positions or (900 if args.large else 420)
+    rate_hz = args.rate_hz or 60.0
+    pipeline = _demo_pipeline(args, out)
+    pipeline.run_dir.mkdir(parents=True, exist_ok=True)
+
+    print(f"Simulating a {n_positions}-position Fermat-spiral scan on a 192×192 SELUN ...")
+    scan = simulate_scan(ScanSimulationConfig(n_positions=n_positions, seed=0))
+    scan_file = pipeline.run_dir / "scan.npz"
+    save_scan(scan, scan_file)
+    scan_uid = str(uuid.uuid4())
+
+    with tiled_for(pipeline) as resolved:
+        print(f"Tiled server: {resolved.tiled.uri}  (API key in {resolved.run_dir / 'pipeline.json'})")
+        print("Starting stages: " + " → ".join(s.name for s in resolved.stages))
+        with Launcher(resolved) as launcher:
+            emitter = _start_emitter(resolved, scan_file, scan_uid, rate_hz)
+            print(f"Live result: {resolved.tiled.uri}/api/v1/metadata/reconstructions/{scan_uid}")
+            progress = _follow(launcher, resolved, n_positions, emitter)
+            launcher.wait_for_exit(30)
+        reconstruction = _read_back(resolved, scan_uid)
+    emitter.wait(10)
+    return _report(scan, reconstruction, progress, out)
+
+
+def _demo_pipeline(args: argparse.Namespace, out: Path) -> PipelineConfig:
+    path = args.pipeline or REPO_DEPLOY / "demo.yaml"
+    if not path.exists():
+        raise ConfigError(f"demo topology {path} not found: pass --pipeline deploy/demo.yaml from a checkout")
+    pipeline = load_pipeline(path)
+    run_dir = out / "run"
+    stages = []
+    for spec in pipeline.stages:
+        if spec.stage == "refine":
+            config = dict(spec.config)
+            if args.epochs_after_scan is not None:
+                config["epochs_after_scan"] = args.epochs_after_scan
+            elif args.large:
+                config["epochs_after_scan"] = 2 * config.get("epochs_after_scan", 40)
+            spec = spec.model_copy(update={"config": config})
+        stages.append(spec)
+    tiled = TiledSettings(
+        uri=args.tiled_uri or pipeline.tiled.uri,
+        api_key=args.tiled_api_key or pipeline.tiled.api_key,
+        data_dir=out / "tiled",
+    )
+    detector = DetectorSettings(
+        data_endpoint=f"ipc://{run_dir.absolute()}/detector-data.sock",
+        positions_endpoint=f"ipc://{run_dir.absolute()}/detector-positions.sock",
+    )
+    return pipeline.model_copy(
+        update={
+            "run_dir": run_dir,
+            "tiled": tiled,
+            "detector": detector,
+            "exit_after_scan": True,
+            "stages": stages,
+        }
+    )
+
+
+def _start_emitter(
+    pipeline: PipelineConfig, scan_file: Path, scan_uid: str, rate_hz: float
+) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "phasestream", "simulate", "--from", str(scan_file),
+        "--data-endpoint", pipeline.detector.data_endpoint,
+        "--positions-endpoint", pipeline.detector.positions_endpoint,
+        "--rate-hz", str(rate_hz), "--scan-uid", scan_uid, "--no-progress",
+    ]  # fmt: skip
+    log = (pipeline.run_dir / "logs" / "emitter.log").open("wb")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _follow(
+    launcher: Launcher, pipeline: PipelineConfig, n_frames: int, emitter: subprocess.Popen
+) -> DemoProgress:
+    progress = DemoProgress()
+    source, solver, sink = pipeline.stages[0].name, "refine", pipeline.stages[-1].name
+    frames_bar = tqdm(total=n_frames, desc="frames in", unit="frame", position=0)
+    refine_bar = tqdm(desc="refine", unit="epoch", position=1, bar_format="{desc}: {n} epochs {postfix}")
+    try:
+        for event in launcher.events(timeout_s=600):
+            stage = event["sender"].split(".")[0]
+            if event["event"] == "status" and stage == source and "frames_received" in event:
+                progress.frames_received = event["frames_received"]
+                frames_bar.update(progress.frames_received - frames_bar.n)
+            elif event["event"] == "status" and stage == solver and "iteration" in event:
+                progress.iteration, progress.fourier_error = event["iteration"], event["fourier_error"]
+                refine_bar.update(progress.iteration - refine_bar.n)
+                refine_bar.set_postfix_str(
+                    f"error {progress.fourier_error:.4f}, {event.get('positions_used', 0)} positions"
+                )
+            elif event["event"] == "log":
+                tqdm.write(f"  [{event['sender']}] {event['reason']}: {event['text']}")
+                progress.warnings.append(event["text"])
+            elif event["event"] == "scan_end" and stage == source:
+                progress.last_frame_s = time.monotonic()
+                frames_bar.update(n_frames - frames_bar.n)
+            elif event["event"] == "scan_end" and stage == sink:
+                progress.final_published_s = time.monotonic()
+                progress.accounting, progress.frames_sent = event["accounting"], event["frames_sent"]
+                return progress
+            elif event["event"] == "died":
+                raise DemoError(f"stage {event['sender']} died (code {event['code']}):\n{event['log']}")
+            if emitter.poll() not in (None, 0):
+                raise DemoError(
+                    f"the detector emitter exited with code {emitter.returncode}; "
+                    f"see {pipeline.run_dir / 'logs' / 'emitter.log'}"
+                )
+        raise DemoError("the scan did not finish within 10 minutes; see the logs in " + str(pipeline.run_dir))
+    finally:
+        frames_bar.close()
+        refine_bar.close()
+
+
+def _read_back(pipeline: PipelineConfig, scan_uid: str) -> dict[str, Any]:
+    from tiled.client import from_uri
+
+    client = from_uri(pipeline.tiled.uri, api_key=pipeline.tiled.api_key)
+    node = client["reconstructions"][scan_uid]
+    return {"object": node["object"].read(), "probe": node["probe"].read(), "metadata": dict(node.metadata)}
+
+
+def _report(scan: Any, reconstruction: dict[str, Any], progress: DemoProgress, out: Path) -> int:
+    from phasestream.demo_figure import compare_with_truth, draw_comparison
+
+    comparison = compare_with_truth(scan, reconstruction)
+    png = out / "demo.png"
+    draw_comparison(scan, reconstruction, comparison, png)
+    latency = (
+        progress.final_published_s - progress.last_frame_s
+        if progress.final_published_s and progress.last_frame_s
+        else float("nan")
+    )
+    print(f"\nScan complete: {progress.frames_sent} frames sent by the detector.")
+    for stage, counts in progress.accounting.items():
+        print(f"  {stage:<10} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    missing = unaccounted_frames(progress.frames_sent, progress.accounting)
+    print("  every frame accounted for" if not missing else f"  UNACCOUNTED: {missing}")
+    meta = reconstruction["metadata"]
+    print(f"Final reconstruction: ePIE iteration {meta.get('iteration')}, "
+          f"object error after removing phase and shift {comparison.error:.3f}")  # fmt: skip
+    print(f"Last frame → final reconstruction in Tiled: {latency:.1f} s")
+    print(f"Picture: {png}")
+    return 0 if not missing else 1
