@@ -22,7 +22,7 @@ from phasestream import metrics
 from phasestream.errors import DetectorMessageError, FrameValidationError, PositionError
 from phasestream.messages import FrameBatch, Geometry, Message, ScanEnd, ScanStart
 from phasestream.stage import RawInput, Stage
-from phasestream.stages.position_channel import PositionsEnd, PositionsMessage, decode_positions
+from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
 from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
 
 
@@ -73,7 +73,7 @@ class IngestStage(Stage):
 
     def setup(self) -> None:
         self._open: OpenScan | None = None
-        self._pending_positions: dict[int, list[PositionsMessage | PositionsEnd]] = {}
+        self._pending_positions: dict[int, list[PositionBatch | PositionsEnd]] = {}
 
     def raw_inputs(self) -> dict[str, RawInput]:
         detector = self.pipeline.detector
@@ -131,8 +131,8 @@ class IngestStage(Stage):
                 energy_kev=start.energy_kev,
                 detector_distance_m=start.detector_distance_m,
                 pixel_size_m=start.pixel_size_m,
-                detector_shape_px=start.shape,
-                detector_dtype=start.dtype,
+                detector_shape_px=start.shape_px,
+                detector_dtype=str(start.dtype),
             ),
             scan_shape=tuple(user.get("scan_shape") or ()),
             planned_frames=start.number_of_images,
@@ -214,7 +214,7 @@ class IngestStage(Stage):
             yield from self._close_scan()
 
     # ---- positions ----------------------------------------------------------------------------
-    def _on_positions(self, message: PositionsMessage | PositionsEnd) -> Iterator[Message]:
+    def _on_positions(self, message: PositionBatch | PositionsEnd) -> Iterator[Message]:
         scan = self._open
         if scan is None or message.series_id != scan.series_id:
             # Positions may overtake the detector's start message: keep them for that series.
@@ -226,12 +226,14 @@ class IngestStage(Stage):
                 yield from self._close_scan()
             return
         duplicates = []
-        for image_id, y_m, x_m in zip(message.image_id, message.y_m, message.x_m, strict=True):
+        for image_id, (y_m, x_m) in zip(
+            message.image_ids.tolist(), message.positions_m.tolist(), strict=True
+        ):
             index = int(image_id)
             if index in scan.positions:
                 duplicates.append(index)
                 continue
-            scan.positions[index] = (float(y_m), float(x_m))
+            scan.positions[index] = (y_m, x_m)
             self._join(scan, index)
         yield from self._batches(scan, force=False)
         if duplicates:

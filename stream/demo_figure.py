@@ -22,7 +22,9 @@ class Comparison:
 
 def truth_on_reconstruction_grid(scan: Any, obj: np.ndarray, origin_m: tuple[float, float]) -> np.ndarray:
     """Cut the truth to the reconstruction's canvas (free space, 1, where the truth has no pixels)."""
-    offset_px = np.rint((np.asarray(origin_m) - np.asarray(scan.object_top_left_m)) / scan.object_pixel_size_m)
+    offset_px = np.rint(
+        (np.asarray(origin_m) - np.asarray(scan.object_top_left_m)) / scan.object_pixel_size_m
+    )
     truth = np.ones(obj.shape, dtype=np.complex64)
     ty, tx = scan.object_truth.shape
     y0, x0 = int(offset_px[0]), int(offset_px[1])

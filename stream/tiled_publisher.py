@@ -38,7 +38,7 @@ from tiled.client import from_uri
 from tiled.client.array import ArrayClient
 from tiled.client.container import Container
 
-from phasestream.errors import PublishError
+from phasestream.errors import ConfigError, PublishError
 from phasestream.metrics import MESSAGES_REJECTED, PUBLISH_SECONDS
 from phasestream.tiled_server import API_KEY_FIX, URI_FIX, public_uri, validate_api_key
 
@@ -157,7 +157,7 @@ class TiledPublisher:
         try:
             httpx.URL(uri)
         except httpx.InvalidURL as exc:
-            raise PublishError(f"Tiled URI {uri!r} is not valid ({exc}): use e.g. http://host:8000") from exc
+            raise ConfigError(f"Tiled URI {uri!r} is not valid ({exc}): use e.g. http://host:8000") from exc
         tiled.client.utils.TILED_RETRY_ATTEMPTS = 1
         self.uri = public_uri(uri)
         # A key given inside the URI (?api_key=) is honoured, but only the key-less URI is kept and shown.
@@ -408,7 +408,6 @@ class TiledPublisher:
             scan, _ = self._scan(node.scan_uid, {})
             # external_only=False: our arrays are internally managed zarr, which the default refuses (409).
             scan.delete_contents(node.name, external_only=False)
-            self._nodes.pop(node, None)
             self._nodes[node] = scan.write_array(update.array, key=node.name, metadata=update.metadata)
             return
         array_node.write(update.array)

@@ -74,6 +74,7 @@ def check_tiled(uri: str, api_key: str | None, *, timeout_s: float = 5.0) -> Non
         raise ConfigError(
             f"--tiled-uri {uri!r} is not a valid URI ({exc}): use e.g. http://host:8000"
         ) from exc
+    validate_api_key(api_key)
     shown = public_uri(uri)
     headers = {"Authorization": f"Apikey {api_key}"} if api_key else {}
     try:

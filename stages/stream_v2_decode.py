@@ -1,0 +1,317 @@
+"""Decode DECTRIS Stream V2 messages (CBOR) into typed start / image / end records.
+
+Spec: github.com/dectris/documentation ``stream_v2/README.md`` and ``cbor/dectris-compression-tag.md``.
+An image's channel data is ``tag 40 [[dims...], tag 64|69|70 (typed array) <content>]`` where the content
+is a byte string or ``tag 56500 [algorithm, elem_size, compressed bytes]``.
+
+cbor2 ≥ 6 calls ``tag_hook(tag, immutable)`` (its docstring still says ``(decoder, tag)``; the old
+signature fails with "error decoding semantic tag"), returns tag contents as tuples, and wraps any
+exception raised in a hook in ``CBORDecodeError`` with the original as ``__cause__``. The hook here only
+handles tag 40: the inner tags reach it undecoded, so the shape and dtype are known before decompression
+and the compressed header can be checked against them (``dectris.compression`` raises ``MemoryError`` when
+a garbage header claims a huge size).
+
+The image path is the ingest hot path. On the 2-core machine a 192 × 192 low-dose frame costs about 33 µs:
+24 µs in ``dectris.compression`` (18 µs of it the bit-unshuffle), 4.5 µs in ``cbor2.loads``, the rest in
+the checks below, so the checks stay cheap (type identity, one header unpack).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import cbor2
+import numpy as np
+from dectris.compression import decompress
+
+from phasestream.errors import DetectorMessageError
+
+MULTIDIM_ARRAY_TAG = 40  # RFC 8746 row-major multi-dimensional array
+COMPRESSION_TAG = 56500  # DECTRIS compressed byte string
+
+# RFC 8746 typed-array tags for the dtypes a DECTRIS detector sends (little-endian unsigned).
+TYPED_ARRAY_DTYPES: dict[int, np.dtype] = {
+    64: np.dtype(np.uint8),
+    69: np.dtype("<u2"),
+    70: np.dtype("<u4"),
+}
+IMAGE_DTYPES: dict[str, np.dtype] = {
+    "uint8": np.dtype(np.uint8),
+    "uint16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
+}
+
+# HDF5 bitshuffle / LZ4 framing starts with the uncompressed size (u64 BE), then the block size (u32 BE).
+_UNCOMPRESSED_SIZE = struct.Struct(">Q")
+FRAMING_HEADER_BYTES = 12
+
+
+class MessageType(StrEnum):
+    START = "start"
+    IMAGE = "image"
+    END = "end"
+
+
+class Compression(StrEnum):
+    BSLZ4 = "bslz4"  # bitshuffle + LZ4, HDF5 bitshuffle-filter framing
+    LZ4 = "lz4"  # LZ4, HDF5 LZ4-filter framing
+
+
+@dataclass(frozen=True, slots=True)
+class StartMessage:
+    series_id: int
+    series_unique_id: str
+    shape_px: tuple[int, int]  # (image_size_y, image_size_x)
+    dtype: np.dtype
+    number_of_images: int
+    energy_kev: float
+    detector_distance_m: float  # z of detector_translation
+    pixel_size_m: float  # square pixels: pixel_size_x == pixel_size_y
+    count_time_s: float | None
+    frame_time_s: float | None
+    user_data: Any  # as sent; phasestream's emitter sends {scan_uid, scan_shape, positions_source}
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMessage:
+    series_id: int
+    series_unique_id: str
+    image_id: int
+    frame: np.ndarray  # read-only view on the decompressed bytes, shape from the message
+    channel: str  # the first channel of ``data``; phasestream runs the detector with one threshold
+
+
+@dataclass(frozen=True, slots=True)
+class EndMessage:
+    series_id: int
+    series_unique_id: str
+
+
+def decode_stream_v2(buf: bytes | bytearray | memoryview) -> StartMessage | ImageMessage | EndMessage:
+    """Decode one Stream V2 message. Every failure raises ``DetectorMessageError`` naming the problem."""
+    try:
+        message = cbor2.loads(buf, tag_hook=_tag_hook)
+    except cbor2.CBORDecodeError as error:
+        if isinstance(error.__cause__, DetectorMessageError):
+            raise error.__cause__ from None
+        raise DetectorMessageError(
+            f"Stream V2 message of {len(buf)} bytes is not valid CBOR ({error}); "
+            "check that the sender speaks Stream V2 (SIMPLON stream format 'cbor'), not the legacy stream"
+        ) from error
+    if type(message) is not dict:
+        raise DetectorMessageError(
+            f"Stream V2 message is a CBOR {type(message).__name__}, not a map: every Stream V2 message "
+            "is a top-level map whose first key is 'type'"
+        )
+    kind = message.get("type")
+    if kind == MessageType.IMAGE:
+        return _parse_image(message)
+    if kind == MessageType.START:
+        return _parse_start(message)
+    if kind == MessageType.END:
+        return _parse_end(message)
+    if kind is None:
+        raise DetectorMessageError(
+            f"Stream V2 message has no 'type' field (keys: {sorted(map(str, message))}); "
+            f"expected one of {[t.value for t in MessageType]}"
+        )
+    raise DetectorMessageError(
+        f"unknown Stream V2 message type {kind!r}: known types are {[t.value for t in MessageType]}"
+    )
+
+
+def _tag_hook(tag: cbor2.CBORTag, immutable: bool) -> Any:
+    if tag.tag == MULTIDIM_ARRAY_TAG:
+        return _decode_multidim_array(tag.value)
+    # Typed-array and compression tags are decoded by their enclosing tag 40; anything else stays a tag.
+    return tag
+
+
+def _decode_multidim_array(value: Any) -> np.ndarray:
+    try:
+        dimensions, typed_array = value
+    except (TypeError, ValueError):
+        raise DetectorMessageError(
+            f"tag 40 content {_summary(value)} is not [dimensions, typed array]"
+        ) from None
+    if type(dimensions) is not tuple or not all(type(n) is int and n >= 0 for n in dimensions):
+        raise DetectorMessageError(f"tag 40 dimensions {_summary(dimensions)} are not non-negative integers")
+    if type(typed_array) is not cbor2.CBORTag or typed_array.tag not in TYPED_ARRAY_DTYPES:
+        raise DetectorMessageError(
+            f"tag 40 holds {_summary(typed_array)}: expected a typed array of a detector dtype, "
+            f"one of the tags { {tag: str(dtype) for tag, dtype in TYPED_ARRAY_DTYPES.items()} }"
+        )
+    dtype = TYPED_ARRAY_DTYPES[typed_array.tag]
+    expected_bytes = math.prod(dimensions) * dtype.itemsize
+    content = typed_array.value
+    if type(content) is cbor2.CBORTag and content.tag == COMPRESSION_TAG:
+        raw = _decompress(content.value, dtype, dimensions, expected_bytes)
+    elif type(content) is bytes:
+        raw = content
+    else:
+        raise DetectorMessageError(
+            f"typed array tag {typed_array.tag} holds {_summary(content)}: expected a byte string "
+            f"or a compression tag {COMPRESSION_TAG}"
+        )
+    if len(raw) != expected_bytes:
+        raise DetectorMessageError(
+            f"declared shape {list(dimensions)} of {dtype} needs {expected_bytes} bytes but the data holds "
+            f"{len(raw)} bytes: the dimensions or the typed-array tag do not match the data"
+        )
+    # One constructor call instead of frombuffer().reshape(): about 0.3 µs less on the hot path.
+    return np.ndarray(dimensions, dtype, raw)
+
+
+def _decompress(value: Any, dtype: np.dtype, shape: tuple[int, ...], expected_bytes: int) -> bytes:
+    try:
+        algorithm, elem_size, payload = value
+    except (TypeError, ValueError):
+        raise DetectorMessageError(
+            f"compression tag {COMPRESSION_TAG} content {_summary(value)} "
+            "is not [algorithm, elem_size, bytes]"
+        ) from None
+    if algorithm == Compression.BSLZ4:
+        if elem_size != dtype.itemsize:
+            raise DetectorMessageError(
+                f"bslz4 elem_size={elem_size!r} does not match the typed array's {dtype} "
+                f"({dtype.itemsize} bytes per element)"
+            )
+    elif algorithm != Compression.LZ4:
+        raise DetectorMessageError(
+            f"unknown compression algorithm {algorithm!r}: known are {[c.value for c in Compression]}"
+        )
+    if type(payload) is not bytes or len(payload) < FRAMING_HEADER_BYTES:
+        raise DetectorMessageError(
+            f"{algorithm} payload {_summary(payload)} is shorter than the {FRAMING_HEADER_BYTES}-byte "
+            "HDF5 framing header (u64 BE size, u32 BE block size)"
+        )
+    (declared_bytes,) = _UNCOMPRESSED_SIZE.unpack_from(payload)
+    if declared_bytes != expected_bytes:
+        raise DetectorMessageError(
+            f"{algorithm} header declares {declared_bytes} uncompressed bytes but the declared shape "
+            f"{list(shape)} of {dtype} needs {expected_bytes}: the dimensions or the typed-array tag "
+            "do not match the data"
+        )
+    try:
+        return decompress(payload, algorithm, elem_size=dtype.itemsize)
+    except (RuntimeError, ValueError, MemoryError) as error:
+        raise DetectorMessageError(
+            f"{algorithm} payload of {len(payload)} bytes cannot be decompressed "
+            f"({type(error).__name__}: {error}): the compressed blocks are corrupt or use another framing"
+        ) from None
+
+
+def _parse_image(message: dict[str, Any]) -> ImageMessage:
+    try:
+        image_id = message["image_id"]
+        series_id = message["series_id"]
+        series_unique_id = message["series_unique_id"]
+        data = message["data"]
+    except KeyError as missing:
+        raise _missing_field(MessageType.IMAGE, missing) from None
+    if type(image_id) is not int or image_id < 0:
+        raise DetectorMessageError(f"image image_id={image_id!r}: expected a non-negative integer")
+    if type(series_id) is not int:
+        raise DetectorMessageError(f"image series_id={series_id!r}: expected an integer")
+    if type(data) is not dict or not data:
+        raise DetectorMessageError(
+            f"image {image_id} 'data' is {_summary(data)}: expected a map of channel name to tag 40 array"
+        )
+    channel, frame = next(iter(data.items()))
+    if type(frame) is not np.ndarray:
+        raise DetectorMessageError(
+            f"image {image_id} channel {channel!r} holds {_summary(frame)}, "
+            "not a tag 40 multi-dimensional array"
+        )
+    return ImageMessage(
+        series_id=series_id,
+        series_unique_id=series_unique_id,
+        image_id=image_id,
+        frame=frame,
+        channel=channel,
+    )
+
+
+def _parse_start(message: dict[str, Any]) -> StartMessage:
+    try:
+        series_id = message["series_id"]
+        series_unique_id = message["series_unique_id"]
+        size_x = message["image_size_x"]
+        size_y = message["image_size_y"]
+        dtype_name = message["image_dtype"]
+        number_of_images = message["number_of_images"]
+        energy_ev = message["incident_energy"]
+        translation = message["detector_translation"]
+        pixel_size_x = message["pixel_size_x"]
+        pixel_size_y = message["pixel_size_y"]
+    except KeyError as missing:
+        raise _missing_field(MessageType.START, missing) from None
+    for name, value in (("image_size_x", size_x), ("image_size_y", size_y)):
+        if type(value) is not int or value < 1:
+            raise DetectorMessageError(f"start {name}={value!r}: expected a positive integer")
+    for name, value in (("series_id", series_id), ("number_of_images", number_of_images)):
+        if type(value) is not int or value < 0:
+            raise DetectorMessageError(f"start {name}={value!r}: expected an integer >= 0")
+    dtype = IMAGE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
+        raise DetectorMessageError(f"start image_dtype={dtype_name!r}: known are {list(IMAGE_DTYPES)}")
+    energy_kev = _positive_float("incident_energy", energy_ev) / 1000.0
+    if not isinstance(translation, list | tuple) or len(translation) != 3:
+        raise DetectorMessageError(
+            f"start detector_translation={translation!r}: expected [x, y, z] in metres, z = sample distance"
+        )
+    detector_distance_m = _positive_float("detector_translation[2]", translation[2])
+    pixel_x = _positive_float("pixel_size_x", pixel_size_x)
+    pixel_y = _positive_float("pixel_size_y", pixel_size_y)
+    if not math.isclose(pixel_x, pixel_y, rel_tol=1e-6):
+        raise DetectorMessageError(
+            f"start pixel_size_x={pixel_x} differs from pixel_size_y={pixel_y}: phasestream's far-field "
+            "geometry needs square pixels"
+        )
+    return StartMessage(
+        series_id=series_id,
+        series_unique_id=series_unique_id,
+        shape_px=(size_y, size_x),
+        dtype=dtype,
+        number_of_images=number_of_images,
+        energy_kev=energy_kev,
+        detector_distance_m=detector_distance_m,
+        pixel_size_m=pixel_x,
+        count_time_s=_optional_float(message, "count_time"),
+        frame_time_s=_optional_float(message, "frame_time"),
+        user_data=message.get("user_data"),
+    )
+
+
+def _parse_end(message: dict[str, Any]) -> EndMessage:
+    try:
+        return EndMessage(series_id=message["series_id"], series_unique_id=message["series_unique_id"])
+    except KeyError as missing:
+        raise _missing_field(MessageType.END, missing) from None
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise DetectorMessageError(f"start {name}={value!r}: expected a positive finite number")
+    return float(value)
+
+
+def _optional_float(message: dict[str, Any], name: str) -> float | None:
+    value = message.get(name)
+    return None if value is None else _positive_float(name, value)
+
+
+def _missing_field(kind: MessageType, missing: KeyError) -> DetectorMessageError:
+    return DetectorMessageError(
+        f"Stream V2 {kind.value} message lacks the required field {missing.args[0]!r}; "
+        "the sender does not follow the Stream V2 specification"
+    )
+
+
+def _summary(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"
