@@ -157,6 +157,7 @@ class IngestStage(Stage):
         uid = scan.start.scan_uid
         metrics.FRAMES_RECEIVED.labels(stage=self.stage_name, worker=self.worker).inc()
         self.count(uid, "frames_received")
+        self.maybe_report_progress(uid)
         self._validate_frame(scan, image)
         scan.frames[image.image_id] = (image.frame, time.time())
         scan.last_frame_s = time.monotonic()

@@ -68,6 +68,7 @@ class PublishStage(Stage):
                 "iteration": rec.iteration,
                 "positions_used": rec.positions_used,
                 "object_pixel_size_m": rec.object_pixel_size_m,
+                "origin_m": list(rec.origin_m),
                 "final": rec.final,
                 "quality": rec.quality,
             },

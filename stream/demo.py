@@ -191,7 +191,7 @@ def _report(scan: Any, reconstruction: dict[str, Any], progress: DemoProgress, o
     print("  every frame accounted for" if not missing else f"  UNACCOUNTED: {missing}")
     meta = reconstruction["metadata"]
     print(f"Final reconstruction: ePIE iteration {meta.get('iteration')}, "
-          f"object error after removing phase and shift {comparison.error:.3f}")  # fmt: skip
+          f"object error vs truth (ambiguities removed) {comparison.error:.3f}")  # fmt: skip
     print(f"Last frame → final reconstruction in Tiled: {latency:.1f} s")
     print(f"Picture: {png}")
     return 0 if not missing else 1

@@ -17,7 +17,9 @@ ILLUMINATION_FRACTION = 0.3
 class Comparison:
     truth: np.ndarray  # the truth on the reconstruction's grid
     mask: np.ndarray  # where the comparison is made
-    error: float  # normalised RMS error after removing global phase and sub-pixel shift
+    # Normalised RMS error after removing what ptychography cannot determine: a complex scale (object c·O
+    # with probe P/c), a linear phase ramp and a sub-pixel shift.
+    error: float
 
 
 def truth_on_reconstruction_grid(scan: Any, obj: np.ndarray, origin_m: tuple[float, float]) -> np.ndarray:
@@ -57,7 +59,8 @@ def compare_with_truth(scan: Any, reconstruction: dict[str, Any]) -> Comparison:
     origin_m = tuple(reconstruction["metadata"]["origin_m"])
     truth = truth_on_reconstruction_grid(scan, obj, origin_m)
     mask = illumination_mask(scan, obj.shape, origin_m)
-    return Comparison(truth=truth, mask=mask, error=float(aligned_error(obj, truth, mask=mask)))
+    error = aligned_error(obj, truth, mask=mask, fit_amplitude=True, remove_phase_ramp=True)
+    return Comparison(truth=truth, mask=mask, error=float(error))
 
 
 def draw_comparison(scan: Any, reconstruction: dict[str, Any], comparison: Comparison, path: Path) -> None:
@@ -68,13 +71,14 @@ def draw_comparison(scan: Any, reconstruction: dict[str, Any], comparison: Compa
 
     obj = reconstruction["object"]
     meta = reconstruction["metadata"]
-    # Show the reconstruction with the global phase of the truth, so both phase maps share one scale.
+    # Show the reconstruction times the complex scale that best matches the truth (object and probe
+    # share an arbitrary scale), so both share one colour scale.
     inside = comparison.mask
-    phase_offset = np.angle(np.vdot(obj[inside], comparison.truth[inside]))
-    shown = obj * np.exp(1j * phase_offset)
+    scale = np.vdot(obj[inside], comparison.truth[inside]) / np.vdot(obj[inside], obj[inside]).real
+    shown = obj * scale
     rows, cols = np.nonzero(inside)
     crop = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
-    extent_um = np.array([0, cols.ptp() + 1, rows.ptp() + 1, 0]) * scan.object_pixel_size_m * 1e6
+    extent_um = np.array([0, np.ptp(cols) + 1, np.ptp(rows) + 1, 0]) * scan.object_pixel_size_m * 1e6
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
     panels = [
@@ -103,8 +107,8 @@ def draw_comparison(scan: Any, reconstruction: dict[str, Any], comparison: Compa
                 f"Fourier error: {meta.get('quality', {}).get('fourier_error', float('nan')):.4f}",
                 "",
                 "object error vs truth",
-                "(global phase and sub-pixel shift removed,",
-                f"well-lit region): {comparison.error:.3f}",
+                "(complex scale, phase ramp and sub-pixel",
+                f"shift removed; well-lit region): {comparison.error:.3f}",
             ]
         ),
         va="top",

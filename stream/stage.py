@@ -254,7 +254,7 @@ class Stage:
             self.count(message.scan_uid, "frames_received", n)
             if message.received_at_s:
                 metrics.END_TO_END_LATENCY.labels(**self._labels).observe(time.time() - message.received_at_s)
-            self._maybe_report_progress(message.scan_uid)
+            self.maybe_report_progress(message.scan_uid)
         return self.process(message)
 
     def _scan_end_arrived(self, message: ScanEnd) -> Iterator[Message]:
@@ -290,7 +290,8 @@ class Stage:
             )
         self._scans_completed += 1
 
-    def _maybe_report_progress(self, scan_uid: str) -> None:
+    def maybe_report_progress(self, scan_uid: str) -> None:
+        """Tell the launcher how many frames this worker has received, at most a few times a second."""
         now = time.monotonic()
         if now - self._last_status_s >= _STATUS_INTERVAL_S:
             self._last_status_s = now
