@@ -72,7 +72,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--large", action="store_true", help="a longer, larger scan (about 10 minutes on 2 cores)")
     p.add_argument("--positions", type=int, help="number of scan positions (default 420, 900 with --large)")
-    p.add_argument("--rate-hz", type=float, help="detector frame rate (default 60)")
+    p.add_argument("--rate-hz", type=float, help="detector frame rate in Hz (default 30: the scan takes about 14 s, so you see it refine live)")
     p.add_argument("--epochs-after-scan", type=int, help="ePIE epochs after the last frame")
     p.add_argument(
         "--out", type=Path, default=Path("phasestream-data"), help="data folder (default %(default)s)"
@@ -133,6 +133,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     ingest.add_argument("--frames", type=int, default=200_000, help="default %(default)s")
     ingest.add_argument("--repeats", type=int, default=3, help="runs; the median is quoted")
+    ingest.add_argument(
+        "--batch-size", type=int, default=64, help="ingest frames per FrameBatch (default %(default)s)"
+    )
     ingest.set_defaults(func=_cmd_bench_ingest)
     epie = bench.add_parser("epie", help="seconds per ePIE epoch, sequential and batched")
     epie.add_argument("--positions", type=int, default=516, help="default %(default)s")
@@ -174,7 +177,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_bench_ingest(args: argparse.Namespace) -> int:
     from phasestream.bench_ingest import bench_ingest
 
-    bench_ingest(n_frames=args.frames, repeats=args.repeats)
+    bench_ingest(n_frames=args.frames, repeats=args.repeats, batch_size=args.batch_size)
     return 0
 
 

@@ -51,7 +51,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     n_positions = args.positions or (900 if args.large else 420)
-    rate_hz = args.rate_hz or 60.0
+    rate_hz = args.rate_hz or 30.0
     pipeline = _demo_pipeline(args, out)
     pipeline.run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -130,6 +130,12 @@ class Stage:
         metrics.FRAMES_DROPPED.labels(reason=reason, **self._labels).inc(n)
         self.count(scan_uid, f"rejected_{reason}", n)
 
+    def warn(self, reason: str, text: str) -> None:
+        """Say what was discarded and the fix without raising: in the log and to the launcher."""
+        log.warning("%s (%s): %s", self.placement.label, reason, text)
+        if self._status is not None:
+            self._status.report("log", level="warning", reason=reason, text=text)
+
     def report_status(self, **fields: Any) -> None:
         if self._status is not None:
             self._status.report("status", **fields)
