@@ -19,7 +19,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream import metrics
-from phasestream.errors import DetectorMessageError, FrameValidationError, PositionError
+from phasestream.errors import DetectorMessageError, FrameValidationError
 from phasestream.messages import FrameBatch, Geometry, Message, ScanEnd, ScanStart
 from phasestream.stage import RawInput, Stage
 from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
@@ -37,6 +37,8 @@ class Reject(StrEnum):
     DUPLICATE_FRAME = "duplicate_frame"
     DUPLICATE_POSITION = "duplicate_position"
     FRAME_WITHOUT_POSITION = "frame_without_position"
+    POSITION_WITHOUT_FRAME = "position_without_frame"
+    INDEX_OUT_OF_RANGE = "image_id_out_of_range"
 
 
 class IngestConfig(BaseModel):
@@ -59,6 +61,8 @@ class OpenScan:
     positions: dict[int, tuple[float, float]] = field(default_factory=dict)
     ready: list[int] = field(default_factory=list)
     seen_frames: set[int] = field(default_factory=set)
+    # Every image id that got a position: a joined position leaves ``positions``, a repeat must still show.
+    seen_positions: set[int] = field(default_factory=set)
     forwarded: int = 0
     seq: int = 0
     last_frame_s: float = 0.0
@@ -141,9 +145,9 @@ class IngestStage(Stage):
         )
         self._open = OpenScan(start=scan_start, series_id=start.series_id)
         self.scan(scan_uid).start = scan_start
+        yield scan_start  # first: downstream must see the scan open before anything else of it
         for early in self._pending_positions.pop(start.series_id, []):
             yield from self._on_positions(early)
-        yield scan_start
 
     def _on_image(self, image: ImageMessage) -> Iterator[Message]:
         scan = self._open
@@ -175,6 +179,13 @@ class IngestStage(Stage):
                 reason=Reject.DUPLICATE_FRAME,
             )
         scan.seen_frames.add(image.image_id)
+        if not 0 <= image.image_id < scan.start.planned_frames:
+            self.reject_frames(uid, Reject.INDEX_OUT_OF_RANGE, 1)
+            raise FrameValidationError(
+                f"{where}: image_id is outside 0..{scan.start.planned_frames - 1}, the number_of_images the "
+                "start message announced; check the detector's nimages/ntrigger settings",
+                reason=Reject.INDEX_OUT_OF_RANGE,
+            )
         if tuple(frame.shape) != tuple(geometry.detector_shape_px):
             self.reject_frames(uid, Reject.WRONG_SHAPE, 1)
             raise FrameValidationError(
@@ -231,18 +242,24 @@ class IngestStage(Stage):
             message.image_ids.tolist(), message.positions_m.tolist(), strict=True
         ):
             index = int(image_id)
-            if index in scan.positions:
+            if index in scan.seen_positions:
                 duplicates.append(index)
                 continue
+            scan.seen_positions.add(index)
             scan.positions[index] = (y_m, x_m)
             self._join(scan, index)
         yield from self._batches(scan, force=False)
         if duplicates:
+            # Warn rather than raise: the rest of this message is used, and positions replayed at the
+            # start message must not stop at the first repeat.
             self.count(scan.start.scan_uid, "duplicate_positions", len(duplicates))
-            raise PositionError(
-                f"positions for images {duplicates[:10]} arrived twice in scan {scan.start.scan_uid}; "
+            metrics.MESSAGES_REJECTED.labels(
+                reason=Reject.DUPLICATE_POSITION, stage=self.stage_name, worker=self.worker
+            ).inc()
+            self.warn(
+                Reject.DUPLICATE_POSITION,
+                f"positions for images {_head(duplicates)} arrived twice in scan {scan.start.scan_uid}; "
                 "the first value is kept (check the position channel's source)",
-                reason=Reject.DUPLICATE_POSITION,
             )
 
     def _join(self, scan: OpenScan, index: int) -> None:
@@ -287,11 +304,32 @@ class IngestStage(Stage):
         uid, planned = scan.start.scan_uid, scan.start.planned_frames
         if scan.frames:
             self.reject_frames(uid, Reject.FRAME_WITHOUT_POSITION, len(scan.frames))
+            self.warn(
+                Reject.FRAME_WITHOUT_POSITION,
+                f"images {_head(sorted(scan.frames))} of scan {uid} ({len(scan.frames)} in all) never got "
+                "a position and are discarded; check that the position channel sends every image id "
+                f"(or raise position_grace_s={self.config.position_grace_s} if positions come late)",
+            )
         if scan.positions:
             self.count(uid, "positions_without_frame", len(scan.positions))
+            metrics.MESSAGES_REJECTED.labels(
+                reason=Reject.POSITION_WITHOUT_FRAME, stage=self.stage_name, worker=self.worker
+            ).inc(len(scan.positions))
+            self.warn(
+                Reject.POSITION_WITHOUT_FRAME,
+                f"positions for images {_head(sorted(scan.positions))} of scan {uid} "
+                f"({len(scan.positions)} in all) never met a usable frame (lost, rejected or never sent) "
+                "and are discarded; the warnings above say why frames were rejected, and missing_frames "
+                "in the ScanEnd counts those that never arrived",
+            )
         missing = planned - len(scan.seen_frames & set(range(planned)))
         if missing:
             self.count(uid, "missing_frames", missing)
         self.count(uid, "frames_forwarded", scan.forwarded)
         self._open = None
         yield ScanEnd(scan_uid=uid, seq=scan.seq + 1, frames_sent=planned)
+
+
+def _head(ids: list[int], n: int = 10) -> str:
+    """The first image ids of a list, for a warning that must stay one line."""
+    return f"{ids[:n]}{'…' if len(ids) > n else ''}"

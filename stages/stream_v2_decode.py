@@ -33,16 +33,22 @@ from phasestream.errors import DetectorMessageError
 MULTIDIM_ARRAY_TAG = 40  # RFC 8746 row-major multi-dimensional array
 COMPRESSION_TAG = 56500  # DECTRIS compressed byte string
 
-# RFC 8746 typed-array tags for the dtypes a DECTRIS detector sends (little-endian unsigned).
+# RFC 8746 typed-array tags: the little-endian unsigned counts a DECTRIS detector sends, plus signed and
+# float frames that corrected streams (dark-subtracted, flat-fielded replays) carry; ingest checks those
+# for negative and NaN values.
 TYPED_ARRAY_DTYPES: dict[int, np.dtype] = {
     64: np.dtype(np.uint8),
     69: np.dtype("<u2"),
     70: np.dtype("<u4"),
+    78: np.dtype("<i4"),
+    85: np.dtype("<f4"),
 }
 IMAGE_DTYPES: dict[str, np.dtype] = {
     "uint8": np.dtype(np.uint8),
     "uint16": np.dtype("<u2"),
     "uint32": np.dtype("<u4"),
+    "int32": np.dtype("<i4"),
+    "float32": np.dtype("<f4"),
 }
 
 # HDF5 bitshuffle / LZ4 framing starts with the uncompressed size (u64 BE), then the block size (u32 BE).

@@ -10,8 +10,9 @@ import itertools
 from collections import defaultdict
 
 REJECTED_PREFIX = "rejected_"
-# A duplicate is an extra copy of a frame that was also counted once elsewhere.
-_EXTRA_COPIES = ("rejected_duplicate_frame",)
+# Frames the detector did not announce: a second copy of a frame counted once elsewhere, and images
+# numbered beyond number_of_images. They are rejected and counted, but are not among the announced frames.
+_NOT_ANNOUNCED = ("rejected_duplicate_frame", "rejected_image_id_out_of_range")
 
 
 def per_stage(accounting: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -32,7 +33,7 @@ def unaccounted_frames(frames_sent: int, accounting: dict[str, dict[str, int]]) 
     order = list(stages)
     problems = []
     source = stages[order[0]]
-    rejected = sum(v for k, v in source.items() if k.startswith(REJECTED_PREFIX) and k not in _EXTRA_COPIES)
+    rejected = sum(v for k, v in source.items() if k.startswith(REJECTED_PREFIX) and k not in _NOT_ANNOUNCED)
     explained = source.get("frames_forwarded", 0) + rejected + source.get("missing_frames", 0)
     if explained != frames_sent:
         problems.append(

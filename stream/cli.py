@@ -72,7 +72,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--large", action="store_true", help="a longer, larger scan (about 10 minutes on 2 cores)")
     p.add_argument("--positions", type=int, help="number of scan positions (default 420, 900 with --large)")
-    p.add_argument("--rate-hz", type=float, help="detector frame rate in Hz (default 30: the scan takes about 14 s, so you see it refine live)")
+    p.add_argument(
+        "--rate-hz",
+        type=float,
+        help="detector frame rate in Hz (default 30: a 14 s scan, so it refines live)",
+    )
     p.add_argument("--epochs-after-scan", type=int, help="ePIE epochs after the last frame")
     p.add_argument(
         "--out", type=Path, default=Path("phasestream-data"), help="data folder (default %(default)s)"

@@ -245,7 +245,7 @@ MALFORMED = {
         encode_message({**_image(_frame()), "data": {"threshold_1": 5}}),
         "not a tag 40",
     ),
-    "image_dtype float32": (encode_message(_start(image_dtype="float32")), "image_dtype='float32'"),
+    "image_dtype float64": (encode_message(_start(image_dtype="float64")), "image_dtype='float64'"),
     "non-square pixels": (encode_message(_start(pixel_size_y=55e-6)), "square pixels"),
     "negative distance": (
         encode_message(_start(detector_translation=[0, 0, -1.0])),
