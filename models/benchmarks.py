@@ -50,7 +50,9 @@ def disk_probe(size_px: int, *, diameter_px: float, defocus_phase_rad: float = 3
     return ((radius_squared <= 1) * np.exp(1j * defocus_phase_rad * radius_squared)).astype(np.complex64)
 
 
-def smooth_random_object(shape_px: tuple[int, int], rng: np.random.Generator, *, feature_px: float = 3.0):
+def smooth_random_object(
+    shape_px: tuple[int, int], rng: np.random.Generator, *, feature_px: float = 3.0
+) -> np.ndarray:
     """Random complex transmission: amplitude in [0.5, 1], phase in [-1, 1] rad, features ~feature_px wide."""
 
     def smooth_field() -> np.ndarray:
@@ -118,16 +120,14 @@ def bench_epie(
 ) -> dict:
     """Seconds per ePIE epoch (probe update on) on a simulated scan; one untimed warm-up epoch first.
 
-    ``num_threads`` is torch's intra-op thread count during the epochs; by default 1 for the sequential
-    variant on a CPU (see :class:`EpieSolver`) and torch's own choice, one per physical core, otherwise.
+    ``num_threads`` is torch's intra-op thread count during the epochs; by default the solver's choice
+    (see :class:`EpieSolver`): 1 for the sequential variant on a CPU, else torch's (one per core).
     """
     if epochs < 1:
         raise ConfigError(f"epochs={epochs!r} must be at least 1")
     scan = simulate_scan(n_positions, size_px)
     resolved_device = torch.device(device) if device is not None else default_device()
     variant = EpieVariant.BATCHED if batched else EpieVariant.SEQUENTIAL
-    if num_threads is None and not batched and resolved_device.type == "cpu":
-        num_threads = 1
     solver = EpieSolver(
         variant=variant,
         batch_size=batch_size,
@@ -152,7 +152,7 @@ def bench_epie(
         "n_positions": n_positions,
         "size_px": size_px,
         "batch_size": batch_size if batched else 1,
-        "num_threads": num_threads if num_threads is not None else torch.get_num_threads(),
+        "num_threads": solver.num_threads or torch.get_num_threads(),
         "seconds_per_epoch": seconds_per_epoch,
         "median_s_per_epoch": statistics.median(seconds_per_epoch),
         "final_error": error,

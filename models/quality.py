@@ -1,7 +1,8 @@
 """Figures of merit for reconstructions (NumPy): alignment, errors, PSNR, FRC, Fourier R-factor.
 
-A phase-retrieval result is defined only up to a global phase and a translation (with probe retrieval
-the object and probe can drift together), so errors are taken after removing both.
+A phase-retrieval result is defined only up to a global phase and a translation; with probe retrieval
+also up to a complex scale and a linear phase ramp, which object and probe share. Errors against a known
+truth are taken after removing these (:func:`aligned_error`).
 """
 
 from __future__ import annotations
@@ -95,20 +96,6 @@ def _signed_peak_px(score: np.ndarray) -> np.ndarray:
     return np.where(peak > shape // 2, peak - shape, peak)
 
 
-def _refine_peak_px(
-    score_at: Callable[[np.ndarray, np.ndarray], np.ndarray], coarse_px: np.ndarray, upsample_factor: int
-) -> np.ndarray:
-    """Best shift on a grid of 1/``upsample_factor`` pixel over 1.5 pixels around the coarse peak."""
-    region_points = int(np.ceil(upsample_factor * REGISTRATION_REFINE_REGION_PX))
-    offsets_px = (np.arange(region_points) - region_points // 2) / upsample_factor
-    candidates_y_px = coarse_px[0] + offsets_px
-    candidates_x_px = coarse_px[1] + offsets_px
-    best_y, best_x = np.unravel_index(
-        np.argmax(score_at(candidates_y_px, candidates_x_px)), (region_points,) * 2
-    )
-    return np.array([candidates_y_px[best_y], candidates_x_px[best_x]])
-
-
 def register_translation(reference: np.ndarray, moving: np.ndarray, upsample_factor: int = 100) -> np.ndarray:
     """Sub-pixel shift (y, x) to apply to ``moving`` (with :func:`fourier_shift`) to align it with
     ``reference``, to 1/``upsample_factor`` pixel.
@@ -126,9 +113,13 @@ def register_translation(reference: np.ndarray, moving: np.ndarray, upsample_fac
     coarse_px = _signed_peak_px(np.abs(np.fft.ifft2(spectrum_product)))
     if upsample_factor == 1:
         return coarse_px
-    return _refine_peak_px(
-        lambda ys, xs: np.abs(_cross_correlation_at(spectrum_product, ys, xs)), coarse_px, upsample_factor
-    )
+    region_points = int(np.ceil(upsample_factor * REGISTRATION_REFINE_REGION_PX))
+    offsets_px = (np.arange(region_points) - region_points // 2) / upsample_factor
+    candidates_y_px = coarse_px[0] + offsets_px
+    candidates_x_px = coarse_px[1] + offsets_px
+    refined = np.abs(_cross_correlation_at(spectrum_product, candidates_y_px, candidates_x_px))
+    best_y, best_x = np.unravel_index(np.argmax(refined), refined.shape)
+    return np.array([candidates_y_px[best_y], candidates_x_px[best_x]])
 
 
 def _best_integer_shift_px(
