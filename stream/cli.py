@@ -188,9 +188,16 @@ def _cmd_bench_ingest(args: argparse.Namespace) -> int:
 def _cmd_bench_epie(args: argparse.Namespace) -> int:
     from phasestream.models.benchmarks import bench_epie
 
-    for batched in (False, True):
-        result = bench_epie(
+    results = {
+        batched: bench_epie(
             n_positions=args.positions, size_px=args.size, batched=batched, epochs=args.epochs
         )
-        print(result)
+        for batched in (False, True)
+    }
+    sequential_s, batched_s = (results[b]["median_s_per_epoch"] for b in (False, True))
+    print(f"ePIE, {args.positions} positions of {args.size}×{args.size}, {results[True]['machine']}")
+    for result in results.values():
+        runs = ", ".join(f"{s:.3f}" for s in result["seconds_per_epoch"])
+        print(f"  {result['variant']:<10} median {result['median_s_per_epoch']:.3f} s/epoch  ({runs})")
+    print(f"  batched / sequential time: {batched_s / sequential_s:.2f}")
     return 0
