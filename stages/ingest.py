@@ -159,7 +159,7 @@ class IngestStage(Stage):
                 reason=Reject.NO_SCAN,
             )
         uid = scan.start.scan_uid
-        metrics.FRAMES_RECEIVED.labels(stage=self.stage_name, worker=self.worker).inc()
+        self._frames_received_metric.inc()  # the runtime's cached child: no per-frame label lookup
         self.count(uid, "frames_received")
         self.maybe_report_progress(uid)
         self._validate_frame(scan, image)
