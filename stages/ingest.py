@@ -53,11 +53,33 @@ class IngestConfig(BaseModel):
     )
 
 
+class Slab:
+    """A batch's worth of rows that frames are copied into as they arrive: while the frame is still in
+    cache that copy is cheap, and a batch that is exactly one full slab in order goes out as it is, which
+    saves ``np.stack`` (about 5 µs a frame at 192 × 192 uint16)."""
+
+    __slots__ = ("filled", "frames")
+
+    def __init__(self, rows: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.frames = np.empty((rows, *shape), dtype)
+        self.filled = 0
+
+    def take(self, frame: np.ndarray) -> int:
+        row = self.filled
+        self.frames[row] = frame
+        self.filled += 1
+        return row
+
+
 @dataclass
 class OpenScan:
     start: ScanStart
     series_id: int
-    frames: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    slab: Slab
+    # A frame waiting for its position: where it lies, and time.time() when it arrived.
+    frames: dict[int, tuple[Slab, int, float]] = field(default_factory=dict)
     positions: dict[int, tuple[float, float]] = field(default_factory=dict)
     ready: list[int] = field(default_factory=list)
     seen_frames: set[int] = field(default_factory=set)
@@ -89,17 +111,16 @@ class IngestStage(Stage):
     def has_open_scan(self) -> bool:
         return self._open is not None
 
-    def handle_raw(self, port: str, frames: list[zmq.Frame]) -> Iterable[Message]:
+    def handle_raw(self, port: str, frames: list[bytes]) -> Iterable[Message]:
         if len(frames) != 1:
             self._count_undecodable()
             raise DetectorMessageError(
                 f"{port} message has {len(frames)} parts; Stream V2 sends one CBOR map per ZeroMQ message "
                 "(a Stream V1 'legacy' detector? set the DCU stream format to 'cbor')"
             )
-        buffer = frames[0].buffer
         if port == "positions":
-            return self._on_positions(self._decoded(decode_positions, buffer))
-        return self._on_detector(self._decoded(decode_stream_v2, buffer))
+            return self._on_positions(self._decoded(decode_positions, frames[0]))
+        return self._on_detector(self._decoded(decode_stream_v2, frames[0]))
 
     def _decoded(self, decode, buffer):  # type: ignore[no-untyped-def]
         try:
@@ -114,13 +135,12 @@ class IngestStage(Stage):
             self.count(self._open.start.scan_uid, "undecodable_messages")
 
     # ---- detector messages ----------------------------------------------------------------------
-    def _on_detector(self, message: StartMessage | ImageMessage | EndMessage) -> Iterator[Message]:
+    def _on_detector(self, message: StartMessage | ImageMessage | EndMessage) -> Iterable[Message]:
+        if type(message) is ImageMessage:
+            return self._on_image(message)
         if isinstance(message, StartMessage):
-            yield from self._on_start(message)
-        elif isinstance(message, ImageMessage):
-            yield from self._on_image(message)
-        else:
-            yield from self._on_detector_end(message)
+            return self._on_start(message)
+        return self._on_detector_end(message)
 
     def _on_start(self, start: StartMessage) -> Iterator[Message]:
         if self._open is not None:
@@ -143,13 +163,20 @@ class IngestStage(Stage):
             scan_extent_m=tuple(extent) if extent else None,
             config_hash=self.pipeline.config_hash(),
         )
-        self._open = OpenScan(start=scan_start, series_id=start.series_id)
+        shape, dtype = tuple(start.shape_px), np.dtype(start.dtype)
+        self._open = OpenScan(
+            start=scan_start,
+            series_id=start.series_id,
+            shape=shape,
+            dtype=dtype,
+            slab=Slab(self.config.batch_size, shape, dtype),
+        )
         self.scan(scan_uid).start = scan_start
         yield scan_start  # first: downstream must see the scan open before anything else of it
         for early in self._pending_positions.pop(start.series_id, []):
             yield from self._on_positions(early)
 
-    def _on_image(self, image: ImageMessage) -> Iterator[Message]:
+    def _on_image(self, image: ImageMessage) -> list[FrameBatch]:
         scan = self._open
         if scan is None or image.series_id != scan.series_id:
             raise FrameValidationError(
@@ -163,13 +190,16 @@ class IngestStage(Stage):
         self.count(uid, "frames_received")
         self.maybe_report_progress(uid)
         self._validate_frame(scan, image)
-        scan.frames[image.image_id] = (image.frame, time.time())
+        slab = scan.slab
+        if slab.filled == len(slab.frames):
+            slab = scan.slab = Slab(self.config.batch_size, scan.shape, scan.dtype)
+        scan.frames[image.image_id] = (slab, slab.take(image.frame), time.time())
         scan.last_frame_s = time.monotonic()
         self._join(scan, image.image_id)
-        yield from self._batches(scan, force=False)
+        return self._batches(scan, force=False)
 
     def _validate_frame(self, scan: OpenScan, image: ImageMessage) -> None:
-        uid, geometry, frame = scan.start.scan_uid, scan.start.geometry, image.frame
+        uid, frame = scan.start.scan_uid, image.frame
         where = f"image {image.image_id} of scan {uid}"
         if image.image_id in scan.seen_frames:
             self.reject_frames(uid, Reject.DUPLICATE_FRAME, 1)
@@ -186,17 +216,17 @@ class IngestStage(Stage):
                 "start message announced; check the detector's nimages/ntrigger settings",
                 reason=Reject.INDEX_OUT_OF_RANGE,
             )
-        if tuple(frame.shape) != tuple(geometry.detector_shape_px):
+        if frame.shape != scan.shape:
             self.reject_frames(uid, Reject.WRONG_SHAPE, 1)
             raise FrameValidationError(
                 f"{where} has shape {frame.shape}, the start message announced "
-                f"{geometry.detector_shape_px}; check the detector's ROI mode",
+                f"{scan.shape}; check the detector's ROI mode",
                 reason=Reject.WRONG_SHAPE,
             )
-        if frame.dtype != np.dtype(geometry.detector_dtype):
+        if frame.dtype != scan.dtype:
             self.reject_frames(uid, Reject.WRONG_DTYPE, 1)
             raise FrameValidationError(
-                f"{where} has dtype {frame.dtype}, the start message announced {geometry.detector_dtype}; "
+                f"{where} has dtype {frame.dtype}, the start message announced {scan.dtype}; "
                 "check the detector's bit depth setting",
                 reason=Reject.WRONG_DTYPE,
             )
@@ -277,11 +307,13 @@ class IngestStage(Stage):
         if scan.detector_ended_s is not None and now - scan.detector_ended_s > self.config.position_grace_s:
             yield from self._close_scan()
 
-    def _batches(self, scan: OpenScan, force: bool) -> Iterator[FrameBatch]:
+    def _batches(self, scan: OpenScan, force: bool) -> list[FrameBatch]:
         size = self.config.batch_size
+        batches = []
         while len(scan.ready) >= size or (force and scan.ready):
             indices, scan.ready = sorted(scan.ready[:size]), scan.ready[size:]
-            yield self._batch(scan, indices)
+            batches.append(self._batch(scan, indices))
+        return batches
 
     def _batch(self, scan: OpenScan, indices: list[int]) -> FrameBatch:
         entries = [scan.frames.pop(i) for i in indices]
@@ -292,8 +324,8 @@ class IngestStage(Stage):
             scan_uid=scan.start.scan_uid,
             seq=scan.seq,
             frame_indices=indices,
-            received_at_s=min(received for _, received in entries),
-            frames=np.stack([frame for frame, _ in entries]),
+            received_at_s=min(received for _, _, received in entries),
+            frames=_gather(entries),
             positions_m=positions,
         )
 
@@ -328,6 +360,19 @@ class IngestStage(Stage):
         self.count(uid, "frames_forwarded", scan.forwarded)
         self._open = None
         yield ScanEnd(scan_uid=uid, seq=scan.seq + 1, frames_sent=planned)
+
+
+def _gather(entries: list[tuple[Slab, int, float]]) -> np.ndarray:
+    """The batch's frames as one array: a full slab filled in index order as it is, else a copy.
+
+    A full slab is never written again, so it can leave without a copy.
+    """
+    slab = entries[0][0]
+    if len(entries) == len(slab.frames) and all(
+        entry[0] is slab and entry[1] == row for row, entry in enumerate(entries)
+    ):
+        return slab.frames
+    return np.stack([entry_slab.frames[row] for entry_slab, row, _ in entries])
 
 
 def _head(ids: list[int], n: int = 10) -> str:

@@ -24,7 +24,7 @@ MESSAGES_REJECTED = Counter(
 )
 PROCESS_SECONDS = Histogram(
     "phasestream_stage_process_seconds",
-    "Time a stage spends on one message",
+    "Time a stage spends on the messages it drains from a socket at once (up to 64)",
     ["stage", "worker"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
