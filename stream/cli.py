@@ -70,7 +70,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "streams it through emitter → ingest → binning → refine → publish into an embedded Tiled "
         "server, shows progress, and writes a PNG of the reconstruction beside the truth.",
     )
-    p.add_argument("--large", action="store_true", help="a longer, larger scan (about 10 minutes on 2 cores)")
+    p.add_argument(
+        "--large", action="store_true", help="900 positions, twice the epochs (about 2.5 minutes on 2 cores)"
+    )
     p.add_argument("--positions", type=int, help="number of scan positions (default 420, 900 with --large)")
     p.add_argument(
         "--rate-hz",
