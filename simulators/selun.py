@@ -23,10 +23,9 @@ from tqdm import tqdm
 from phasestream.errors import ConfigError
 from phasestream.simulators.scan_simulation import SimulatedScan
 from phasestream.simulators.stream_v2_encode import (
-    channel_array,
+    encode_image,
     encode_message,
     end_fields,
-    image_fields,
     start_fields_for_scan,
 )
 from phasestream.stages.position_channel import (
@@ -131,16 +130,15 @@ class SelunEmitter:
         outgoing = [_Outgoing(self._data_socket, encode_message(start), paced=False)]
         batches = list(position_messages(series_id, scan.positions_m, positions_batch_size))
         for image_id, frame in enumerate(scan.frames):
-            fields = image_fields(
+            image = encode_image(
+                frame,
                 series_id=series_id,
                 series_unique_id=series_unique_id,
                 image_id=image_id,
-                data=channel_array(frame),
                 frame_time_s=frame_time_s,
-                count_time_s=frame_time_s,
                 series_date=series_date,
             )
-            outgoing.append(_Outgoing(self._data_socket, encode_message(fields), paced=True))
+            outgoing.append(_Outgoing(self._data_socket, image, paced=True))
             if (image_id + 1) % positions_batch_size == 0 or image_id + 1 == len(scan.frames):
                 batch = batches[image_id // positions_batch_size]
                 outgoing.append(_Outgoing(self._positions_socket, batch, paced=False))
