@@ -10,9 +10,10 @@ detector announced.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypeVar
 
 import numpy as np
 import zmq
@@ -24,6 +25,8 @@ from phasestream.messages import FrameBatch, Geometry, Message, ScanEnd, ScanSta
 from phasestream.stage import RawInput, Stage
 from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
 from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
+
+Decoded = TypeVar("Decoded")
 
 
 class Reject(StrEnum):
@@ -122,7 +125,7 @@ class IngestStage(Stage):
             return self._on_positions(self._decoded(decode_positions, frames[0]))
         return self._on_detector(self._decoded(decode_stream_v2, frames[0]))
 
-    def _decoded(self, decode, buffer):  # type: ignore[no-untyped-def]
+    def _decoded(self, decode: Callable[[bytes], Decoded], buffer: bytes) -> Decoded:
         try:
             return decode(buffer)
         except DetectorMessageError:
