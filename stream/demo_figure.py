@@ -93,8 +93,13 @@ def draw_comparison(scan: Any, reconstruction: dict[str, Any], comparison: Compa
         ax.set_xlabel("µm")
         fig.colorbar(im, ax=ax, shrink=0.8)
     probe = reconstruction["probe"]
-    axes[0, 2].imshow(np.abs(probe), cmap="magma")
+    # The probe fills the middle half of its window (oversampling ≥ 2): show that half.
+    n_y, n_x = probe.shape
+    middle = (slice(n_y // 4, 3 * n_y // 4), slice(n_x // 4, 3 * n_x // 4))
+    probe_um = np.array([0, n_x // 2, n_y // 2, 0]) * scan.object_pixel_size_m * 1e6
+    axes[0, 2].imshow(np.abs(probe[middle]), cmap="magma", extent=probe_um)
     axes[0, 2].set_title("reconstructed probe: amplitude")
+    axes[0, 2].set_xlabel("µm")
     axes[1, 2].axis("off")
     axes[1, 2].text(
         0.0,
