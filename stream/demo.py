@@ -66,11 +66,16 @@ def run_demo(args: argparse.Namespace) -> int:
         print("Starting stages: " + " → ".join(s.name for s in resolved.stages))
         with Launcher(resolved) as launcher:
             emitter = _start_emitter(resolved, scan_file, scan_uid, rate_hz)
-            print(f"Live result: {resolved.tiled.uri}/api/v1/metadata/reconstructions/{scan_uid}")
-            progress = _follow(launcher, resolved, n_positions, emitter)
-            launcher.wait_for_exit(30)
+            try:
+                print(f"Live result: {resolved.tiled.uri}/api/v1/metadata/reconstructions/{scan_uid}")
+                progress = _follow(launcher, resolved, n_positions, emitter)
+                launcher.wait_for_exit(30)
+            finally:
+                # On Ctrl-C or a failed stage the simulated detector must not go on streaming to nobody.
+                if emitter.poll() is None:
+                    emitter.terminate()
+                emitter.wait(10)
         reconstruction = _read_back(resolved, scan_uid)
-    emitter.wait(10)
     return _report(scan, reconstruction, progress, out)
 
 
