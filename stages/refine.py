@@ -224,6 +224,8 @@ class RefineStage(Stage):
                 self._feed(solve)  # fewer than min_positions in the whole scan: solve what there is
             if solve.solver is not None:
                 for _ in range(self.config.epochs_after_scan):
+                    if self.stopping:
+                        break  # Ctrl-C: publish what there is now rather than finish the schedule
                     yield from self._epoch(solve)
                 yield self._reconstruction(solve, final=True)
         yield message

@@ -151,6 +151,11 @@ class Stage:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked for: long loops inside a stage should end early and tidy up."""
+        return self._stop.is_set()
+
     # ---- the runtime ------------------------------------------------------------------------------
     def run(self) -> None:
         """Serve until stopped (signal, ``request_stop()``) or, with ``exit_after_scan``, a scan ends."""
