@@ -13,7 +13,7 @@ from phasestream.models.cdi import CdiSolver, amplitude_from_intensity, best_of_
 from phasestream.models.quality import aligned_error
 from phasestream.models.support import ShrinkWrap
 
-BCDI_AMPLITUDE = Path("/work/shared/data/bcdi_amplitude_64.npy")
+BCDI_AMPLITUDE = Path(__file__).parent / "data" / "bcdi_amplitude_64.npy"
 
 # --------------------------------------------------------------------------------------------------------
 # Independent NumPy reference: Fienup (1982) written out, complex128, centred patterns, no torch.

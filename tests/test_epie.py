@@ -19,7 +19,7 @@ from phasestream.models.epie import (
 from phasestream.models.physics import far_field
 from phasestream.models.quality import aligned_error
 
-TIKE_DATASET = Path("/work/shared/data/ptycho_sim_tike_setup.npz")
+TIKE_DATASET = Path(__file__).parent / "data" / "ptycho_sim_tike_setup.npz"
 SMALL_PROBLEM_THREADS = 1
 """32×32 windows gain nothing from a second thread, and a busy second core (other tests running beside
 these) made the batched convergence test 25× slower with two."""
