@@ -18,7 +18,7 @@ Start here:
   phasestream demo                      simulate a scan and reconstruct it live (about 2 minutes)
   phasestream run deploy/live.yaml      serve a pipeline beside a real or simulated detector
   phasestream simulate                  stream a simulated SELUN scan (DECTRIS Stream V2)
-  phasestream bench ingest | epie       measure throughput (figures go in docs/benchmarks.md)
+  phasestream bench ingest | epie | cdi measure throughput (figures go in docs/benchmarks.md)
 """
 
 
