@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError
-from phasestream.models.epie import DEFAULT_BATCH_SIZE, EpieSolver, EpieVariant, default_device
+from phasestream.models.epie import DEFAULT_BATCH_SIZE, EpieSolver, EpieVariant, UpdateRule, default_device
 from phasestream.models.physics import far_field
 
 GOLDEN_ANGLE_RAD = np.pi * (3.0 - np.sqrt(5.0))
@@ -117,8 +117,11 @@ def bench_epie(
     device: str | torch.device | None = None,
     num_threads: int | None = None,
     progress: bool = True,
+    update_rule: UpdateRule = UpdateRule.EPIE,
 ) -> dict:
     """Seconds per ePIE epoch (probe update on) on a simulated scan; one untimed warm-up epoch first.
+
+    ``update_rule`` times rPIE instead of ePIE with the same scan and settings.
 
     ``num_threads`` is torch's intra-op thread count during the epochs; by default the solver's choice
     (see :class:`EpieSolver`): 1 for the sequential variant on a CPU, else torch's (one per core).
@@ -130,6 +133,7 @@ def bench_epie(
     variant = EpieVariant.BATCHED if batched else EpieVariant.SEQUENTIAL
     solver = EpieSolver(
         variant=variant,
+        update_rule=update_rule,
         batch_size=batch_size,
         probe_update_start_epoch=0,
         device=resolved_device,
@@ -139,7 +143,7 @@ def bench_epie(
     solver.run_epoch()
     seconds_per_epoch = []
     error = float("nan")
-    bar = tqdm(range(epochs), desc=f"ePIE {variant}", unit="epoch", disable=not progress)
+    bar = tqdm(range(epochs), desc=f"{solver.update_rule} {variant}", unit="epoch", disable=not progress)
     for _ in bar:
         started_s = time.perf_counter()
         error = solver.run_epoch()
@@ -147,6 +151,7 @@ def bench_epie(
         bar.set_postfix(error=f"{error:.3g}")
     return {
         "variant": str(variant),
+        "update_rule": str(solver.update_rule),
         "device": str(resolved_device),
         "machine": machine_description(resolved_device),
         "n_positions": n_positions,

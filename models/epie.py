@@ -8,7 +8,19 @@ one position j with window offset R_j, exit wave ψ = P(r − R_j) O(r) and Four
     O(r)       += α P*(r − R_j) (ψ' − ψ) / max |P|²
     P(r − R_j) += β O*(r)       (ψ' − ψ) / max |O(r)|²      (max over the illuminated patch)
 
-Both updates use the probe and object from before the step. Two variants share one solver:
+Both updates use the probe and object from before the step.
+
+``UpdateRule.RPIE`` swaps the ePIE denominators for those of rPIE, the regularised PIE of A. M. Maiden,
+D. Johnson and P. Li, "Further improvements to the ptychographical iterative engine", Optica 4, 736 (2017).
+With a weight w in (0, 1] the denominator max|F|² becomes
+
+    (1 − w) |F(r)|² + w max |F|²        (F = P for the object update with w = α, F = O for the probe with β)
+
+a pixel-by-pixel mix of a Wiener-like division by |F|² (fast where the probe is weak) and ePIE's global
+maximum (stable); w = 1 is ePIE's denominator. The paper recommends α ≈ 0.1 for the object and keeps β
+near 1; here ``object_step`` and ``probe_step`` still multiply the update (1 gives the paper's rPIE).
+
+Two variants share one solver:
 
 - ``SEQUENTIAL``: the paper's algorithm, one position at a time in a fresh random order every epoch.
 - ``BATCHED``: a mini-batch of positions is solved in parallel from the same object and probe (batched
@@ -16,7 +28,9 @@ Both updates use the probe and object from before the step. Two variants share o
   the summed illumination, max_r Σ_j |P(r − R_j)|², and the probe update is the batch mean of the per-
   position ePIE probe updates. With a batch of one position this *is* the sequential step; with larger
   batches the summed-illumination denominator keeps overlapping updates in the same batch from
-  overshooting, as in the compact/parallel ePIE variants.
+  overshooting, as in the compact/parallel ePIE variants. For rPIE the object denominator is built from
+  the summed illumination in the same way, (1 − α) Σ_j |P(r − R_j)|² + α max_r Σ_j |P(r − R_j)|², and
+  the probe update is the batch mean of the per-position rPIE probe updates.
 
 Measured patterns are stored once as float32 sqrt(I), already ``ifftshift``-ed: the solver works in the
 FFT's native layout and never shifts per iteration. That is the project's centred far field (see
@@ -50,6 +64,13 @@ _SIGNED_INT_KIND = "i"
 class EpieVariant(StrEnum):
     SEQUENTIAL = "sequential"
     BATCHED = "batched"
+
+
+class UpdateRule(StrEnum):
+    """The update's denominator: ePIE's max|F|², or rPIE's (1 − w)|F|² + w max|F|² (Maiden et al. 2017)."""
+
+    EPIE = "epie"
+    RPIE = "rpie"
 
 
 def default_device() -> torch.device:
@@ -101,16 +122,25 @@ def _scaled_conjugate(
     scratch: torch.Tensor,
     *,
     out: torch.Tensor,
+    regularisation: float = 1.0,
 ) -> None:
     """out = step · conj(field) / max|field|²: the factor that turns ψ' − ψ into an ePIE update.
 
     The maximum is taken over a contiguous real copy of |field|²: reducing the strided ``.real`` view of a
     complex tensor is about 4× slower on a CPU. ``squared_modulus`` and ``scratch`` are buffers shaped
     like ``field`` (complex and real).
+
+    With ``regularisation`` w < 1 the denominator is rPIE's (1 − w)|field|² + w max|field|², pixel by
+    pixel; w = 1 is ePIE's max|field|² and takes the cheaper scalar path.
     """
     torch.mul(field, field.conj(), out=squared_modulus)
     torch.clamp_min(squared_modulus.real, _DIVISION_FLOOR, out=scratch)
-    torch.mul(field.conj(), step / scratch.amax(), out=out)
+    if regularisation == 1.0:
+        torch.mul(field.conj(), step / scratch.amax(), out=out)
+        return
+    peak = scratch.amax()
+    scratch.mul_(1.0 - regularisation).add_(peak * regularisation)
+    torch.div(field.conj(), scratch, out=out).mul_(step)
 
 
 class EpieSolver:
@@ -126,6 +156,10 @@ class EpieSolver:
     are the paper's α and β. The probe is updated from epoch ``probe_update_start_epoch`` on (counting
     from 0; None keeps it fixed): a few object-only epochs first keep a rough probe guess from absorbing
     object structure.
+    ``update_rule`` picks ePIE's or rPIE's denominators; for rPIE, ``rpie_alpha`` (object) and
+    ``rpie_beta`` (probe) are the paper's α and β in (0, 1]: 1 gives ePIE's denominator, smaller values
+    take bigger steps where the probe (or object) is weak. Defaults: α = 0.1 as the paper recommends,
+    β = 1 (ePIE's probe denominator).
     Each epoch visits the positions in the order of ``torch.randperm`` drawn from a generator seeded
     with ``seed``.
 
@@ -142,6 +176,9 @@ class EpieSolver:
         *,
         probe: np.ndarray | torch.Tensor | None = None,
         variant: EpieVariant = EpieVariant.BATCHED,
+        update_rule: UpdateRule = UpdateRule.EPIE,
+        rpie_alpha: float = 0.1,
+        rpie_beta: float = 1.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         object_step: float = 1.0,
         probe_step: float = 1.0,
@@ -157,6 +194,9 @@ class EpieSolver:
         for name, value in (("object_step", object_step), ("probe_step", probe_step)):
             if not 0 < value <= 2:
                 raise ConfigError(f"{name}={value!r} is outside (0, 2], where ePIE is stable; 1 is usual")
+        for name, value in (("rpie_alpha", rpie_alpha), ("rpie_beta", rpie_beta)):
+            if not 0 < value <= 1:
+                raise ConfigError(f"{name}={value!r} is outside (0, 1]; rPIE uses α ≈ 0.1 and β ≈ 1")
         if probe_update_start_epoch is not None and probe_update_start_epoch < 0:
             raise ConfigError(
                 f"probe_update_start_epoch={probe_update_start_epoch!r} must be 0 or more, or None to keep "
@@ -165,6 +205,9 @@ class EpieSolver:
         if num_threads is not None and num_threads < 1:
             raise ConfigError(f"num_threads={num_threads!r} must be at least 1, or None for torch's setting")
         self.variant = EpieVariant(variant)
+        self.update_rule = UpdateRule(update_rule)
+        self.rpie_alpha = rpie_alpha
+        self.rpie_beta = rpie_beta
         self.batch_size = batch_size
         self.object_step = object_step
         self.probe_step = probe_step
@@ -195,6 +238,16 @@ class EpieSolver:
         self._n_positions = 0
         self._measured_energy = 0.0
         self._epochs_run = 0
+
+    @property
+    def _object_regularisation(self) -> float:
+        """w of the object update's denominator (1 − w)|P|² + w max|P|²; 1 for ePIE."""
+        return self.rpie_alpha if self.update_rule is UpdateRule.RPIE else 1.0
+
+    @property
+    def _probe_regularisation(self) -> float:
+        """w of the probe update's denominator (1 − w)|O|² + w max|O|²; 1 for ePIE."""
+        return self.rpie_beta if self.update_rule is UpdateRule.RPIE else 1.0
 
     # ------------------------------------------------------------------ state, as NumPy copies
     @property
@@ -356,7 +409,10 @@ class EpieSolver:
             torch.empty_like(probe) for _ in range(5)
         )
         ratio = torch.empty(probe.shape, dtype=torch.float32, device=self.device)
-        _scaled_conjugate(probe, self.object_step, squared_modulus, ratio, out=object_weight)
+        object_w, probe_w = self._object_regularisation, self._probe_regularisation
+        _scaled_conjugate(
+            probe, self.object_step, squared_modulus, ratio, out=object_weight, regularisation=object_w
+        )
         squared_errors = []
         for index in order:
             y_px, x_px = corners[index]
@@ -369,11 +425,16 @@ class EpieSolver:
             squared_errors.append(_squared_norm(delta))
             if update_probe:
                 # The probe step needs the object from before this position's object step.
-                _scaled_conjugate(patch, self.probe_step, squared_modulus, ratio, out=probe_gradient)
+                _scaled_conjugate(
+                    patch, self.probe_step, squared_modulus, ratio, out=probe_gradient, regularisation=probe_w
+                )
                 probe_gradient.mul_(delta)
                 patch.addcmul_(object_weight, delta)
                 probe.add_(probe_gradient)
-                _scaled_conjugate(probe, self.object_step, squared_modulus, ratio, out=object_weight)
+                _scaled_conjugate(
+                    probe, self.object_step, squared_modulus, ratio, out=object_weight,
+                    regularisation=object_w,
+                )  # fmt: skip
             else:
                 patch.addcmul_(object_weight, delta)
         return float(torch.stack(squared_errors).real.sum().item())
@@ -415,10 +476,20 @@ class EpieSolver:
             else:
                 batch_corners = [corners[index] for index in order_list[start : start + self.batch_size]]
                 peak = _max_summed_illumination_slices(probe_intensity.real, batch_corners, illumination)
+            object_w = self._object_regularisation
+            if object_w != 1.0:
+                # rPIE: (1 − α) Σ|P|² + α max Σ|P|² at every window pixel, the same for all windows of the
+                # batch that cover it, so dividing each window's update by it divides their sum.
+                denominator = ratio.view(-1)
+                torch.index_select(illumination.view(-1), 0, flat_index, out=denominator)
+                denominator.mul_(1.0 - object_w).add_(peak * object_w).clamp_min_(_DIVISION_FLOOR)
             object_scale = self.object_step / peak.clamp_min(_DIVISION_FLOOR)
             if update_probe:
-                probe_update = self._batch_probe_update(patches, delta, squared_modulus, ratio)
-            delta.mul_(probe.conj() * object_scale)
+                probe_update = self._batch_probe_update(patches, delta, squared_modulus, measured)
+            if object_w != 1.0:
+                delta.mul_(probe.conj() * self.object_step).div_(ratio)
+            else:
+                delta.mul_(probe.conj() * object_scale)
             flat_canvas.index_add_(0, flat_index, delta.view(-1))
             if update_probe:
                 probe.add_(probe_update)
@@ -427,12 +498,20 @@ class EpieSolver:
     def _batch_probe_update(
         self, patches: torch.Tensor, delta: torch.Tensor, squared_modulus: torch.Tensor, scratch: torch.Tensor
     ) -> torch.Tensor:
-        """Mean over the batch of β O_j* (ψ'_j − ψ_j) / max|O_j|²; overwrites ``patches`` and the scratch."""
+        """Mean over the batch of β O_j* (ψ'_j − ψ_j) / max|O_j|²; overwrites ``patches`` and the scratch.
+
+        For rPIE each term's denominator is (1 − β_r)|O_j|² + β_r max|O_j|² instead.
+        """
         n_batch = len(patches)
         torch.mul(patches, patches.conj(), out=squared_modulus)
         # A contiguous real copy first: the per-patch max over a strided .real view is several times slower.
         torch.clamp_min(squared_modulus.real, _DIVISION_FLOOR, out=scratch)
         patch_max = scratch.view(n_batch, -1).amax(dim=1)
+        probe_w = self._probe_regularisation
+        if probe_w != 1.0:
+            scratch.mul_(1.0 - probe_w).add_((patch_max * probe_w).view(-1, 1, 1))
+            gradients = patches.conj_physical_().mul_(delta).div_(scratch)
+            return gradients.sum(dim=0).mul_(self.probe_step / n_batch)
         weights = ((self.probe_step / n_batch) / patch_max).to(torch.complex64)
         gradients = patches.conj_physical_().mul_(delta)
         # The weighted sum over the batch is a matrix-vector product: one BLAS call, no temporaries.

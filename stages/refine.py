@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 class Algorithm(StrEnum):
     EPIE = "epie"
+    RPIE = "rpie"
 
 
 class RefineConfig(BaseModel):
@@ -42,6 +43,9 @@ class RefineConfig(BaseModel):
     emit_every_epochs: int = Field(default=2, ge=1, description="a Reconstruction every this many epochs")
     object_step: float = Field(default=1.0, gt=0, le=2, description="ePIE α")
     probe_step: float = Field(default=1.0, gt=0, le=2, description="ePIE β")
+    rpie_alpha: float = Field(
+        default=0.1, gt=0, le=1, description="rPIE α, the object denominator's weight (algorithm rpie only)"
+    )
     probe_update_start_epoch: int = Field(default=2, ge=0)
     margin_px: int = Field(default=4, ge=0, description="free canvas around the outermost windows")
     probe_search_epochs: int = Field(
@@ -143,11 +147,13 @@ class RefineStage(Stage):
         solve.solver.add_patterns(patterns, pixels.top_left_px)
 
     def _new_solver(self, probe: np.ndarray | None, canvas_shape_px: tuple[int, int]) -> EpieSolver:
-        from phasestream.models.epie import EpieSolver
+        from phasestream.models.epie import EpieSolver, UpdateRule
 
         return EpieSolver(
             probe=probe,
             variant=self.config.variant,
+            update_rule=UpdateRule(self.config.algorithm.value),
+            rpie_alpha=self.config.rpie_alpha,
             batch_size=self.config.batch_size,
             object_step=self.config.object_step,
             probe_step=self.config.probe_step,

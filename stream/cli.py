@@ -158,6 +158,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     epie.add_argument("--positions", type=int, default=516, help="default %(default)s")
     epie.add_argument("--size", type=int, default=128, help="pattern side in pixels (default %(default)s)")
     epie.add_argument("--epochs", type=int, default=5, help="epochs per variant (default %(default)s)")
+    epie.add_argument(
+        "--rule", choices=["epie", "rpie"], default="epie", help="update rule (default %(default)s)"
+    )
     epie.set_defaults(func=_cmd_bench_epie)
     cdi = bench.add_parser(
         "cdi", help="600 HIO/ER iterations with shrink-wrap on a measured 64³ BCDI pattern"
@@ -210,12 +213,17 @@ def _cmd_bench_epie(args: argparse.Namespace) -> int:
 
     results = {
         batched: bench_epie(
-            n_positions=args.positions, size_px=args.size, batched=batched, epochs=args.epochs
+            n_positions=args.positions,
+            size_px=args.size,
+            batched=batched,
+            epochs=args.epochs,
+            update_rule=args.rule,
         )
         for batched in (False, True)
     }
     sequential_s, batched_s = (results[b]["median_s_per_epoch"] for b in (False, True))
-    print(f"ePIE, {args.positions} positions of {args.size}×{args.size}, {results[True]['machine']}")
+    label = {"epie": "ePIE", "rpie": "rPIE"}[args.rule]
+    print(f"{label}, {args.positions} positions of {args.size}×{args.size}, {results[True]['machine']}")
     for result in results.values():
         runs = ", ".join(f"{s:.3f}" for s in result["seconds_per_epoch"])
         print(f"  {result['variant']:<10} median {result['median_s_per_epoch']:.3f} s/epoch  ({runs})")
