@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -48,6 +49,16 @@ import torch
 
 from phasestream.errors import ConfigError, FrameValidationError, PositionError
 from phasestream.models.physics import FOURIER_EPSILON, probe_from_patterns
+from phasestream.models.ptycho_modes import (
+    fourier_frequencies,
+    initial_modes,
+    orthogonalise_modes,
+    position_gradient_steps,
+    shift_ramps,
+    shifted_modes,
+    split_positions,
+    unshift,
+)
 
 DEFAULT_BATCH_SIZE = 32
 """Positions per mini-batch, tuned on two CPU cores: for 516 patterns of 128×128, batches of 8 to 64 took
@@ -183,6 +194,9 @@ class EpieSolver:
         object_step: float = 1.0,
         probe_step: float = 1.0,
         probe_update_start_epoch: int | None = 2,
+        probe_modes: int = 1,
+        position_correction_start_epoch: int | None = None,
+        max_position_step_px: float = 1.0,
         canvas_shape_px: tuple[int, int] | None = None,
         object_guess: np.ndarray | torch.Tensor | None = None,
         seed: int = 0,
@@ -202,6 +216,17 @@ class EpieSolver:
                 f"probe_update_start_epoch={probe_update_start_epoch!r} must be 0 or more, or None to keep "
                 "the probe fixed"
             )
+        if probe_modes < 1:
+            raise ConfigError(f"probe_modes={probe_modes!r} must be at least 1 (1 is a coherent probe)")
+        if position_correction_start_epoch is not None and position_correction_start_epoch < 0:
+            raise ConfigError(
+                f"position_correction_start_epoch={position_correction_start_epoch!r} must be 0 or more, "
+                "or None to keep the positions as given"
+            )
+        if not 0 < max_position_step_px <= 8:
+            raise ConfigError(
+                f"max_position_step_px={max_position_step_px!r} is outside (0, 8] px; 1 px per epoch is usual"
+            )
         if num_threads is not None and num_threads < 1:
             raise ConfigError(f"num_threads={num_threads!r} must be at least 1, or None for torch's setting")
         self.variant = EpieVariant(variant)
@@ -212,16 +237,24 @@ class EpieSolver:
         self.object_step = object_step
         self.probe_step = probe_step
         self.probe_update_start_epoch = probe_update_start_epoch
+        self.n_modes = probe_modes
+        self.position_correction_start_epoch = position_correction_start_epoch
+        self.max_position_step_px = max_position_step_px
         self.device = torch.device(device) if device is not None else default_device()
         if num_threads is None and self.variant is EpieVariant.SEQUENTIAL and self.device.type == "cpu":
             num_threads = 1
         self.num_threads = num_threads
+        self._seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         self._probe: torch.Tensor | None = None
         if probe is not None:
-            self._probe = torch.as_tensor(probe).to(self.device, torch.complex64).clone()
-            if self._probe.ndim != 2:
-                raise ConfigError(f"probe has shape {tuple(self._probe.shape)}: pass one 2D probe (ny, nx)")
+            given = torch.as_tensor(probe).to(self.device, torch.complex64)
+            if given.ndim not in (2, 3) or (given.ndim == 3 and len(given) > probe_modes):
+                raise ConfigError(
+                    f"probe has shape {tuple(given.shape)} for probe_modes={probe_modes}: pass one probe "
+                    "(ny, nx) or at most probe_modes modes (k, ny, nx)"
+                )
+            self._set_probe(given)
         if object_guess is not None:
             self._object = torch.as_tensor(object_guess).to(self.device, torch.complex64).clone()
             if self._object.ndim != 2 or canvas_shape_px not in (None, tuple(self._object.shape)):
@@ -235,6 +268,7 @@ class EpieSolver:
         self._origin_px = np.zeros(2, dtype=np.int64)
         self._amplitudes = torch.empty((0, 0, 0), dtype=torch.float32, device=self.device)
         self._corners_px = np.empty((0, 2), dtype=np.int64)
+        self._subpixel_px = np.empty((0, 2), dtype=np.float32)
         self._n_positions = 0
         self._measured_energy = 0.0
         self._epochs_run = 0
@@ -257,10 +291,42 @@ class EpieSolver:
 
     @property
     def probe(self) -> np.ndarray:
-        """Complex64 copy of the probe; raises before the first patterns if no probe guess was given."""
+        """Complex64 copy of the probe (the strongest mode); raises before the first patterns if no probe
+        guess was given."""
+        return self.probe_modes[0]
+
+    @property
+    def probe_modes(self) -> np.ndarray:
+        """Complex64 copy of every probe mode (k, ny, nx), strongest first."""
         if self._probe is None:
             raise ConfigError("the probe is not known yet: add patterns first or pass probe= to EpieSolver")
         return self._probe.to("cpu", copy=True).numpy()
+
+    @property
+    def positions_px(self) -> np.ndarray:
+        """Window corners (n, 2) (y, x) in the caller's frame, float64, as refined so far."""
+        return self._corners_px + self._subpixel_px.astype(np.float64)
+
+    def _set_probe(self, probe: torch.Tensor) -> None:
+        """Store (k, ny, nx) modes, topping a single probe or too few modes up to ``n_modes``."""
+        modes = probe.unsqueeze(0) if probe.ndim == 2 else probe
+        if len(modes) < self.n_modes:
+            extra = initial_modes(modes[0], self.n_modes - len(modes) + 1, seed=self._seed)[1:]
+            modes = torch.cat([modes, extra.to(modes.device)])
+        self._probe = modes.to(self.device, torch.complex64).clone()
+
+    @property
+    def _window_px(self) -> tuple[int, int]:
+        return tuple(self._probe.shape[-2:])
+
+    @property
+    def _is_modal(self) -> bool:
+        """Whether epochs need the general path: several modes, sub-pixel windows or position refinement."""
+        return (
+            self.n_modes > 1
+            or self.position_correction_start_epoch is not None
+            or bool(self._subpixel_px.any())
+        )
 
     @property
     def canvas_origin_px(self) -> tuple[int, int]:
@@ -280,7 +346,7 @@ class EpieSolver:
         if self._probe is None or self._n_positions == 0:
             return np.zeros(tuple(self._object.shape), dtype=np.float32)
         total = torch.zeros(self._object.numel(), dtype=torch.float32, device=self.device)
-        probe_intensity = (self._probe * self._probe.conj()).real
+        probe_intensity = (self._probe * self._probe.conj()).real.sum(dim=0)
         flat_offsets, window_grid = self._flat_window_index()
         for start in range(0, self._n_positions, self.batch_size):
             offsets = flat_offsets[start : start + self.batch_size]
@@ -293,22 +359,25 @@ class EpieSolver:
         """Append diffraction intensities (n, ny, nx), centred, and their window corners (n, 2) (y, x).
 
         Counts may be any integer or float dtype (uint16, uint32, float32, ...); sqrt(I) is stored once as
-        float32. Without a probe guess the first call sets the probe from these patterns' mean.
+        float32. Without a probe guess the first call sets the probe from these patterns' mean. Corners may
+        be fractional: the window is cut at the nearest pixel and the probe moved by the rest.
         """
         intensities = self._validated_intensities(patterns)
         corners = self._validated_corners(top_left_px, len(intensities))
         pattern_shape = tuple(intensities.shape[1:])
         if self._probe is None:
-            self._probe = probe_from_patterns(intensities.mean(dim=0)).to(self.device)
-        if tuple(self._probe.shape) != pattern_shape:
+            self._set_probe(probe_from_patterns(intensities.mean(dim=0)))
+        if self._window_px != pattern_shape:
             raise FrameValidationError(
-                f"patterns are {pattern_shape} but the probe is {tuple(self._probe.shape)}: "
+                f"patterns are {pattern_shape} but the probe is {self._window_px}: "
                 "bin or crop the frames to the probe's shape, or start a new solver"
             )
-        self._grow_canvas_to_fit(corners)
+        whole_px, subpixel_px = split_positions(corners)
+        self._grow_canvas_to_fit(whole_px)
         self._measured_energy += float(intensities.sum(dtype=torch.float64).item())
         self._append_amplitudes(torch.fft.ifftshift(intensities.sqrt(), dim=(-2, -1)))
-        self._corners_px = np.concatenate([self._corners_px, corners])
+        self._corners_px = np.concatenate([self._corners_px, whole_px])
+        self._subpixel_px = np.concatenate([self._subpixel_px, subpixel_px])
         self._n_positions += len(intensities)
 
     def _validated_intensities(self, patterns: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -335,12 +404,12 @@ class EpieSolver:
             raise PositionError(
                 f"top_left_px has shape {corners.shape}: pass ({n_patterns}, 2) window corners (y, x)"
             )
-        is_whole = np.isfinite(corners).all() and (corners == np.rint(corners)).all()
-        if corners.dtype.kind == "f" and not is_whole:
+        if corners.dtype.kind not in "iuf" or not np.isfinite(corners).all():
             raise PositionError(
-                "top_left_px holds non-integer or non-finite corners: round them with positions_to_pixels()"
+                f"top_left_px (dtype {corners.dtype}) holds non-finite or non-numeric corners: "
+                "fix the position source; every window needs a finite (y, x)"
             )
-        return corners.astype(np.int64)
+        return corners.astype(np.float64)
 
     def _append_amplitudes(self, amplitudes: torch.Tensor) -> None:
         # Capacity doubles, so a scan arriving in many small batches costs amortised O(n) copies.
@@ -357,7 +426,7 @@ class EpieSolver:
         self._amplitudes[self._n_positions : needed] = amplitudes
 
     def _grow_canvas_to_fit(self, corners: np.ndarray) -> None:
-        window_px = np.asarray(self._probe.shape)
+        window_px = np.asarray(self._window_px)
         canvas_px = np.asarray(self._object.shape)
         first_px = corners.min(axis=0) + self._origin_px
         end_px = corners.max(axis=0) + self._origin_px + window_px
@@ -377,8 +446,8 @@ class EpieSolver:
         canvas_width = self._object.shape[1]
         corners = torch.from_numpy(self._corners_px + self._origin_px).to(self.device)
         flat_offsets = corners[:, 0] * canvas_width + corners[:, 1]
-        rows = torch.arange(self._probe.shape[0], device=self.device).view(-1, 1)
-        cols = torch.arange(self._probe.shape[1], device=self.device).view(1, -1)
+        rows = torch.arange(self._window_px[0], device=self.device).view(-1, 1)
+        cols = torch.arange(self._window_px[1], device=self.device).view(1, -1)
         return flat_offsets, (rows * canvas_width + cols).unsqueeze(0)
 
     # ------------------------------------------------------------------ iterations
@@ -390,11 +459,13 @@ class EpieSolver:
         """
         if self._n_positions == 0:
             raise ConfigError("run_epoch() before any add_patterns(): add at least one pattern first")
-        start_epoch = self.probe_update_start_epoch
-        update_probe = start_epoch is not None and self._epochs_run >= start_epoch
+        update_probe = _started(self.probe_update_start_epoch, self._epochs_run)
+        correct_positions = _started(self.position_correction_start_epoch, self._epochs_run)
         order = torch.randperm(self._n_positions, generator=self._generator)
         with _torch_threads(self.num_threads):
-            if self.variant is EpieVariant.SEQUENTIAL:
+            if self._is_modal:
+                squared_error = self._modal_epoch(order, update_probe, correct_positions)
+            elif self.variant is EpieVariant.SEQUENTIAL:
                 squared_error = self._sequential_epoch(order.tolist(), update_probe)
             else:
                 squared_error = self._batched_epoch(order, update_probe)
@@ -402,7 +473,7 @@ class EpieSolver:
         return squared_error / max(self._measured_energy, _DIVISION_FLOOR)
 
     def _sequential_epoch(self, order: list[int], update_probe: bool) -> float:
-        probe, canvas, amplitudes = self._probe, self._object, self._amplitudes
+        probe, canvas, amplitudes = self._probe[0], self._object, self._amplitudes
         window_y_px, window_x_px = probe.shape
         corners = (self._corners_px + self._origin_px).tolist()
         exit_wave, wave, squared_modulus, probe_gradient, object_weight = (
@@ -440,7 +511,7 @@ class EpieSolver:
         return float(torch.stack(squared_errors).real.sum().item())
 
     def _batched_epoch(self, order: torch.Tensor, update_probe: bool) -> float:
-        probe, canvas, amplitudes = self._probe, self._object, self._amplitudes
+        probe, canvas, amplitudes = self._probe[0], self._object, self._amplitudes
         window_px = tuple(probe.shape)
         flat_offsets, window_grid = self._flat_window_index()
         flat_canvas = canvas.view(-1)
@@ -495,6 +566,112 @@ class EpieSolver:
                 probe.add_(probe_update)
         return float(torch.stack(squared_errors).real.sum().item())
 
+    def _windows(self, batch: torch.Tensor, shifted: bool) -> _Windows:
+        """Object patches, each window's probe modes and their exit waves for the positions ``batch``."""
+        flat_offsets, window_grid = self._flat_window_index()
+        flat_index = (flat_offsets[batch].view(-1, 1, 1) + window_grid).view(-1)
+        patches = self._object.view(-1)[flat_index].view(len(batch), *self._window_px)
+        ramps = None
+        if shifted:
+            subpixel = torch.from_numpy(self._subpixel_px).to(self.device)[batch]
+            ramps = shift_ramps(subpixel, fourier_frequencies(self._window_px, self.device))
+            probes = shifted_modes(torch.fft.fft2(self._probe), ramps)
+        else:
+            probes = self._probe.unsqueeze(0).expand(len(batch), -1, -1, -1)
+        return _Windows(flat_index, patches, probes, probes * patches.unsqueeze(1), ramps)
+
+    def _modal_epoch(self, order: torch.Tensor, update_probe: bool, correct_positions: bool) -> float:
+        """One epoch with mixed-state probes, sub-pixel windows and position refinement.
+
+        The equations are in :mod:`phasestream.models.ptycho_modes`. Mini-batches are as in ``BATCHED``
+        (``SEQUENTIAL`` is a batch of one): the object update is Σ_k P_k* Δ_k over the summed-illumination
+        denominator (rPIE's when chosen), each mode's probe update is the batch mean of O_j* Δ_jk / max|O_j|²
+        moved back by the window's sub-pixel fraction, and the modes are re-orthogonalised after the epoch.
+        Position steps are collected over the epoch and applied at its end, each clipped to
+        ``max_position_step_px`` per axis, less their mean (the data cannot tell a common shift of every
+        window, so the mean position stays where the caller put it).
+        """
+        modes, canvas = self._probe, self._object
+        batch_size = 1 if self.variant is EpieVariant.SEQUENTIAL else self.batch_size
+        shifted = correct_positions or bool(self._subpixel_px.any())
+        corners = (self._corners_px + self._origin_px).tolist()
+        order_list = order.tolist()
+        illumination = torch.empty(canvas.shape, dtype=torch.float32, device=self.device)
+        position_steps = torch.zeros((self._n_positions, 2), dtype=torch.float32, device=self.device)
+        object_w, probe_w = self._object_regularisation, self._probe_regularisation
+        squared_errors = []
+        for start in range(0, self._n_positions, batch_size):
+            batch = order[start : start + batch_size].to(self.device)
+            windows = self._windows(batch, shifted)
+            delta = _modal_fourier_update(windows.exit_waves, self._amplitudes[batch])
+            squared_errors.append(_squared_norm(delta))
+            if correct_positions:
+                position_steps[batch] = position_gradient_steps(windows.patches, windows.probes, delta)
+
+            probe_intensity = (modes * modes.conj()).real.sum(dim=0)
+            if self.device.type != "cpu":
+                peak = _max_summed_illumination_scatter(probe_intensity, windows.flat_index, illumination)
+            else:
+                batch_corners = [corners[index] for index in order_list[start : start + batch_size]]
+                peak = _max_summed_illumination_slices(probe_intensity, batch_corners, illumination)
+            object_update = (windows.probes.conj() * delta).sum(dim=1)
+            if object_w != 1.0:
+                denominator = illumination.view(-1)[windows.flat_index].view(object_update.shape)
+                denominator.mul_(1.0 - object_w).add_(peak * object_w).clamp_min_(_DIVISION_FLOOR)
+                object_update.div_(denominator).mul_(self.object_step)
+            else:
+                object_update.mul_(self.object_step / peak.clamp_min(_DIVISION_FLOOR))
+            if update_probe:
+                probe_update = self._modal_probe_update(windows, delta, probe_w)
+            canvas.view(-1).index_add_(0, windows.flat_index, object_update.view(-1))
+            if update_probe:
+                modes.add_(probe_update)
+        if update_probe and self.n_modes > 1:
+            modes.copy_(orthogonalise_modes(modes))
+        if correct_positions:
+            self._apply_position_steps(position_steps.cpu().numpy())
+        return float(torch.stack(squared_errors).real.sum().item())
+
+    def _modal_probe_update(self, windows: _Windows, delta: torch.Tensor, probe_w: float) -> torch.Tensor:
+        """β · mean_j O_j* Δ_jk / max|O_j|² per mode k (rPIE: (1 − w)|O_j|² + w max|O_j|²), unshifted."""
+        patch_intensity = (windows.patches * windows.patches.conj()).real.clamp_min(_DIVISION_FLOOR)
+        denominator = patch_intensity.flatten(1).amax(dim=1).view(-1, 1, 1)
+        if probe_w != 1.0:
+            denominator = patch_intensity * (1.0 - probe_w) + denominator * probe_w
+        gradients = windows.patches.conj().unsqueeze(1) * delta / denominator.unsqueeze(1)
+        if windows.ramps is not None:
+            gradients = unshift(gradients, windows.ramps)
+        return gradients.mean(dim=0).mul_(self.probe_step)
+
+    def _apply_position_steps(self, steps_px: np.ndarray) -> None:
+        # Clip, then centre: the mean position stays exactly where the caller put it.
+        steps_px = np.clip(steps_px, -self.max_position_step_px, self.max_position_step_px)
+        steps_px -= steps_px.mean(axis=0)
+        whole_px, subpixel_px = split_positions(self.positions_px + steps_px)
+        self._grow_canvas_to_fit(whole_px)
+        self._corners_px, self._subpixel_px = whole_px, subpixel_px
+
+    def fourier_r_factor(self) -> float:
+        """R = Σ_j Σ_q | |Ψ_j(q)| − sqrt(I_j(q)) | / Σ_j Σ_q sqrt(I_j(q)) for the current object and probe.
+
+        The crystallographers' R-factor on amplitudes, |Ψ| summed over the probe modes in intensity; it
+        needs one forward pass over every position and changes nothing.
+        """
+        if self._n_positions == 0:
+            raise ConfigError("fourier_r_factor() before any add_patterns(): add at least one pattern first")
+        shifted = bool(self._subpixel_px.any())
+        misfit, total = 0.0, 0.0
+        with torch.no_grad(), _torch_threads(self.num_threads):
+            for start in range(0, self._n_positions, self.batch_size):
+                stop = min(start + self.batch_size, self._n_positions)
+                batch = torch.arange(start, stop, device=self.device)
+                wave = torch.fft.fft2(self._windows(batch, shifted).exit_waves, norm="ortho")
+                model = (wave * wave.conj()).real.sum(dim=1).sqrt()
+                measured = self._amplitudes[batch]
+                misfit += float((model - measured).abs().sum(dtype=torch.float64).item())
+                total += float(measured.sum(dtype=torch.float64).item())
+        return misfit / max(total, _DIVISION_FLOOR)
+
     def _batch_probe_update(
         self, patches: torch.Tensor, delta: torch.Tensor, squared_modulus: torch.Tensor, scratch: torch.Tensor
     ) -> torch.Tensor:
@@ -516,6 +693,34 @@ class EpieSolver:
         gradients = patches.conj_physical_().mul_(delta)
         # The weighted sum over the batch is a matrix-vector product: one BLAS call, no temporaries.
         return (weights @ gradients.view(n_batch, -1)).view(patches.shape[1:])
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """A mini-batch's windows: flat canvas index of every pixel, object patches (B, ny, nx), probe modes
+    (B, K, ny, nx) moved by each window's sub-pixel fraction, exit waves (B, K, ny, nx), and the phase
+    ramps used for the move (None when every window sits on whole pixels)."""
+
+    flat_index: torch.Tensor
+    patches: torch.Tensor
+    probes: torch.Tensor
+    exit_waves: torch.Tensor
+    ramps: torch.Tensor | None
+
+
+def _started(start_epoch: int | None, epochs_run: int) -> bool:
+    return start_epoch is not None and epochs_run >= start_epoch
+
+
+def _modal_fourier_update(exit_waves: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+    """Δ_k = ψ'_k − ψ_k with Ψ'_k = Ψ_k sqrt(I) / sqrt(Σ_k |Ψ_k|²) (Thibault & Menzel 2013, eq. 3).
+
+    Σ_k ‖Δ_k‖² = ‖sqrt(Σ_k |Ψ_k|²) − sqrt(I)‖², the same error as for one mode.
+    """
+    wave = torch.fft.fft2(exit_waves, norm="ortho")
+    total = (wave * wave.conj()).real.sum(dim=1).clamp_min_(FOURIER_EPSILON**2)
+    wave.mul_((measured * total.rsqrt_()).unsqueeze(1))
+    return torch.fft.ifft2(wave, norm="ortho").sub_(exit_waves)
 
 
 def _max_summed_illumination_scatter(

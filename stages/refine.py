@@ -47,6 +47,15 @@ class RefineConfig(BaseModel):
         default=0.1, gt=0, le=1, description="rPIE α, the object denominator's weight (algorithm rpie only)"
     )
     probe_update_start_epoch: int = Field(default=2, ge=0)
+    probe_modes: int = Field(
+        default=1, ge=1, le=16, description="incoherent probe modes (mixed states); 1 is a coherent probe"
+    )
+    position_correction_start_epoch: int | None = Field(
+        default=None, ge=0, description="refine scan positions from this epoch on; None keeps them as given"
+    )
+    max_position_step_px: float = Field(
+        default=1.0, gt=0, le=8, description="largest position correction per epoch and axis"
+    )
     margin_px: int = Field(default=4, ge=0, description="free canvas around the outermost windows")
     probe_search_epochs: int = Field(
         default=6, ge=0, description="epochs per candidate in the defocus search for the first probe; 0: off"
@@ -158,6 +167,9 @@ class RefineStage(Stage):
             object_step=self.config.object_step,
             probe_step=self.config.probe_step,
             probe_update_start_epoch=self.config.probe_update_start_epoch,
+            probe_modes=self.config.probe_modes,
+            position_correction_start_epoch=self.config.position_correction_start_epoch,
+            max_position_step_px=self.config.max_position_step_px,
             canvas_shape_px=canvas_shape_px,
             device=self.config.device,
         )
@@ -218,7 +230,7 @@ class RefineStage(Stage):
             final=final,
             object_pixel_size_m=solve.pixel_size_m,
             origin_m=(float(origin_m[0]), float(origin_m[1])),
-            quality={"fourier_error": float(solve.last_error)},
+            quality={"fourier_error": float(solve.last_error), "r_factor": solver.fourier_r_factor()},
             object=solver.object,
             probe=solver.probe,
         )

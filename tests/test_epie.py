@@ -362,8 +362,8 @@ def test_invalid_input_is_refused_with_the_value_and_the_fix() -> None:
         solver.add_patterns(np.ones((2, 8, 8), np.float32), corners)
     with pytest.raises(FrameValidationError, match=r"\(n, ny, nx\)"):
         solver.add_patterns(intensities[0], corners)
-    with pytest.raises(PositionError, match="positions_to_pixels"):
-        solver.add_patterns(intensities, corners + 0.5)
+    with pytest.raises(PositionError, match="non-finite"):
+        solver.add_patterns(intensities, np.where(corners == corners[0, 0], np.nan, corners))
     with pytest.raises(PositionError, match=r"\(2, 2\)"):
         solver.add_patterns(intensities, corners[:1])
     assert solver.n_positions == 0
@@ -373,6 +373,12 @@ def test_invalid_input_is_refused_with_the_value_and_the_fix() -> None:
         EpieSolver(object_step=0.0)
     with pytest.raises(ConfigError, match="rpie_alpha"):
         EpieSolver(update_rule=UpdateRule.RPIE, rpie_alpha=0.0)
+    with pytest.raises(ConfigError, match="probe_modes"):
+        EpieSolver(probe_modes=0)
+    with pytest.raises(ConfigError, match=r"probe has shape \(3, 4, 4\) for probe_modes=2"):
+        EpieSolver(probe=np.ones((3, 4, 4), np.complex64), probe_modes=2)
+    with pytest.raises(ConfigError, match="max_position_step_px"):
+        EpieSolver(max_position_step_px=0.0)
     with pytest.raises(ConfigError, match="rpie_beta"):
         EpieSolver(update_rule=UpdateRule.RPIE, rpie_beta=1.5)
     with pytest.raises(ConfigError, match="leave canvas_shape_px out"):

@@ -164,6 +164,8 @@ def test_simulated_scan_streams_to_tiled_and_reconstructs(small_scan, tmp_path: 
     meta = reconstruction["metadata"]
     assert meta["status"] == "complete" and meta["final"] is True
     assert meta["iteration"] == iterations
+    # The Fourier R-factor of every snapshot, here the final one's: 1 would be no fit at all.
+    assert 0 < meta["quality"]["r_factor"] < 0.5
     comparison = compare_with_truth(small_scan, reconstruction)
     assert comparison.mask.sum() > 1000
     assert comparison.error < ERROR_THRESHOLD, comparison.error
