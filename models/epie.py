@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -70,6 +71,12 @@ _DIVISION_FLOOR = 1e-30
 
 _FLOAT_KINDS = "fc"
 _SIGNED_INT_KIND = "i"
+
+
+class ObjectRegulariser(Protocol):
+    """O ← R(O) after every epoch, e.g. PINE's (1 − ρ) O + ρ D(O) (:mod:`phasestream.models.pine`)."""
+
+    def __call__(self, obj: torch.Tensor) -> torch.Tensor: ...
 
 
 class EpieVariant(StrEnum):
@@ -108,8 +115,11 @@ def _replace_modulus_(
     measured_amplitude: torch.Tensor,
     squared_modulus: torch.Tensor,
     ratio: torch.Tensor,
+    unmeasured: torch.Tensor | None = None,
 ) -> None:
     """In place: Ψ ← Ψ · sqrt(I) / max(|Ψ|, ε), as :func:`physics.replace_modulus` but without temporaries.
+
+    Where ``unmeasured`` is True (detector gaps, dead or hot pixels) Ψ is left as it is: no constraint.
 
     |Ψ|² comes from Ψ·conj(Ψ), a vectorised complex product: torch's complex ``abs`` is several times
     slower on the CPU. ``squared_modulus`` (complex) and ``ratio`` (real) are scratch buffers shaped like Ψ.
@@ -117,6 +127,8 @@ def _replace_modulus_(
     torch.mul(far_field_wave, far_field_wave.conj(), out=squared_modulus)
     torch.clamp_min(squared_modulus.real, FOURIER_EPSILON**2, out=ratio)
     ratio.rsqrt_().mul_(measured_amplitude)
+    if unmeasured is not None:
+        ratio.masked_fill_(unmeasured, 1.0)
     far_field_wave.mul_(ratio)
 
 
@@ -158,9 +170,16 @@ class EpieSolver:
     """ePIE on a growing set of diffraction patterns; object, probe and data stay on ``device``.
 
     Call :meth:`add_patterns` whenever frames arrive (also between epochs) and :meth:`run_epoch` to sweep
-    once over every position added so far. Window corners are integer pixels (y, x) in the caller's frame;
-    the canvas grows, padded with ones (free space), when a window falls outside it, and
-    :attr:`canvas_origin_px` says where the caller's (0, 0) lies in :attr:`object`.
+    once over every position added so far. Window corners are pixels (y, x) in the caller's frame, whole
+    or fractional; the canvas grows, padded with ones (free space), when a window falls outside it (also
+    when position correction moves one out), and :attr:`canvas_origin_px` says where the caller's (0, 0)
+    lies in :attr:`object`.
+
+    ``probe_modes`` > 1 reconstructs a partially coherent beam as that many incoherent modes;
+    ``position_correction_start_epoch`` refines the window corners from that epoch on, at most
+    ``max_position_step_px`` per epoch and axis (:mod:`phasestream.models.ptycho_modes`). ``unmeasured``
+    is a (ny, nx) detector mask, centred like the patterns: those pixels stay unconstrained.
+    ``object_regulariser`` is applied to the object after every epoch (PINE).
 
     The object starts as ``object_guess`` (e.g. the neural preview mosaic) or as ones on a canvas of
     ``canvas_shape_px`` (or just large enough for the first windows). ``object_step`` and ``probe_step``
@@ -197,6 +216,8 @@ class EpieSolver:
         probe_modes: int = 1,
         position_correction_start_epoch: int | None = None,
         max_position_step_px: float = 1.0,
+        unmeasured: np.ndarray | None = None,
+        object_regulariser: ObjectRegulariser | None = None,
         canvas_shape_px: tuple[int, int] | None = None,
         object_guess: np.ndarray | torch.Tensor | None = None,
         seed: int = 0,
@@ -271,6 +292,14 @@ class EpieSolver:
         self._subpixel_px = np.empty((0, 2), dtype=np.float32)
         self._n_positions = 0
         self._measured_energy = 0.0
+        self._unmeasured: torch.Tensor | None = None
+        if unmeasured is not None:
+            mask = np.asarray(unmeasured, dtype=bool)
+            if mask.ndim != 2:
+                raise ConfigError(f"unmeasured has shape {mask.shape}: pass one (ny, nx) detector mask")
+            # Stored in the FFT's native layout, like the amplitudes.
+            self._unmeasured = torch.from_numpy(np.fft.ifftshift(mask).copy()).to(self.device)
+        self.object_regulariser = object_regulariser
         self._epochs_run = 0
 
     @property
@@ -374,8 +403,16 @@ class EpieSolver:
             )
         whole_px, subpixel_px = split_positions(corners)
         self._grow_canvas_to_fit(whole_px)
-        self._measured_energy += float(intensities.sum(dtype=torch.float64).item())
-        self._append_amplitudes(torch.fft.ifftshift(intensities.sqrt(), dim=(-2, -1)))
+        amplitudes = torch.fft.ifftshift(intensities.sqrt(), dim=(-2, -1))
+        if self._unmeasured is not None:
+            if tuple(self._unmeasured.shape) != pattern_shape:
+                raise FrameValidationError(
+                    f"patterns are {pattern_shape} but the unmeasured-pixel mask is "
+                    f"{tuple(self._unmeasured.shape)}: pass a mask of the detector's (binned) shape"
+                )
+            amplitudes.masked_fill_(self._unmeasured, 0.0)
+        self._measured_energy += float(amplitudes.square().sum(dtype=torch.float64).item())
+        self._append_amplitudes(amplitudes)
         self._corners_px = np.concatenate([self._corners_px, whole_px])
         self._subpixel_px = np.concatenate([self._subpixel_px, subpixel_px])
         self._n_positions += len(intensities)
@@ -469,6 +506,9 @@ class EpieSolver:
                 squared_error = self._sequential_epoch(order.tolist(), update_probe)
             else:
                 squared_error = self._batched_epoch(order, update_probe)
+        if self.object_regulariser is not None:
+            with torch.no_grad():
+                self._object.copy_(self.object_regulariser(self._object))
         self._epochs_run += 1
         return squared_error / max(self._measured_energy, _DIVISION_FLOOR)
 
@@ -490,7 +530,7 @@ class EpieSolver:
             patch = canvas[y_px : y_px + window_y_px, x_px : x_px + window_x_px]
             torch.mul(probe, patch, out=exit_wave)
             torch.fft.fft2(exit_wave, norm="ortho", out=wave)
-            _replace_modulus_(wave, amplitudes[index], squared_modulus, ratio)
+            _replace_modulus_(wave, amplitudes[index], squared_modulus, ratio, self._unmeasured)
             torch.fft.ifft2(wave, norm="ortho", out=wave)
             delta = wave.sub_(exit_wave)
             squared_errors.append(_squared_norm(delta))
@@ -537,7 +577,7 @@ class EpieSolver:
             # FFTs into fresh tensors: with out= torch computes into a temporary and copies (slower on CPU).
             wave = torch.fft.fft2(exit_wave, norm="ortho")
             torch.index_select(amplitudes, 0, batch, out=measured)
-            _replace_modulus_(wave, measured, squared_modulus, ratio)
+            _replace_modulus_(wave, measured, squared_modulus, ratio, self._unmeasured)
             delta = torch.fft.ifft2(wave, norm="ortho").sub_(exit_wave)
             squared_errors.append(_squared_norm(delta))
 
@@ -603,7 +643,7 @@ class EpieSolver:
         for start in range(0, self._n_positions, batch_size):
             batch = order[start : start + batch_size].to(self.device)
             windows = self._windows(batch, shifted)
-            delta = _modal_fourier_update(windows.exit_waves, self._amplitudes[batch])
+            delta = _modal_fourier_update(windows.exit_waves, self._amplitudes[batch], self._unmeasured)
             squared_errors.append(_squared_norm(delta))
             if correct_positions:
                 position_steps[batch] = position_gradient_steps(windows.patches, windows.probes, delta)
@@ -667,6 +707,8 @@ class EpieSolver:
                 batch = torch.arange(start, stop, device=self.device)
                 wave = torch.fft.fft2(self._windows(batch, shifted).exit_waves, norm="ortho")
                 model = (wave * wave.conj()).real.sum(dim=1).sqrt()
+                if self._unmeasured is not None:
+                    model.masked_fill_(self._unmeasured, 0.0)  # the stored amplitude is 0 there too
                 measured = self._amplitudes[batch]
                 misfit += float((model - measured).abs().sum(dtype=torch.float64).item())
                 total += float(measured.sum(dtype=torch.float64).item())
@@ -712,14 +754,21 @@ def _started(start_epoch: int | None, epochs_run: int) -> bool:
     return start_epoch is not None and epochs_run >= start_epoch
 
 
-def _modal_fourier_update(exit_waves: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+def _modal_fourier_update(
+    exit_waves: torch.Tensor, measured: torch.Tensor, unmeasured: torch.Tensor | None
+) -> torch.Tensor:
     """Δ_k = ψ'_k − ψ_k with Ψ'_k = Ψ_k sqrt(I) / sqrt(Σ_k |Ψ_k|²) (Thibault & Menzel 2013, eq. 3).
+
+    Unmeasured pixels keep Ψ_k (Δ_k = 0 there).
 
     Σ_k ‖Δ_k‖² = ‖sqrt(Σ_k |Ψ_k|²) − sqrt(I)‖², the same error as for one mode.
     """
     wave = torch.fft.fft2(exit_waves, norm="ortho")
     total = (wave * wave.conj()).real.sum(dim=1).clamp_min_(FOURIER_EPSILON**2)
-    wave.mul_((measured * total.rsqrt_()).unsqueeze(1))
+    ratio = measured * total.rsqrt_()
+    if unmeasured is not None:
+        ratio.masked_fill_(unmeasured, 1.0)
+    wave.mul_(ratio.unsqueeze(1))
     return torch.fft.ifft2(wave, norm="ortho").sub_(exit_waves)
 
 

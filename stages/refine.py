@@ -131,9 +131,26 @@ class RefineStage(Stage):
                 "fix the position source",
                 reason="not_finite",
             )
+        positions = np.asarray(message.positions_m, dtype=np.float64)
+        n_frames = len(message.frame_indices)
+        empty = patterns.reshape(len(patterns), -1).max(axis=1) <= 0
+        if empty.any():
+            # A dark frame (shutter closed, beam lost) would pull the object to zero where it fell: leave
+            # it out, say so, and account for it.
+            per_pattern = np.asarray(message.detector_frames or [1] * len(patterns))
+            n_empty = int(per_pattern[empty].sum())
+            self.reject_frames(message.scan_uid, "zero_photons", n_empty)
+            self.warn(
+                "zero_photons",
+                f"scan {message.scan_uid}: {n_empty} frame(s) in {message.first_index}..{message.last_index} "
+                "hold no photons (shutter closed or beam lost?); left out of the reconstruction",
+            )
+            patterns, positions, n_frames = patterns[~empty], positions[~empty], n_frames - n_empty
+        self.count(message.scan_uid, "frames_used", n_frames)
+        if not len(patterns):
+            return
         solve.pending_patterns.append(patterns)
-        solve.pending_positions.append(np.asarray(message.positions_m, dtype=np.float64))
-        self.count(message.scan_uid, "frames_used", len(message.frame_indices))
+        solve.pending_positions.append(positions)
         if solve.solver is not None or solve.pending_count >= self.config.min_positions:
             self._feed(solve)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from phasestream.errors import FrameValidationError
 from phasestream.models.benchmarks import simulate_scan
 from phasestream.models.epie import EpieSolver, EpieVariant, UpdateRule
 from phasestream.models.ptycho_modes import (
@@ -228,3 +229,32 @@ def test_position_correction_recovers_perturbed_positions(variant, batch_size, e
     assert rms_position_error(corrected.positions_px, truth) < bound_px
     assert errors[-1] < 0.1 * errors[4]
     np.testing.assert_allclose(corrected.positions_px.mean(axis=0), perturbed.mean(axis=0), atol=1e-4)
+
+
+@pytest.mark.parametrize("modes", [1, 2])
+def test_unmeasured_pixels_stay_unconstrained(modes) -> None:
+    scan = simulate_scan(n_positions=60, size_px=32, overlap=0.7, seed=3)
+    unmeasured = np.zeros((32, 32), dtype=bool)
+    unmeasured[15:17, :] = True  # a gap between detector modules, through the centre
+    unmeasured[3, 7] = True  # a hot pixel
+    corrupted = scan.intensities.copy()
+    corrupted[:, unmeasured] = 1e6
+    results = []
+    for data in (scan.intensities, corrupted):
+        solver = EpieSolver(
+            probe=scan.probe, probe_modes=modes, unmeasured=unmeasured, batch_size=8, num_threads=THREADS
+        )
+        solver.add_patterns(data, scan.top_left_px)
+        errors = [solver.run_epoch() for _ in range(40)]
+        results.append((solver.object, errors, solver.fourier_r_factor()))
+    # Whatever the masked pixels hold, the solver sees the same data and takes the same steps...
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+    # ...and still converges: the gap is a small part of the pattern, and overlap fills it in.
+    assert results[0][1][-1] < 0.05 * results[0][1][0]
+    unmasked = EpieSolver(probe=scan.probe, probe_modes=modes, batch_size=8, num_threads=THREADS)
+    unmasked.add_patterns(corrupted, scan.top_left_px)
+    # Without the mask the hot pixels hold most of the measured energy and nothing fits (0.84 against 0.09).
+    assert unmasked.run_epoch() > 5 * results[1][1][0]
+    with pytest.raises(FrameValidationError, match=r"mask is \(32, 32\)"):
+        EpieSolver(unmeasured=unmeasured).add_patterns(np.ones((1, 16, 16), np.float32), np.zeros((1, 2)))

@@ -1,0 +1,48 @@
+"""The refine stage's own handling, called directly (no sockets): what it does with dark frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from phasestream.config import load_pipeline
+from phasestream.messages import FrameBatch, Geometry, Reconstruction, ScanStart
+from phasestream.models.benchmarks import simulate_scan
+from phasestream.registry import resolve_stage
+from phasestream.topology import place
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def refine_stage(**config):
+    pipeline = load_pipeline(DEPLOY / "demo.yaml")
+    placement = place(pipeline, "refine", 0)
+    placement.spec.config.update(config)
+    stage = resolve_stage(placement.spec.stage).from_placement(placement, pipeline)
+    stage.setup()
+    return stage
+
+
+def test_zero_photon_frames_are_left_out_counted_and_the_rest_reconstructed() -> None:
+    scan = simulate_scan(n_positions=24, size_px=32, seed=2)
+    stage = refine_stage(min_positions=4, probe_search_epochs=0, emit_every_epochs=1, torch_threads=1)
+    geometry = Geometry(
+        energy_kev=8.8, detector_distance_m=2.0, pixel_size_m=75e-6, detector_shape_px=(32, 32),
+        detector_dtype="uint16",
+    )  # fmt: skip
+    list(stage.on_scan_start(ScanStart(scan_uid="dark", seq=0, geometry=geometry, planned_frames=24)))
+    frames = scan.intensities.copy()
+    frames[[3, 10, 11]] = 0  # the shutter closed three times
+    dx = stage._solves["dark"].pixel_size_m
+    batch = FrameBatch(
+        scan_uid="dark", seq=1, frame_indices=list(range(24)), frames=frames,
+        positions_m=scan.top_left_px * dx,
+    )  # fmt: skip
+    list(stage.process(batch))
+    counts = stage.scan("dark").counts
+    assert counts["rejected_zero_photons"] == 3 and counts["frames_used"] == 21
+    solve = stage._solves["dark"]
+    assert solve.solver.n_positions == 21
+    (snapshot,) = list(stage.idle())
+    assert isinstance(snapshot, Reconstruction)
+    # The R-factor comes with every snapshot and matches the solver's own after that epoch.
+    assert snapshot.quality["r_factor"] == solve.solver.fourier_r_factor() > 0
