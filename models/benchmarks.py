@@ -117,11 +117,15 @@ def bench_epie(
     device: str | torch.device | None = None,
     num_threads: int | None = None,
     progress: bool = True,
-    update_rule: UpdateRule = UpdateRule.EPIE,
+    algorithm: str = "epie",
+    probe_modes: int = 1,
+    position_correction: bool = False,
 ) -> dict:
     """Seconds per ePIE epoch (probe update on) on a simulated scan; one untimed warm-up epoch first.
 
-    ``update_rule`` times rPIE instead of ePIE with the same scan and settings.
+    ``algorithm`` "rpie" times rPIE and "pine" PINE (ePIE plus the shipped denoiser after every epoch)
+    instead of ePIE with the same scan and settings; ``probe_modes`` and ``position_correction`` time the
+    general path (mixed states, sub-pixel windows, position refinement from the first epoch).
 
     ``num_threads`` is torch's intra-op thread count during the epochs; by default the solver's choice
     (see :class:`EpieSolver`): 1 for the sequential variant on a CPU, else torch's (one per core).
@@ -131,9 +135,20 @@ def bench_epie(
     scan = simulate_scan(n_positions, size_px)
     resolved_device = torch.device(device) if device is not None else default_device()
     variant = EpieVariant.BATCHED if batched else EpieVariant.SEQUENTIAL
+    if algorithm not in ("epie", "rpie", "pine"):
+        raise ConfigError(f"algorithm={algorithm!r}: use epie, rpie or pine")
+    regulariser = None
+    if algorithm == "pine":
+        from phasestream.models.dncnn import load_denoiser
+        from phasestream.models.pine import PineRegulariser
+
+        regulariser = PineRegulariser(load_denoiser(device=resolved_device))
     solver = EpieSolver(
         variant=variant,
-        update_rule=update_rule,
+        update_rule=UpdateRule.RPIE if algorithm == "rpie" else UpdateRule.EPIE,
+        object_regulariser=regulariser,
+        probe_modes=probe_modes,
+        position_correction_start_epoch=0 if position_correction else None,
         batch_size=batch_size,
         probe_update_start_epoch=0,
         device=resolved_device,
@@ -143,7 +158,7 @@ def bench_epie(
     solver.run_epoch()
     seconds_per_epoch = []
     error = float("nan")
-    bar = tqdm(range(epochs), desc=f"{solver.update_rule} {variant}", unit="epoch", disable=not progress)
+    bar = tqdm(range(epochs), desc=f"{algorithm} {variant}", unit="epoch", disable=not progress)
     for _ in bar:
         started_s = time.perf_counter()
         error = solver.run_epoch()
@@ -151,7 +166,9 @@ def bench_epie(
         bar.set_postfix(error=f"{error:.3g}")
     return {
         "variant": str(variant),
-        "update_rule": str(solver.update_rule),
+        "algorithm": algorithm,
+        "probe_modes": probe_modes,
+        "position_correction": position_correction,
         "device": str(resolved_device),
         "machine": machine_description(resolved_device),
         "n_positions": n_positions,

@@ -1,0 +1,595 @@
+"""``phasestream replay``: a recorded scan (CXI or DECTRIS NXmx) through the simulated SELUN, into ingest.
+
+The replayed scan takes the live path end to end: the SELUN emitter's sockets send a Stream V2 start, one
+``image`` per frame and the end message, and the position channel sends the positions in batches right
+after the frames they cover, so ingest cannot tell a replay from a detector. Three rates:
+
+- ``recorded``: the file's frame time (``frame_time``, else ``count_time``) paces the frames;
+- a rate in Hz;
+- ``max``: as fast as reading, encoding and ZeroMQ allow (PUSH blocks when ingest falls behind, so
+  nothing is lost, the replay just slows down).
+
+Paced frames follow an absolute schedule (frame k is due at t0 + k / rate), as the emitter's own: a late
+frame does not push the later ones back, and frames due within 0.5 ms go out together rather than after
+a sleep that would overshoot.
+
+Frames are read 64 at a time (one position batch), so a scan larger than memory replays. When each frame
+is stored as one bitshuffle-LZ4 chunk, as DECTRIS writes them, the stored bytes are the Stream V2 payload
+and are sent without decompressing; other frames are compressed on the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from phasestream.errors import ConfigError, PhasestreamError
+from phasestream.simulators.cxi import FrameBlock, FrameCompression, RecordedScan, ScanFileError, read_cxi
+from phasestream.simulators.nxmx import read_nxmx
+from phasestream.simulators.selun import (
+    DEFAULT_DATA_ENDPOINT,
+    DEFAULT_POSITIONS_ENDPOINT,
+    SELUN_MAX_FRAME_RATE_HZ,
+    SelunEmitter,
+)
+from phasestream.simulators.stream_v2_encode import (
+    bslz4_compress,
+    channel_array,
+    encode_message,
+    end_fields,
+    image_fields,
+    start_fields,
+)
+from phasestream.stages.position_channel import POSITIONS_BATCH_SIZE, encode_positions_end, position_messages
+from phasestream.stages.stream_v2_decode import IMAGE_DTYPES
+
+SERIES_ID = 1
+# Closing the sockets waits this long for ingest to take the frames still queued (up to the send HWM),
+# so a pipeline that is busy when the file ends still gets every frame; only a dead one loses them.
+CLOSE_LINGER_S = 300.0
+# As the SELUN emitter: a sleep lasts at least ~60 µs, so frames due sooner go out at once.
+SHORTEST_SLEEP_S = 5e-4
+
+
+class ReplayRate(StrEnum):
+    """The named rates; a number (Hz) is the third choice."""
+
+    RECORDED = "recorded"
+    MAX = "max"
+
+
+class ScanFormat(StrEnum):
+    CXI = "cxi"
+    NXMX = "nxmx"
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    frames_sent: int
+    elapsed_s: float  # first image handed to ZeroMQ → the last one
+    rate_hz: float | None  # the pacing asked for; None: as fast as possible
+    passthrough: bool  # the stored bslz4 bytes went out as they are
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames_sent / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+
+def detect_format(path: Path) -> ScanFormat:
+    """CXI has /cxi_version or /entry_1; a DECTRIS master has /entry/data. The suffix decides nothing."""
+    if not path.is_file():
+        raise ScanFileError(f"{path}: no such file; give the path of a CXI file or a DECTRIS master file")
+    try:
+        file = h5py.File(path, "r")
+    except (FileNotFoundError, OSError) as error:
+        raise ScanFileError(
+            f"cannot open {path} as HDF5 ({error}); replay reads CXI files (.cxi) and DECTRIS NXmx master "
+            "files (*_master.h5)"
+        ) from error
+    with file:
+        if "cxi_version" in file or "entry_1" in file:
+            return ScanFormat.CXI
+        if "entry" in file and "data" in file["entry"]:
+            return ScanFormat.NXMX
+        raise ScanFileError(
+            f"{path} is HDF5 but neither CXI (no /cxi_version, no /entry_1) nor a DECTRIS master file "
+            f"(no /entry/data); its top level holds {sorted(file)}"
+        )
+
+
+def read_recorded_scan(path: Path | str, positions_m: np.ndarray | None = None) -> RecordedScan:
+    """Read a CXI or NXmx scan; ``positions_m`` (NXmx only) is the positions side channel."""
+    path = Path(path)
+    scan_format = detect_format(path)
+    if scan_format is ScanFormat.CXI:
+        if positions_m is not None:
+            raise ConfigError(
+                f"{path} is CXI: its positions are in the file; drop the positions side channel"
+            )
+        return read_cxi(path)
+    return read_nxmx(path, positions_m)
+
+
+def replay_rate_hz(rate: ReplayRate | str | float, scan: RecordedScan) -> float | None:
+    """The frame rate to pace at, or None for as fast as possible."""
+    if rate == ReplayRate.MAX:
+        return None
+    if rate == ReplayRate.RECORDED:
+        if scan.frame_time_s is None:
+            raise ConfigError(
+                f"{scan.source} records no frame time (frame_time or count_time of the detector); "
+                "pass --rate-hz R or --as-fast-as-possible"
+            )
+        return 1.0 / scan.frame_time_s
+    try:
+        rate_hz = float(rate)
+    except ValueError:
+        raise ConfigError(f"rate {rate!r}: use 'recorded', 'max' or a frame rate in Hz") from None
+    if not rate_hz > 0:
+        raise ConfigError(f"rate {rate_hz} Hz: use a positive frame rate, or 'max' for as fast as possible")
+    return rate_hz
+
+
+def wire_dtype(dtype: np.dtype) -> np.dtype:
+    """The Stream V2 image dtype a frame travels as: its own where Stream V2 has it, else the nearest."""
+    little = np.dtype(dtype).newbyteorder("<")
+    if little in IMAGE_DTYPES.values():
+        return little
+    nearest = {"f": "<f4", "i": "<i4", "u": "<u4", "b": "u1"}.get(little.kind)
+    if nearest is None:
+        raise ScanFileError(
+            f"frames of dtype {dtype} cannot travel as a Stream V2 image ({sorted(IMAGE_DTYPES)}); "
+            "store counts as integers or floats"
+        )
+    return np.dtype(nearest)
+
+
+# ---- sending ---------------------------------------------------------------------------------------------
+
+
+def replay(
+    path: Path | str,
+    rate: ReplayRate | str | float = ReplayRate.RECORDED,
+    data_endpoint: str = DEFAULT_DATA_ENDPOINT,
+    positions_endpoint: str = DEFAULT_POSITIONS_ENDPOINT,
+    progress: bool = True,
+    *,
+    scan_uid: str | None = None,
+    positions_m: np.ndarray | None = None,
+    send_timeout_s: float | None = None,
+) -> ReplayReport:
+    """Bind the SELUN emitter's sockets and send the scan in ``path``; returns when the last message left.
+
+    Like the detector, it waits (blocks) until ingest connects. ``send_timeout_s`` turns a wait longer
+    than that into a ``TimeoutError``.
+    """
+    scan = read_recorded_scan(path, positions_m)
+    rate_hz = replay_rate_hz(rate, scan)
+    with SelunEmitter(
+        data_endpoint, positions_endpoint, send_timeout_s=send_timeout_s, linger_s=CLOSE_LINGER_S
+    ) as emitter:
+        if progress:
+            tqdm.write(
+                f"replay {scan.source}: {scan.n_frames} frames of {scan.frame_shape_px[0]}×"
+                f"{scan.frame_shape_px[1]} at {f'{rate_hz:g} Hz' if rate_hz else 'full speed'} on "
+                f"{emitter.data_endpoint}, positions on {emitter.positions_endpoint}"
+            )
+        return replay_scan(emitter, scan, rate_hz, scan_uid or str(uuid.uuid4()), progress=progress)
+
+
+def replay_scan(
+    emitter: SelunEmitter, scan: RecordedScan, rate_hz: float | None, scan_uid: str, *, progress: bool = False
+) -> ReplayReport:
+    """Send start, the images (paced when ``rate_hz``), each positions batch after its images, then end."""
+    series_unique_id = f"phasestream-replay-{scan_uid}"
+    frame_time_s = 1.0 / (rate_hz or SELUN_MAX_FRAME_RATE_HZ)
+    dtype = wire_dtype(scan.frame_dtype)
+    emitter.emit_messages([_start_message(scan, scan_uid, series_unique_id, dtype, frame_time_s)])
+    positions = position_messages(SERIES_ID, scan.positions_m, POSITIONS_BATCH_SIZE)
+    images = _image_batches(scan, dtype, series_unique_id, frame_time_s)
+    interval_s = 1.0 / rate_hz if rate_hz else 0.0
+    sent = 0
+    started = time.perf_counter()
+    with tqdm(total=scan.n_frames, disable=not progress, unit="frame", desc="replay") as bar:
+        for batch, positions_batch in zip(images, positions, strict=True):
+            if sent == 0:
+                started = time.perf_counter()  # the clock starts at the first image, not at encoding
+            if interval_s:
+                _send_paced(emitter, batch, sent, started, interval_s)
+                emitter.emit_messages([], [positions_batch])
+            else:
+                emitter.emit_messages(batch, [positions_batch])
+            sent += len(batch)
+            bar.update(len(batch))
+        elapsed_s = time.perf_counter() - started
+    end = encode_message(end_fields(series_id=SERIES_ID, series_unique_id=series_unique_id))
+    emitter.emit_messages([end], [encode_positions_end(SERIES_ID)])
+    passthrough = scan.bslz4_passthrough and dtype == scan.frame_dtype
+    return ReplayReport(sent, elapsed_s, rate_hz, passthrough)
+
+
+def _start_message(
+    scan: RecordedScan, scan_uid: str, series_unique_id: str, dtype: np.dtype, frame_time_s: float
+) -> bytes:
+    positions = scan.positions_m
+    return encode_message(
+        start_fields(
+            series_id=SERIES_ID,
+            series_unique_id=series_unique_id,
+            shape_px=scan.frame_shape_px,
+            dtype=dtype,
+            number_of_images=scan.n_frames,
+            energy_kev=scan.energy_kev,
+            detector_distance_m=scan.detector_distance_m,
+            pixel_size_m=scan.detector_pixel_size_m,
+            count_time_s=frame_time_s,
+            frame_time_s=frame_time_s,
+            user_data={
+                "scan_uid": scan_uid,
+                "scan_shape": list(scan.scan_shape),
+                "positions_source": "position_channel",
+                "scan_extent_m": [
+                    float(positions[:, 0].min()),
+                    float(positions[:, 0].max()),
+                    float(positions[:, 1].min()),
+                    float(positions[:, 1].max()),
+                ],
+                "replay_of": str(scan.source),
+            },
+        )
+    )
+
+
+def _image_batches(
+    scan: RecordedScan, dtype: np.dtype, series_unique_id: str, frame_time_s: float
+) -> Iterator[list[bytes]]:
+    """Encoded ``image`` messages, one position batch (64) at a time, image ids from 0."""
+    if scan.bslz4_passthrough and dtype == scan.frame_dtype:
+        payloads = scan.iter_bslz4()
+    else:
+        payloads = (
+            bslz4_compress(frame.astype(dtype, copy=False)) for chunk in scan.iter_frames() for frame in chunk
+        )
+    # channel_array takes the shape and dtype from a frame; the payload is already compressed.
+    template = np.broadcast_to(np.zeros((), dtype), scan.frame_shape_px)
+    series_date = datetime.now(UTC)
+    batch: list[bytes] = []
+    for image_id, payload in enumerate(payloads):
+        fields = image_fields(
+            series_id=SERIES_ID,
+            series_unique_id=series_unique_id,
+            image_id=image_id,
+            data=channel_array(template, compressed=payload),
+            frame_time_s=frame_time_s,
+            count_time_s=frame_time_s,
+            series_date=series_date,
+        )
+        batch.append(encode_message(fields))
+        if len(batch) == POSITIONS_BATCH_SIZE:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _send_paced(
+    emitter: SelunEmitter, images: list[bytes], first_id: int, started: float, interval_s: float
+) -> None:
+    """Send on the absolute schedule; every image due by the time one goes out goes with it."""
+    done = 0
+    while done < len(images):
+        image_id = first_id + done
+        delay = started + image_id * interval_s - time.perf_counter()
+        if delay > SHORTEST_SLEEP_S:
+            time.sleep(delay)
+        due_by_now = int((time.perf_counter() - started) / interval_s) + 1
+        count = min(len(images) - done, max(1, due_by_now - image_id))
+        emitter.emit_messages(images[done : done + count])
+        done += count
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """What ``phasestream replay`` runs."""
+    rate: ReplayRate | float = (
+        ReplayRate.MAX
+        if args.as_fast_as_possible
+        else args.rate_hz
+        if args.rate_hz is not None
+        else ReplayRate.RECORDED
+    )
+    positions_m = _load_side_channel(args.positions) if args.positions else None
+    scan_uid = args.scan_uid or str(uuid.uuid4())
+    if args.pipeline:
+        return _replay_into_demo_pipeline(args, rate, positions_m, scan_uid)
+    report = replay(
+        args.file,
+        rate,
+        args.data_endpoint,
+        args.positions_endpoint,
+        progress=not args.no_progress,
+        scan_uid=scan_uid,
+        positions_m=positions_m,
+    )
+    print(
+        f"replayed {report.frames_sent} frames of scan {scan_uid} in {report.elapsed_s:.2f} s "
+        f"({report.frames_per_s:,.0f} frames/s{', stored bslz4 sent as is' if report.passthrough else ''})",
+        flush=True,
+    )
+    return 0
+
+
+def _load_side_channel(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"--positions {path}: not a .npy array ({error}); save (n, 2) metres with np.save"
+        ) from error
+
+
+def _replay_into_demo_pipeline(
+    args: argparse.Namespace, rate: ReplayRate | float, positions_m: np.ndarray | None, scan_uid: str
+) -> int:
+    """The demo topology with the replay as its detector: prints the accounting and saves the result."""
+    from phasestream.accounting import unaccounted_frames
+    from phasestream.config import DetectorSettings, TiledSettings, load_pipeline
+    from phasestream.demo import REPO_DEPLOY
+    from phasestream.launcher import Launcher
+    from phasestream.serve import tiled_for
+
+    scan = read_recorded_scan(args.file, positions_m)
+    rate_hz = replay_rate_hz(rate, scan)
+    run_dir = args.out / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    demo = load_pipeline(REPO_DEPLOY / "demo.yaml")
+    tiled = TiledSettings(
+        uri=args.tiled_uri or demo.tiled.uri,
+        api_key=args.tiled_api_key or demo.tiled.api_key,
+        data_dir=args.out / "tiled",
+    )
+    detector = DetectorSettings(
+        data_endpoint=f"ipc://{run_dir.absolute()}/detector-data.sock",
+        positions_endpoint=f"ipc://{run_dir.absolute()}/detector-positions.sock",
+    )
+    pipeline = demo.model_copy(
+        update={"run_dir": run_dir, "exit_after_scan": True, "tiled": tiled, "detector": detector}
+    )
+    failures: list[BaseException] = []
+    with tiled_for(pipeline) as resolved, Launcher(resolved) as launcher:
+        # A stage that dies mid-scan leaves the sender blocked: the timeout turns that into an error.
+        emitter = SelunEmitter(detector.data_endpoint, detector.positions_endpoint, send_timeout_s=120)
+        sender = threading.Thread(
+            target=_send_in_thread,
+            args=(emitter, scan, rate_hz, scan_uid, not args.no_progress, failures),
+            name="replay",
+            daemon=True,
+        )
+        sender.start()
+        try:
+            final = _wait_for_sink(launcher, resolved.stages[-1].name, failures)
+            launcher.wait_for_exit(30)
+        finally:
+            sender.join(timeout=10)
+            if not sender.is_alive():  # a socket belongs to one thread: never close it under a blocked send
+                emitter.close()
+        reconstruction = _save_result(resolved, scan_uid, args.out)
+    missing = unaccounted_frames(final["frames_sent"], final["accounting"])
+    for stage, counts in final["accounting"].items():
+        print(f"  {stage:<10} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print("  every frame accounted for" if not missing else f"  UNACCOUNTED: {missing}")
+    print(f"reconstruction of scan {scan_uid}: {reconstruction}")
+    return 0 if not missing else 1
+
+
+def _send_in_thread(
+    emitter: SelunEmitter,
+    scan: RecordedScan,
+    rate_hz: float | None,
+    scan_uid: str,
+    progress: bool,
+    failures: list[BaseException],
+) -> None:
+    try:
+        replay_scan(emitter, scan, rate_hz, scan_uid, progress=progress)
+    except Exception as error:  # reported by the main thread, which owns the launcher
+        failures.append(error)
+
+
+def _wait_for_sink(launcher: Any, sink: str, failures: list[BaseException]) -> dict[str, Any]:
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        if failures:
+            raise failures[0]
+        for event in launcher.events(timeout_s=1.0):
+            stage = event["sender"].split(".")[0]
+            if event["event"] == "log":
+                tqdm.write(f"  [{event['sender']}] {event['reason']}: {event['text']}")
+            elif event["event"] == "died":
+                raise PhasestreamError(
+                    f"stage {event['sender']} died (code {event['code']}):\n{event['log']}"
+                )
+            elif event["event"] == "scan_end" and stage == sink:
+                return event
+    raise PhasestreamError(f"the replay did not reach {sink} within an hour; see the logs in the run folder")
+
+
+def _save_result(pipeline: Any, scan_uid: str, out: Path) -> Path:
+    from tiled.client import from_uri
+
+    node = from_uri(pipeline.tiled.uri, api_key=pipeline.tiled.api_key)["reconstructions"][scan_uid]
+    path = out / f"replay-{scan_uid}.npz"
+    metadata = json.dumps(dict(node.metadata), default=str)  # iteration, quality figures, origin_m, ...
+    np.savez(path, object=node["object"].read(), probe=node["probe"].read(), metadata=np.array(metadata))
+    return path
+
+
+# ---- benchmark -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayBenchRow:
+    label: str
+    frames: int
+    replay_frames_per_s: list[float]  # first → last image handed to ZeroMQ, reading and encoding included
+    delivered_frames_per_s: list[float]  # first → last image received by a PULL socket in another process
+
+
+def bench_replay(
+    sizes: tuple[int, ...] = (420, 10_000), repeats: int = 3, *, progress: bool = True
+) -> list[ReplayBenchRow]:
+    """Replay rate as fast as possible from CXI (bslz4 and uncompressed) and NXmx files; prints a table.
+
+    The files hold the demo's scan (192 × 192, 420 positions, 1e6 photons per frame); the 10,000-frame
+    files repeat its frames under a 10,000-point Fermat spiral. A PULL socket in a spawned process
+    receives and counts (no decoding: ingest's cost is ``bench ingest``'s subject). Files are read right
+    after writing, so from the page cache.
+    """
+    from phasestream.simulators.cxi import write_cxi
+    from phasestream.simulators.nxmx import write_nxmx
+    from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="psreplay-") as folder:
+        workdir = Path(folder)
+        base_file = write_cxi(
+            workdir / "demo.cxi", simulate_scan(ScanSimulationConfig(n_positions=420, seed=0))
+        )
+        base = read_cxi(base_file)
+        for size in sizes:
+            scan = _repeated(base, size)
+            files = {
+                "CXI bslz4": write_cxi(workdir / f"scan-{size}.cxi", scan, frame_time_s=1e-3),
+                "CXI uncompressed": write_cxi(
+                    workdir / f"scan-{size}-raw.cxi", scan, compression=FrameCompression.NONE
+                ),
+                "NXmx bslz4": write_nxmx(workdir / f"scan-{size}_master.h5", scan, 1000),
+            }
+            for label, path in files.items():
+                replayed, delivered = [], []
+                for _ in tqdm(
+                    range(repeats), desc=f"{label}, {size} frames", disable=not progress, leave=False
+                ):
+                    sent_rate, received_rate = _bench_once(path, workdir, size)
+                    replayed.append(sent_rate)
+                    delivered.append(received_rate)
+                rows.append(ReplayBenchRow(label, size, replayed, delivered))
+    print(format_replay_bench(rows, load_before))
+    return rows
+
+
+def format_replay_bench(rows: list[ReplayBenchRow], load_before: float | None = None) -> str:
+    """The table, then one docs/benchmarks.md row per file."""
+    from phasestream.bench_ingest import machine_description
+
+    load = f"; load average {load_before:.2f} before the run" if load_before is not None else ""
+    lines = [
+        "",
+        "phasestream bench replay: as fast as possible, demo frames (192×192 uint16, 1e6 photons/frame), "
+        "PULL receiver in another process",
+        f"machine: {machine_description()}{load}",
+        f"  {'file':<18} {'frames':>7} {'replay frames/s':>16} {'delivered frames/s':>19}   runs (replay)",
+    ]
+    for row in rows:
+        runs = " / ".join(f"{rate:,.0f}" for rate in row.replay_frames_per_s)
+        lines.append(
+            f"  {row.label:<18} {row.frames:>7,} {statistics.median(row.replay_frames_per_s):>16,.0f} "
+            f"{statistics.median(row.delivered_frames_per_s):>19,.0f}   {runs}"
+        )
+    lines += ["", "docs/benchmarks.md (| file | frames | replay frames/s | delivered frames/s | runs |):"]
+    lines += [
+        f"| {row.label} | {row.frames:,} | {statistics.median(row.replay_frames_per_s):,.0f} | "
+        f"{statistics.median(row.delivered_frames_per_s):,.0f} | "
+        + " / ".join(f"{rate:,.0f}" for rate in row.replay_frames_per_s)
+        + " |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _repeated(base: RecordedScan, size: int) -> RecordedScan:
+    """``size`` frames cycling through ``base``'s (read lazily) under a Fermat spiral of ``size`` points."""
+    from phasestream.simulators.scans import ScanKind, make_scan
+
+    block = base.blocks[0]
+    blocks = [block] * (size // block.count)
+    if size % block.count:
+        blocks.append(FrameBlock(block.file, block.dataset, size % block.count))
+    neighbours = np.sort(np.linalg.norm(base.positions_m[:, None] - base.positions_m[None], axis=2), axis=1)
+    step_m = float(np.median(neighbours[:, 1]))
+    spiral_m = make_scan(ScanKind.FERMAT_SPIRAL, size, 1.0).positions_px * step_m
+    return dataclasses.replace(base, blocks=tuple(blocks), positions_m=spiral_m, scan_shape=(size,))
+
+
+def _bench_once(path: Path, workdir: Path, n_frames: int) -> tuple[float, float]:
+    endpoints = (
+        f"ipc://{workdir}/data-{uuid.uuid4().hex[:8]}",
+        f"ipc://{workdir}/pos-{uuid.uuid4().hex[:8]}",
+    )
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    receiver = context.Process(target=_count_messages, args=(*endpoints, n_frames, results), daemon=True)
+    receiver.start()
+    try:
+        report = replay(path, ReplayRate.MAX, *endpoints, progress=False, send_timeout_s=120)
+        ended, first_s, last_s = results.get(timeout=120)
+    finally:
+        receiver.join(timeout=30)
+        if receiver.is_alive():
+            receiver.terminate()
+    if not ended:
+        raise PhasestreamError(
+            f"the bench receiver did not get exactly {n_frames} images, then the end, from {path}"
+        )
+    return report.frames_per_s, (n_frames - 1) / (last_s - first_s)
+
+
+def _count_messages(data_endpoint: str, positions_endpoint: str, n_frames: int, results: Any) -> None:
+    """Child process: receive start, ``n_frames`` images and end, and every positions message.
+
+    Only the last data message is decoded (it must be the end): decoding each image would time the
+    receiver, not the replay.
+    """
+    import zmq
+
+    from phasestream.stages.stream_v2_decode import EndMessage, decode_stream_v2
+
+    context = zmq.Context()
+    data, positions = context.socket(zmq.PULL), context.socket(zmq.PULL)
+    data.connect(data_endpoint)
+    positions.connect(positions_endpoint)
+    data.recv()  # start
+    data.recv(copy=False)
+    first_s = time.perf_counter()
+    for _ in range(n_frames - 1):
+        data.recv(copy=False)
+    last_s = time.perf_counter()
+    ended = isinstance(decode_stream_v2(data.recv()), EndMessage)
+    for _ in range(-(-n_frames // POSITIONS_BATCH_SIZE) + 1):
+        positions.recv()
+    results.put((ended, first_s, last_s))
+    context.destroy(linger=0)
