@@ -20,7 +20,7 @@ Start here:
   phasestream run deploy/live.yaml      serve a pipeline beside a real or simulated detector
   phasestream simulate                  stream a simulated SELUN scan (DECTRIS Stream V2)
   phasestream replay scan.cxi           replay a recorded CXI or NXmx scan through the same path
-  phasestream bench ingest | epie | cdi | replay | pine
+  phasestream bench ingest | epie | cdi | replay | tpx3 | pine
                                         measure throughput (figures go in docs/benchmarks.md)
 """
 
@@ -228,6 +228,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     replay.add_argument("--repeats", type=int, default=3, help="runs per file; the median is quoted")
     replay.set_defaults(func=_cmd_bench_replay)
+    tpx3 = bench.add_parser("tpx3", help="Timepix3 raw decode: events/s on one core")
+    tpx3.add_argument("--events", type=int, default=10_000_000, help="default %(default)s")
+    tpx3.add_argument("--repeats", type=int, default=5, help="runs; the median is quoted")
+    tpx3.add_argument("--frames", action="store_true", help="also bin 256×256 frames per trigger")
+    tpx3.set_defaults(func=_cmd_bench_tpx3)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -306,6 +311,15 @@ def _cmd_bench_replay(args: argparse.Namespace) -> int:
     from phasestream.replay import bench_replay
 
     bench_replay(tuple(args.frames), args.repeats)
+    return 0
+
+
+def _cmd_bench_tpx3(args: argparse.Namespace) -> int:
+    from phasestream.stages.tpx3_frames import bench_tpx3
+
+    rate = bench_tpx3(args.events, args.repeats, build_frames=args.frames)
+    what = "decode + frames" if args.frames else "decode"
+    print(f"Timepix3 {what}: {rate / 1e6:.1f} M events/s (median of {args.repeats}, one core)")
     return 0
 
 
