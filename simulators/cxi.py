@@ -455,38 +455,38 @@ def write_cxi(
         file.attrs["default"] = "entry_1"
         file.attrs["creator"] = "phasestream"
         file.create_dataset("cxi_version", data=CXI_VERSION)
-        entry = _nx_group(file, "entry_1", "NXentry", default="data_1")
+        entry = nx_group(file, "entry_1", "NXentry", default="data_1")
         entry.create_dataset("start_time", data=datetime.now(UTC).isoformat())
         entry.create_dataset("program_name", data="phasestream")
 
-        geometry = _nx_group(_nx_group(entry, "sample_1", "NXsample"), "geometry_1", "NXgeometry")
+        geometry = nx_group(nx_group(entry, "sample_1", "NXsample"), "geometry_1", "NXgeometry")
         translation = geometry.create_dataset(
             "translation", data=sample_translation_from_positions(scan.positions_m)
         )
         translation.attrs["units"] = "m"
         translation.attrs["scan_shape"] = np.asarray(scan.scan_shape, dtype=np.int64)  # not CXI: for replay
 
-        instrument = _nx_group(entry, "instrument_1", "NXinstrument")
-        source = _nx_group(instrument, "source_1", "NXsource")
-        _write_quantity(source, "energy", scan.energy_kev * 1000 * JOULES_PER_EV, "J")
+        instrument = nx_group(entry, "instrument_1", "NXinstrument")
+        source = nx_group(instrument, "source_1", "NXsource")
+        write_quantity(source, "energy", scan.energy_kev * 1000 * JOULES_PER_EV, "J")
         source["energy"].attrs["note"] = "incident photon energy, as CXI defines it"
         if probe is not None:
             source.create_dataset("illumination", data=np.asarray(probe, dtype=np.complex64))
 
-        detector = _nx_group(instrument, "detector_1", "NXdetector")
+        detector = nx_group(instrument, "detector_1", "NXdetector")
         n, shape, dtype = frame_layout(scan)
         write_frames(detector, "data", (n, *shape), dtype, frame_chunks(scan), compression)
-        _write_quantity(detector, "distance", scan.detector_distance_m, "m")
-        _write_quantity(detector, "x_pixel_size", pixel_size_m, "m")
-        _write_quantity(detector, "y_pixel_size", pixel_size_m, "m")
+        write_quantity(detector, "distance", scan.detector_distance_m, "m")
+        write_quantity(detector, "x_pixel_size", pixel_size_m, "m")
+        write_quantity(detector, "y_pixel_size", pixel_size_m, "m")
         basis = np.array([DEFAULT_ROW_DIRECTION, DEFAULT_COLUMN_DIRECTION]) * pixel_size_m
-        _write_quantity(detector, "basis_vectors", basis, "m")
+        write_quantity(detector, "basis_vectors", basis, "m")
         if frame_time_s is not None:
-            _write_quantity(detector, "frame_time", frame_time_s, "s")
-            _write_quantity(detector, "count_time", frame_time_s, "s")
+            write_quantity(detector, "frame_time", frame_time_s, "s")
+            write_quantity(detector, "count_time", frame_time_s, "s")
         detector["translation"] = h5py.SoftLink(CxiPath.TRANSLATION)
 
-        data = _nx_group(entry, "data_1", "NXdata")
+        data = nx_group(entry, "data_1", "NXdata")
         data.attrs["signal"] = "data"
         data["data"] = h5py.SoftLink(CxiPath.DETECTOR_DATA)
         data["translation"] = h5py.SoftLink(CxiPath.TRANSLATION)
@@ -538,7 +538,7 @@ def read_cxi(path: Path | str) -> RecordedScan:
         )
 
 
-def _nx_group(parent: h5py.Group, name: str, nx_class: str, **attrs: str) -> h5py.Group:
+def nx_group(parent: h5py.Group, name: str, nx_class: str, **attrs: str) -> h5py.Group:
     group = parent.create_group(name)
     group.attrs["NX_class"] = nx_class
     for key, value in attrs.items():
@@ -546,7 +546,7 @@ def _nx_group(parent: h5py.Group, name: str, nx_class: str, **attrs: str) -> h5p
     return group
 
 
-def _write_quantity(group: h5py.Group, name: str, value: Any, units: str) -> None:
+def write_quantity(group: h5py.Group, name: str, value: Any, units: str) -> None:
     group.create_dataset(name, data=value)
     group[name].attrs["units"] = units
 

@@ -51,6 +51,7 @@ from phasestream.simulators.cxi import (
     frame_layout,
     frames_dataset_shape,
     metres_per_unit,
+    nx_group,
     pixel_size_per_axis_m,
     positions_from_sample_translation,
     required_dataset,
@@ -101,11 +102,11 @@ def write_nxmx(
         frame_time_s = scan.frame_time_s
     with h5py.File(master_path, "w") as master:
         master.attrs["default"] = "entry"
-        entry = _nx_group(master, "entry", "NXentry")
+        entry = nx_group(master, "entry", "NXentry")
         entry.attrs["default"] = "data"
         entry.create_dataset("definition", data="NXmx")
         entry.create_dataset("start_time", data=datetime.now(UTC).isoformat())
-        data = _nx_group(entry, "data", "NXdata")
+        data = nx_group(entry, "data", "NXdata")
         data.attrs["signal"] = "data"
         if frames_per_data_file == 0:
             write_frames(
@@ -185,7 +186,7 @@ def _write_data_files(
             for start in range(0, count, READ_CHUNK_FRAMES)
         )
         with h5py.File(master_path.parent / name, "w") as file:
-            group = _nx_group(_nx_group(file, "entry", "NXentry"), "data", "NXdata")
+            group = nx_group(nx_group(file, "entry", "NXentry"), "data", "NXdata")
             dataset = write_frames(group, "data", (count, *shape), dtype, chunks, FrameCompression.BSLZ4)
             dataset.attrs["image_nr_low"] = np.int32(first + 1)
             dataset.attrs["image_nr_high"] = np.int32(first + count)
@@ -199,11 +200,11 @@ def _write_instrument(
     n_frames: int,
     frame_time_s: float | None,
 ) -> None:
-    instrument = _nx_group(entry, "instrument", "NXinstrument")
-    beam = _nx_group(instrument, "beam", "NXbeam")
+    instrument = nx_group(entry, "instrument", "NXinstrument")
+    beam = nx_group(instrument, "beam", "NXbeam")
     _quantity(beam, "incident_wavelength", HC_KEV_ANGSTROM / scan.energy_kev, "angstrom")
     _quantity(beam, "incident_energy", scan.energy_kev * 1000, "eV")
-    detector = _nx_group(instrument, "detector", "NXdetector")
+    detector = nx_group(instrument, "detector", "NXdetector")
     detector.create_dataset("description", data="DECTRIS SELUN (phasestream simulator)")
     height, width = shape
     for name in ("x_pixel_size", "y_pixel_size"):
@@ -215,7 +216,7 @@ def _write_instrument(
     if frame_time_s is not None:
         _quantity(detector, "frame_time", frame_time_s, "s")
         _quantity(detector, "count_time", frame_time_s, "s")  # a SELUN counts without dead time
-    specific = _nx_group(detector, "detectorSpecific", "NXcollection")
+    specific = nx_group(detector, "detectorSpecific", "NXcollection")
     for name, value in (
         ("nimages", n_frames),
         ("ntrigger", 1),
@@ -223,7 +224,7 @@ def _write_instrument(
         ("y_pixels_in_detector", height),
     ):
         specific.create_dataset(name, data=np.uint32(value))
-    module = _nx_group(detector, "module", "NXdetector_module")
+    module = nx_group(detector, "module", "NXdetector_module")
     for name, direction in (
         ("fast_pixel_direction", DEFAULT_COLUMN_DIRECTION),
         ("slow_pixel_direction", DEFAULT_ROW_DIRECTION),
@@ -234,9 +235,9 @@ def _write_instrument(
 
 
 def _write_sample(entry: h5py.Group, scan: SimulatedScan | RecordedScan) -> None:
-    sample = _nx_group(entry, "sample", "NXsample")
+    sample = nx_group(entry, "sample", "NXsample")
     sample.create_dataset("depends_on", data=f"{TRANSFORMATIONS}/sample_x")
-    transformations = _nx_group(sample, "transformations", "NXtransformations")
+    transformations = nx_group(sample, "transformations", "NXtransformations")
     # Not part of NXmx: the scan's (rows, columns) or (n,), which replay announces in its start message.
     transformations.attrs["scan_shape"] = np.asarray(scan.scan_shape, dtype=np.int64)
     translation = sample_translation_from_positions(scan.positions_m)
@@ -247,12 +248,6 @@ def _write_sample(entry: h5py.Group, scan: SimulatedScan | RecordedScan) -> None
         transformations[name].attrs["transformation_type"] = "translation"
         transformations[name].attrs["vector"] = vector
         transformations[name].attrs["depends_on"] = depends_on
-
-
-def _nx_group(parent: h5py.Group, name: str, nx_class: str) -> h5py.Group:
-    group = parent.create_group(name)
-    group.attrs["NX_class"] = nx_class
-    return group
 
 
 def _quantity(group: h5py.Group, name: str, value: object, units: str) -> None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 STAGES: dict[str, str] = {
     "ingest": "phasestream.stages.ingest:IngestStage",
     "tpx3_ingest": "phasestream.stages.tpx3_ingest:Tpx3IngestStage",
+    "record": "phasestream.stages.record:RecordStage",
     "binning": "phasestream.stages.binning:BinningStage",
     "refine": "phasestream.stages.refine:RefineStage",
     "publish": "phasestream.stages.publish:PublishStage",

@@ -1,0 +1,134 @@
+"""Record: saves every frame and position of a scan to a CXI file while passing them on unchanged.
+
+Placed after ``ingest``, it keeps the validated frames (and their positions) of each scan in
+``<directory>/<scan_uid>.cxi`` in the CXIDB layout that ``phasestream replay`` reads, so a live scan can be
+replayed later through the same pipeline. Frames are appended as they arrive (one HDF5 chunk per frame,
+bitshuffle-LZ4 by default, as the detector streams them), so a scan of any length streams to disk
+rather than to memory; ``entry_1/data_1/frame_index`` keeps each frame's detector image id, and the file
+is closed and complete at the scan's ``ScanEnd``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import h5py
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from phasestream.errors import ConfigError
+from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart
+from phasestream.simulators.cxi import (
+    CXI_VERSION,
+    DEFAULT_COLUMN_DIRECTION,
+    DEFAULT_ROW_DIRECTION,
+    JOULES_PER_EV,
+    CxiPath,
+    FrameCompression,
+    compression_options,
+    nx_group,
+    sample_translation_from_positions,
+    write_quantity,
+)
+from phasestream.stage import Stage
+
+
+class RecordConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    directory: Path = Field(default=Path("phasestream-data/scans"), description="where <scan_uid>.cxi go")
+    compression: FrameCompression = FrameCompression.BSLZ4
+
+
+class CxiRecording:
+    """One scan's CXI file, open for appending frames and positions."""
+
+    def __init__(self, path: Path, start: ScanStart, compression: FrameCompression) -> None:
+        geometry = start.geometry
+        self.path = path
+        self.file = h5py.File(path, "w")
+        self.file.attrs["default"] = "entry_1"
+        self.file.attrs["creator"] = "phasestream record"
+        self.file.create_dataset("cxi_version", data=CXI_VERSION)
+        entry = nx_group(self.file, "entry_1", "NXentry", default="data_1")
+        entry.create_dataset("start_time", data=datetime.now(UTC).isoformat())
+        entry.create_dataset("program_name", data="phasestream")
+        sample = nx_group(entry, "sample_1", "NXsample")
+        self.translation = nx_group(sample, "geometry_1", "NXgeometry").create_dataset(
+            "translation", shape=(0, 3), maxshape=(None, 3), dtype=np.float64, chunks=(1024, 3)
+        )
+        self.translation.attrs["units"] = "m"
+        self.translation.attrs["scan_shape"] = np.asarray(start.scan_shape, dtype=np.int64)
+        instrument = nx_group(entry, "instrument_1", "NXinstrument")
+        write_quantity(
+            nx_group(instrument, "source_1", "NXsource"),
+            "energy",
+            geometry.energy_kev * 1e3 * JOULES_PER_EV,
+            "J",
+        )
+        detector = nx_group(instrument, "detector_1", "NXdetector")
+        height, width = geometry.detector_shape_px
+        self.frames = detector.create_dataset(
+            "data", shape=(0, height, width), maxshape=(None, height, width), dtype=geometry.detector_dtype,
+            chunks=(1, height, width), **compression_options(compression),
+        )  # fmt: skip
+        write_quantity(detector, "distance", geometry.detector_distance_m, "m")
+        write_quantity(detector, "x_pixel_size", geometry.pixel_size_m, "m")
+        write_quantity(detector, "y_pixel_size", geometry.pixel_size_m, "m")
+        basis = np.array([DEFAULT_ROW_DIRECTION, DEFAULT_COLUMN_DIRECTION]) * geometry.pixel_size_m
+        write_quantity(detector, "basis_vectors", basis, "m")
+        detector["translation"] = h5py.SoftLink(CxiPath.TRANSLATION)
+        data = nx_group(entry, "data_1", "NXdata")
+        data.attrs["signal"] = "data"
+        data["data"] = h5py.SoftLink(CxiPath.DETECTOR_DATA)
+        data["translation"] = h5py.SoftLink(CxiPath.TRANSLATION)
+        self.frame_index = data.create_dataset("frame_index", shape=(0,), maxshape=(None,), dtype=np.int64)
+
+    def append(self, batch: FrameBatch) -> None:
+        if batch.frames.shape[1:] != self.frames.shape[1:]:
+            raise ConfigError(
+                f"frames of {batch.frames.shape[1:]} reached record, which writes the detector's "
+                f"{self.frames.shape[1:]}: place record before binning"
+            )
+        n_before = len(self.frames)
+        n_after = n_before + len(batch.frames)
+        for dataset in (self.frames, self.translation, self.frame_index):
+            dataset.resize(n_after, axis=0)
+        self.frames[n_before:n_after] = batch.frames
+        self.translation[n_before:n_after] = sample_translation_from_positions(batch.positions_m)
+        self.frame_index[n_before:n_after] = batch.frame_indices
+
+    def close(self) -> int:
+        n_frames = len(self.frames)
+        self.file.close()
+        return n_frames
+
+
+class RecordStage(Stage):
+    Config = RecordConfig
+    config: RecordConfig
+
+    def setup(self) -> None:
+        self.config.directory.mkdir(parents=True, exist_ok=True)
+        self._recordings: dict[str, CxiRecording] = {}
+
+    def on_scan_start(self, message: ScanStart) -> Iterable[Message]:
+        path = self.config.directory / f"{message.scan_uid}.cxi"
+        self._recordings[message.scan_uid] = CxiRecording(path, message, self.config.compression)
+        self.report_status(recording=str(path))
+        yield message
+
+    def process(self, message: Message) -> Iterable[Message]:
+        if isinstance(message, FrameBatch) and message.scan_uid in self._recordings:
+            self._recordings[message.scan_uid].append(message)
+            self.count(message.scan_uid, "frames_recorded", len(message.frame_indices))
+        yield message
+
+    def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:
+        recording = self._recordings.pop(message.scan_uid, None)
+        if recording is not None:
+            recording.close()
+            self.report_status(recorded=str(recording.path))
+        yield message
