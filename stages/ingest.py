@@ -54,6 +54,12 @@ class IngestConfig(BaseModel):
     position_grace_s: float = Field(
         default=5.0, ge=0, description="after the detector's end, wait this long for late positions"
     )
+    stalled_scan_timeout_s: float | None = Field(
+        default=120.0,
+        gt=0,
+        description="close a scan whose detector sent nothing for this long and no end message "
+        "(a crashed DCU or a stopped acquisition); None waits for ever",
+    )
 
 
 class Slab:
@@ -90,7 +96,7 @@ class OpenScan:
     seen_positions: set[int] = field(default_factory=set)
     forwarded: int = 0
     seq: int = 0
-    last_frame_s: float = 0.0
+    last_frame_s: float = 0.0  # time.monotonic() of the last frame, or of the start message before one
     detector_ended_s: float | None = None
     positions_ended: bool = False
 
@@ -173,6 +179,7 @@ class IngestStage(Stage):
             shape=shape,
             dtype=dtype,
             slab=Slab(self.config.batch_size, shape, dtype),
+            last_frame_s=time.monotonic(),
         )
         self.scan(scan_uid).start = scan_start
         yield scan_start  # first: downstream must see the scan open before anything else of it
@@ -308,6 +315,18 @@ class IngestStage(Stage):
         if scan.ready and now - scan.last_frame_s > self.config.batch_timeout_s:
             yield from self._batches(scan, force=True)
         if scan.detector_ended_s is not None and now - scan.detector_ended_s > self.config.position_grace_s:
+            yield from self._close_scan()
+            return
+        stalled_s = self.config.stalled_scan_timeout_s
+        if scan.detector_ended_s is None and stalled_s is not None and now - scan.last_frame_s > stalled_s:
+            uid = scan.start.scan_uid
+            self.count(uid, "closed_by_timeout")
+            self.warn(
+                "detector_stalled",
+                f"scan {uid}: no detector message for {stalled_s:g} s and no end message after "
+                f"{len(scan.seen_frames)} of {scan.start.planned_frames} frames; closing it with what "
+                "arrived (missing_frames counts the rest). Raise stalled_scan_timeout_s for slower scans",
+            )
             yield from self._close_scan()
 
     def _batches(self, scan: OpenScan, force: bool) -> list[FrameBatch]:

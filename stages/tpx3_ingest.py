@@ -186,7 +186,11 @@ class Tpx3IngestStage(IngestStage):
         return self._use(self._decoder.feed(data))
 
     def _end_measurement(self) -> list[Message]:
-        assert self._decoder is not None and self._builder is not None and self._open is not None
+        assert self._decoder is not None and self._builder is not None
+        if self._open is None:
+            # The scan was already closed as stalled (stalled_scan_timeout_s): drop this connection's state.
+            self._decoder = self._builder = None
+            return []
         messages = self._decode_received()
         messages += self._use(self._decoder.finish())
         messages += self._images(self._builder.finish())

@@ -216,6 +216,10 @@ class IngestPipeline:
         )
 
 
+# Short, so that the stalled-detector test is quick; every other scan here sends its messages at once.
+STALLED_SCAN_TIMEOUT_S = 3.0
+
+
 @pytest.fixture(scope="module")
 def pipeline() -> Iterator[IngestPipeline]:
     run_dir = Path(tempfile.mkdtemp(prefix="ps-ingest-", dir="/tmp"))
@@ -232,7 +236,11 @@ def pipeline() -> Iterator[IngestPipeline]:
                 {
                     "name": "ingest",
                     "stage": "ingest",
-                    "config": {"batch_size": BATCH_SIZE, "position_grace_s": 2.0},
+                    "config": {
+                        "batch_size": BATCH_SIZE,
+                        "position_grace_s": 2.0,
+                        "stalled_scan_timeout_s": STALLED_SCAN_TIMEOUT_S,
+                    },
                 },
                 {
                     "name": "collect",
@@ -570,6 +578,21 @@ def test_position_channel_faults_cost_only_their_own_positions(pipeline) -> None
     assert result.metric(DROPPED, "frame_without_position") == 2
     assert_forwarded(result, [0, 1, 2, 3, 6, 7], frames, positions)
     assert result.accounting[INGEST]["rejected_frame_without_position"] == 2
+    assert unaccounted_frames(result.frames_sent, result.accounting) == []
+
+
+def test_a_detector_that_stops_mid_scan_is_closed_after_the_timeout_with_what_arrived(pipeline) -> None:
+    n, sent = 10, 6
+    series = Series.new("stalled")
+    frames, positions = make_frames(n, seed=8), make_positions(n)
+    # The DCU dies after six images: no more images and no end message; the positions all came.
+    data = [series.start(n), *(series.image(i, frames[i]) for i in range(sent))]
+    result = pipeline.run_scan(series.scan_uid, data, [series.positions(range(n), positions)])
+
+    assert_texts(result.warnings_for("detector_stalled"), series.scan_uid, f"{sent} of {n} frames")
+    assert_forwarded(result, list(range(sent)), frames, positions)
+    assert result.accounting[INGEST]["closed_by_timeout"] == 1
+    assert result.accounting[INGEST]["missing_frames"] == n - sent
     assert unaccounted_frames(result.frames_sent, result.accounting) == []
 
 
