@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 class Algorithm(StrEnum):
     EPIE = "epie"
     RPIE = "rpie"
+    PINE = "pine"  # ePIE sweeps, then O ← (1 − ρ)O + ρ D(O) with the shipped nonexpansive denoiser
 
 
 class RefineConfig(BaseModel):
@@ -46,6 +47,7 @@ class RefineConfig(BaseModel):
     rpie_alpha: float = Field(
         default=0.1, gt=0, le=1, description="rPIE α, the object denominator's weight (algorithm rpie only)"
     )
+    pine_rho: float = Field(default=0.49, gt=0, lt=1, description="PINE's ρ (algorithm pine only)")
     probe_update_start_epoch: int = Field(default=2, ge=0)
     probe_modes: int = Field(
         default=1, ge=1, le=16, description="incoherent probe modes (mixed states); 1 is a coherent probe"
@@ -92,6 +94,7 @@ class RefineStage(Stage):
 
         torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
         self._solves: dict[str, ScanSolve] = {}
+        self._denoiser = None  # PINE's, loaded once on first use
 
     def has_open_scan(self) -> bool:
         return any(s.solver is not None for s in self._solves.values())
@@ -175,10 +178,19 @@ class RefineStage(Stage):
     def _new_solver(self, probe: np.ndarray | None, canvas_shape_px: tuple[int, int]) -> EpieSolver:
         from phasestream.models.epie import EpieSolver, UpdateRule
 
+        regulariser = None
+        if self.config.algorithm is Algorithm.PINE:
+            from phasestream.models.dncnn import load_denoiser
+            from phasestream.models.pine import PineRegulariser
+
+            if self._denoiser is None:
+                self._denoiser = load_denoiser(device=self.config.device)
+            regulariser = PineRegulariser(self._denoiser, self.config.pine_rho)
         return EpieSolver(
             probe=probe,
             variant=self.config.variant,
-            update_rule=UpdateRule(self.config.algorithm.value),
+            update_rule=UpdateRule.RPIE if self.config.algorithm is Algorithm.RPIE else UpdateRule.EPIE,
+            object_regulariser=regulariser,
             rpie_alpha=self.config.rpie_alpha,
             batch_size=self.config.batch_size,
             object_step=self.config.object_step,
@@ -238,6 +250,8 @@ class RefineStage(Stage):
         offset_px = self.config.margin_px + np.array(solver.canvas_origin_px) + probe_shape // 2
         origin_m = solve.origin_m - offset_px * solve.pixel_size_m
         solve.seq += 1
+        r_factor = solver.fourier_r_factor()
+        metrics.FOURIER_R_FACTOR.labels(stage=self.stage_name, worker=self.worker).set(r_factor)
         return Reconstruction(
             scan_uid=solve.start.scan_uid,
             seq=solve.seq,
@@ -247,7 +261,7 @@ class RefineStage(Stage):
             final=final,
             object_pixel_size_m=solve.pixel_size_m,
             origin_m=(float(origin_m[0]), float(origin_m[1])),
-            quality={"fourier_error": float(solve.last_error), "r_factor": solver.fourier_r_factor()},
+            quality={"fourier_error": float(solve.last_error), "r_factor": r_factor},
             object=solver.object,
             probe=solver.probe,
         )

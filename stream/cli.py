@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_replay(sub)
     _add_stage(sub)
+    _add_keys(sub)
     _add_bench(sub)
     return parser
 
@@ -189,6 +190,26 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker", type=int, default=0, help="worker index (default 0)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_cmd_stage)
+
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="CurveZMQ keys for stages on several hosts")
+    keys = p.add_subparsers(dest="keys", required=True, metavar="ACTION")
+    generate = keys.add_parser(
+        "generate", help="write keypairs: DIR/public/<name>.key and DIR/private/<name>.key_secret"
+    )
+    generate.add_argument("directory", type=Path)
+    generate.add_argument(
+        "--pipeline", type=Path, help="one keypair per stage of this topology, plus 'launcher'"
+    )
+    generate.add_argument("--name", action="append", default=[], help="a keypair with this name (repeatable)")
+    generate.set_defaults(func=_cmd_keys_generate)
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    from phasestream.curve import run_keys_generate
+
+    return run_keys_generate(args.directory, args.name, args.pipeline)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

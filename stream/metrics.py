@@ -43,6 +43,14 @@ PUBLISH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
 
+# The latest value, not a histogram: one number per solver worker, falling as the fit improves. No scan uid
+# label (unbounded cardinality); the scan it belongs to is in the Tiled metadata beside the same figure.
+FOURIER_R_FACTOR = Gauge(
+    "phasestream_fourier_r_factor",
+    "Fourier R-factor sum||Psi|-sqrt(I)| / sum sqrt(I) of the latest reconstruction (0: perfect fit)",
+    ["stage", "worker"],
+)
+
 
 def serve_metrics(port: int = 0, addr: str = "127.0.0.1") -> int:
     """Start the ``/metrics`` endpoint in a daemon thread and return the port it listens on."""
