@@ -61,13 +61,16 @@ def run_demo(args: argparse.Namespace) -> int:
     save_scan(scan, scan_file)
     scan_uid = str(uuid.uuid4())
 
+    from phasestream.tiled_server import public_uri
+
     with tiled_for(pipeline) as resolved:
-        print(f"Tiled server: {resolved.tiled.uri}  (API key in {resolved.run_dir / 'pipeline.json'})")
+        tiled_uri = public_uri(resolved.tiled.uri)  # never the key, even when it came in the URI
+        print(f"Tiled server: {tiled_uri}  (API key in {resolved.run_dir / 'pipeline.json'})")
         print("Starting stages: " + " → ".join(s.name for s in resolved.stages))
         with Launcher(resolved) as launcher:
             emitter = _start_emitter(resolved, scan_file, scan_uid, rate_hz)
             try:
-                print(f"Live result: {resolved.tiled.uri}/api/v1/metadata/reconstructions/{scan_uid}")
+                print(f"Live result: {tiled_uri}/api/v1/metadata/reconstructions/{scan_uid}")
                 progress = _follow(launcher, resolved, n_positions, emitter)
                 launcher.wait_for_exit(30)
             finally:

@@ -70,6 +70,7 @@ class Launcher:
     def start(self, ready_timeout_s: float = 120.0) -> None:
         run_dir = self.pipeline.run_dir
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        run_dir.chmod(0o700)  # its sockets, logs and pipeline.json (with the Tiled API key) are this user's
         # The resolved config may hold the Tiled API key: readable by this user only.
         self.pipeline_file.touch(mode=0o600, exist_ok=True)
         self.pipeline_file.chmod(0o600)

@@ -27,12 +27,15 @@ def tiled_for(pipeline: PipelineConfig) -> Iterator[PipelineConfig]:
 
 
 def serve_pipeline(path: Path, tiled_uri: str | None, tiled_api_key: str | None) -> int:
+    from phasestream.tiled_server import public_uri
+
     pipeline = load_pipeline(path)
     if tiled_uri or tiled_api_key:
         update = {"uri": tiled_uri or pipeline.tiled.uri, "api_key": tiled_api_key or pipeline.tiled.api_key}
         pipeline = pipeline.model_copy(update={"tiled": pipeline.tiled.model_copy(update=update)})
     with tiled_for(pipeline) as resolved, Launcher(resolved) as launcher:
-        print(f"phasestream: pipeline {resolved.name!r} is up; results in Tiled at {resolved.tiled.uri}")
+        tiled_uri = public_uri(resolved.tiled.uri)  # never the key, even when it came in the URI
+        print(f"phasestream: pipeline {resolved.name!r} is up; results in Tiled at {tiled_uri}")
         detector = resolved.detector
         print(f"  detector: data {detector.data_endpoint}, positions {detector.positions_endpoint}")
         for label, worker in launcher.workers.items():
