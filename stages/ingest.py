@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream import metrics
 from phasestream.errors import DetectorMessageError, FrameValidationError
-from phasestream.messages import FrameBatch, Geometry, Message, ScanEnd, ScanStart
+from phasestream.messages import FrameBatch, Geometry, Message, PositionSource, ScanEnd, ScanStart
 from phasestream.stage import RawInput, Stage
 from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
 from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
@@ -169,6 +169,7 @@ class IngestStage(Stage):
             ),
             scan_shape=tuple(user.get("scan_shape") or ()),
             planned_frames=start.number_of_images,
+            positions_source=_positions_source(user.get("positions_source")),
             scan_extent_m=tuple(extent) if extent else None,
             config_hash=self.pipeline.config_hash(),
         )
@@ -395,6 +396,13 @@ def _gather(entries: list[tuple[Slab, int, float]]) -> np.ndarray:
     ):
         return slab.frames
     return np.stack([entry_slab.frames[row] for entry_slab, row, _ in entries])
+
+
+def _positions_source(announced: object) -> PositionSource:
+    """Where the detector says this scan's positions come from (Bluesky, a file); the position channel
+    when it says nothing or something this version does not know."""
+    values = {source.value for source in PositionSource}
+    return PositionSource(announced) if announced in values else PositionSource.POSITION_CHANNEL
 
 
 def _head(ids: list[int], n: int = 10) -> str:

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay(sub)
     _add_stage(sub)
     _add_keys(sub)
+    _add_bluesky_bridge(sub)
     _add_bench(sub)
     return parser
 
@@ -190,6 +191,52 @@ def _add_stage(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker", type=int, default=0, help="worker index (default 0)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_cmd_stage)
+
+
+def _add_bluesky_bridge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bluesky-bridge",
+        help="send a Bluesky RunEngine's motor positions to the pipeline's position channel",
+        description="Subscribes to bluesky-0MQ-proxy (msgpack documents, never pickle) and, for each run, "
+        "sends every event's motor readbacks in metres on the position channel, keyed by the detector's "
+        "image id. See deploy/bluesky.md.",
+    )
+    p.add_argument(
+        "--proxy",
+        default="127.0.0.1:5578",
+        help="the proxy's out address, host:port or ipc://path (default %(default)s)",
+    )
+    p.add_argument(
+        "--positions-endpoint",
+        default="tcp://127.0.0.1:31002",
+        help="position channel to bind; ingest connects (default %(default)s)",
+    )
+    p.add_argument("--y-motor", required=True, help="ophyd name (readback data key) of the y motor")
+    p.add_argument("--x-motor", required=True, help="ophyd name (readback data key) of the x motor")
+    p.add_argument(
+        "--motor-unit", choices=["m", "mm", "um", "nm"], default="um", help="motor unit (default %(default)s)"
+    )
+    p.add_argument(
+        "--invert-y", action="store_true", help="negate y (the motor moves the sample, not the probe)"
+    )
+    p.add_argument(
+        "--invert-x", action="store_true", help="negate x (the motor moves the sample, not the probe)"
+    )
+    p.add_argument(
+        "--stream", default="primary", help="event stream with the detector's frames (default %(default)s)"
+    )
+    p.add_argument("--image-id-key", default="selun_image_id", help="default %(default)s")
+    p.add_argument("--series-id-key", default="selun_series_id", help="default %(default)s")
+    p.add_argument(
+        "--metrics-port", type=int, help="serve /metrics on 127.0.0.1 at this port (0: any free one)"
+    )
+    p.set_defaults(func=_cmd_bluesky_bridge)
+
+
+def _cmd_bluesky_bridge(args: argparse.Namespace) -> int:
+    from phasestream.bluesky_bridge import run_bluesky_bridge
+
+    return run_bluesky_bridge(args)
 
 
 def _add_keys(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,271 @@
+"""A simulated SELUN as an ophyd device, so a Bluesky RunEngine drives it frame by frame.
+
+Each ``trigger()`` reads the two motors it was given, computes the far-field pattern of a simulated
+sample and probe for the probe at that position (with Poisson noise), and sends it as one DECTRIS Stream
+V2 image on the SELUN data socket, as a DCU would after a hardware trigger. The reading reports the image
+id and the series id, which is how the Bluesky bridge (``phasestream.bluesky_bridge``) pairs each event's
+motor readbacks with the frame.
+
+Arming: a real detector is armed before a run, but bluesky stages devices before it opens the run, so
+at ``stage()`` the run uid does not exist yet. The device learns the run from the RunEngine's start
+document (``RE.subscribe(detector.on_run_start, "start")``) and arms at the run's first trigger: the Stream
+V2 start carries the run uid as ``user_data.scan_uid``, which ingest takes as the scan uid, and the run's
+``num_points`` as ``number_of_images``. ``unstage()`` (or the next run's first trigger) sends the end.
+
+Motors report positions in ``motor_unit`` (micrometres by default); the simulated probe sits at (y, x)
+converted to metres in the sample's frame, whose origin is the centre of the simulated scan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+import zmq
+from ophyd import Component, Device, DeviceStatus, Kind, Signal
+
+from phasestream.bluesky_bridge import LengthUnit
+from phasestream.errors import ConfigError, PositionError
+from phasestream.simulators.diffraction import ProbeShifter, expected_pattern, poisson_counts
+from phasestream.simulators.scan_simulation import SimulatedScan
+from phasestream.simulators.selun import DEFAULT_DATA_ENDPOINT, DEFAULT_SEND_HWM
+from phasestream.simulators.stream_v2_encode import (
+    NOMINAL_FRAME_TIME_S,
+    encode_image,
+    encode_message,
+    end_fields,
+    start_fields,
+)
+
+
+class FrameSource(Protocol):
+    """What the detector sees: a photon-counted pattern for the probe at a position, and the geometry."""
+
+    shape_px: tuple[int, int]
+    dtype: np.dtype
+    energy_kev: float
+    detector_distance_m: float
+    pixel_size_m: float
+
+    def frame(self, position_m: tuple[float, float]) -> np.ndarray: ...
+
+
+class SimulatedSample:
+    """The sample and probe of a simulated scan, imaged at any probe position (step scan, no fly blur).
+
+    The scan's ``probe_truth`` carries the photon scale, so the expected pattern is in photons per pixel
+    and the frames match those ``simulate_scan`` made along its own path.
+    """
+
+    def __init__(self, scan: SimulatedScan, seed: int = 0) -> None:
+        self.scan = scan
+        self.shape_px = (int(scan.probe_truth.shape[0]), int(scan.probe_truth.shape[1]))
+        self.dtype = np.dtype(np.uint16)
+        self.energy_kev = scan.energy_kev
+        self.detector_distance_m = scan.detector_distance_m
+        self.pixel_size_m = scan.detector_pixel_size_m
+        self._shifter = ProbeShifter(scan.probe_truth)
+        self._rng = np.random.default_rng(seed)
+
+    def expected(self, position_m: tuple[float, float]) -> np.ndarray:
+        """Noise-free pattern (photons per pixel) for the probe centred at ``position_m`` (y, x)."""
+        scan = self.scan
+        centre_px = (
+            np.asarray(position_m, dtype=np.float64) - scan.object_top_left_m
+        ) / scan.object_pixel_size_m
+        try:
+            return expected_pattern(self._shifter, scan.object_truth, centre_px, self.shape_px[0])
+        except ValueError as error:
+            half_m = (np.array(scan.object_truth.shape) - self.shape_px[0]) / 2 * scan.object_pixel_size_m
+            raise PositionError(
+                f"probe at (y, x) = {tuple(position_m)} m is off the simulated sample ({error}); keep the "
+                f"scan within about ±{half_m[0]:.2e} m (y) and ±{half_m[1]:.2e} m (x) of its centre, or "
+                "simulate a larger sample"
+            ) from error
+
+    def frame(self, position_m: tuple[float, float]) -> np.ndarray:
+        counts, _clipped = poisson_counts(self.expected(position_m), self._rng)
+        return counts
+
+
+@dataclass(frozen=True)
+class _Run:
+    uid: str
+    plan_name: str
+    num_points: int | None
+    shape: list[int]
+
+
+@dataclass
+class _Series:
+    run: _Run
+    series_id: int
+    series_unique_id: str
+    date: datetime
+    next_image_id: int = 0
+
+
+class SelunDetector(Device):
+    """A SELUN on a Stream V2 PUSH socket that images ``source`` where ``y_motor`` and ``x_motor`` are.
+
+    Subscribe ``on_run_start`` to the RunEngine's start documents before a run. The socket is bound at
+    construction (port 0 lets the OS choose; ``data_endpoint`` reports it) so ingest can connect before
+    the first run; ``close()`` releases it.
+    """
+
+    image_id = Component(Signal, value=-1, kind=Kind.hinted)
+    series_id = Component(Signal, value=0, kind=Kind.normal)
+
+    def __init__(
+        self,
+        prefix: str = "",
+        *,
+        name: str,
+        y_motor: Any,
+        x_motor: Any,
+        source: FrameSource,
+        data_endpoint: str = DEFAULT_DATA_ENDPOINT,
+        motor_unit: LengthUnit = LengthUnit.MICROMETRE,
+        frame_time_s: float = NOMINAL_FRAME_TIME_S,
+        send_timeout_s: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(prefix, name=name, **kwargs)
+        self.y_motor = y_motor
+        self.x_motor = x_motor
+        self.source = source
+        self.motor_unit = LengthUnit(motor_unit)
+        self.frame_time_s = frame_time_s
+        self._send_timeout_s = send_timeout_s
+        self._run: _Run | None = None
+        self._series: _Series | None = None
+        self._series_count = 0
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.SNDHWM, DEFAULT_SEND_HWM)
+        self._socket.setsockopt(zmq.SNDTIMEO, round(send_timeout_s * 1000))
+        self._socket.setsockopt(zmq.LINGER, round(send_timeout_s * 1000))
+        try:
+            self._socket.bind(data_endpoint)
+        except zmq.ZMQError as error:
+            self.close()
+            raise ConfigError(
+                f"cannot bind the SELUN data socket to {data_endpoint!r} ({error}): pick a free endpoint, "
+                "the one ingest connects to (detector.data_endpoint)"
+            ) from error
+
+    @property
+    def data_endpoint(self) -> str:
+        return self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def on_run_start(self, name: str, doc: dict[str, Any]) -> None:
+        """RunEngine callback (``RE.subscribe(detector.on_run_start, "start")``): note the new run."""
+        if name == "start":
+            num_points = doc.get("num_points")
+            self._run = _Run(
+                uid=doc["uid"],
+                plan_name=str(doc.get("plan_name", "")),
+                num_points=num_points if isinstance(num_points, int) else None,
+                shape=list(doc.get("shape") or ([num_points] if isinstance(num_points, int) else [])),
+            )
+
+    def position_m(self) -> tuple[float, float]:
+        """Where the probe is on the sample now: the motors' readbacks in metres, y then x."""
+        scale = self.motor_unit.metres
+        return float(self.y_motor.position) * scale, float(self.x_motor.position) * scale
+
+    def trigger(self) -> DeviceStatus:
+        series = self._armed_series()
+        image_id = series.next_image_id
+        if series.run.num_points is not None and image_id >= series.run.num_points:
+            raise ConfigError(
+                f"trigger {image_id + 1} in run {series.run.uid}, whose start document announced "
+                f"num_points={series.run.num_points}: the plan triggers more often than it announced"
+            )
+        frame = self.source.frame(self.position_m())
+        self._send(
+            encode_image(
+                frame,
+                series_id=series.series_id,
+                series_unique_id=series.series_unique_id,
+                image_id=image_id,
+                frame_time_s=self.frame_time_s,
+                series_date=series.date,
+            )
+        )
+        series.next_image_id += 1
+        self.image_id.put(image_id)
+        status = DeviceStatus(self)
+        status.set_finished()
+        return status
+
+    def unstage(self) -> list[Any]:
+        self._end_series()
+        return super().unstage()
+
+    def close(self) -> None:
+        self._socket.close()
+        self._context.term()
+
+    def _armed_series(self) -> _Series:
+        run = self._run
+        if run is None:
+            raise ConfigError(
+                f"{self.name} was triggered outside a run it knows of: subscribe it to the RunEngine's "
+                f'start documents with RE.subscribe({self.name}.on_run_start, "start")'
+            )
+        if self._series is not None and self._series.run.uid == run.uid:
+            return self._series
+        self._end_series()  # a new run without an unstage in between
+        if run.num_points is None:
+            raise ConfigError(
+                f"run {run.uid} (plan {run.plan_name!r}) does not announce num_points, so the detector "
+                "cannot announce its number of images: use a plan with a known number of points"
+            )
+        self._series_count += 1
+        series = _Series(
+            run=run,
+            series_id=self._series_count,
+            series_unique_id=f"phasestream-selun-{run.uid}-{self._series_count}",
+            date=datetime.now(UTC),
+        )
+        source = self.source
+        start = start_fields(
+            series_id=series.series_id,
+            series_unique_id=series.series_unique_id,
+            shape_px=source.shape_px,
+            dtype=source.dtype,
+            number_of_images=run.num_points,
+            energy_kev=source.energy_kev,
+            detector_distance_m=source.detector_distance_m,
+            pixel_size_m=source.pixel_size_m,
+            count_time_s=self.frame_time_s,
+            frame_time_s=self.frame_time_s,
+            user_data={"scan_uid": run.uid, "scan_shape": run.shape, "positions_source": "bluesky"},
+            arm_date=series.date,
+        )
+        self._send(encode_message(start))
+        self._series = series
+        self.series_id.put(series.series_id)
+        return series
+
+    def _end_series(self) -> None:
+        series, self._series = self._series, None
+        if series is not None:
+            self._send(
+                encode_message(
+                    end_fields(series_id=series.series_id, series_unique_id=series.series_unique_id)
+                )
+            )
+
+    def _send(self, message: bytes) -> None:
+        try:
+            self._socket.send(message)
+        except zmq.Again:
+            raise TimeoutError(
+                f"no ingest took a SELUN message on {self.data_endpoint} within "
+                f"send_timeout_s={self._send_timeout_s}: start the pipeline with detector.data_endpoint "
+                "set to this endpoint before the scan"
+            ) from None
