@@ -20,7 +20,8 @@ Start here:
   phasestream run deploy/live.yaml      serve a pipeline beside a real or simulated detector
   phasestream simulate                  stream a simulated SELUN scan (DECTRIS Stream V2)
   phasestream replay scan.cxi           replay a recorded CXI or NXmx scan through the same path
-  phasestream bench ingest | epie | cdi | replay | tpx3 | pine
+  phasestream view --tiled-uri URI      watch reconstructions live in a browser
+  phasestream bench ingest | epie | cdi | replay | tpx3 | viewer | pine
                                         measure throughput (figures go in docs/benchmarks.md)
 """
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("demo", "run", "replay"):
+    if args.command in ("demo", "run", "replay", "view"):
         # A service manager stops with SIGTERM: tidy up (stop every stage, the emitter, Tiled) as on Ctrl-C.
         signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_simulate(sub)
     _add_replay(sub)
+    _add_view(sub)
     _add_stage(sub)
     _add_keys(sub)
     _add_bluesky_bridge(sub)
@@ -177,6 +179,37 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tiled-api-key", help="its API key")
     parser.set_defaults(func=_cmd_replay)
+
+
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "view",
+        help="serve a live web page of the latest reconstruction in Tiled",
+        description="Follows /reconstructions through Tiled's websocket subscriptions and serves, on "
+        "127.0.0.1, the object's amplitude and phase with the scan positions, the probe, the neural mosaic, "
+        "the iteration, the R-factor and frames/s per stage. The API key never reaches the browser.",
+    )
+    p.add_argument("--tiled-uri", help="the Tiled server (env PHASESTREAM_TILED__URI)")
+    p.add_argument(
+        "--api-key-file", type=Path, help="file holding its API key (default: env PHASESTREAM_TILED__API_KEY)"
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="URL",
+        help="stage /metrics endpoints for frames/s: URL, host:port or port (repeatable)",
+    )
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one, printed)")
+    p.add_argument("--scan", help="show this scan uid instead of the newest")
+    p.set_defaults(func=_cmd_view)
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    from phasestream.viewer import run_viewer
+
+    return run_viewer(args)
 
 
 def _add_stage(sub: argparse._SubParsersAction) -> None:
@@ -296,6 +329,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     replay.add_argument("--repeats", type=int, default=3, help="runs per file; the median is quoted")
     replay.set_defaults(func=_cmd_bench_replay)
+    viewer = bench.add_parser("viewer", help="latency from a Tiled write to the viewer's page")
+    viewer.add_argument("--updates", type=int, default=30, help="default %(default)s")
+    viewer.add_argument("--size", type=int, default=256, help="object side in pixels (default %(default)s)")
+    viewer.set_defaults(func=_cmd_bench_viewer)
     tpx3 = bench.add_parser("tpx3", help="Timepix3 raw decode: events/s on one core")
     tpx3.add_argument("--events", type=int, default=10_000_000, help="default %(default)s")
     tpx3.add_argument("--repeats", type=int, default=5, help="runs; the median is quoted")
@@ -379,6 +416,13 @@ def _cmd_bench_replay(args: argparse.Namespace) -> int:
     from phasestream.replay import bench_replay
 
     bench_replay(tuple(args.frames), args.repeats)
+    return 0
+
+
+def _cmd_bench_viewer(args: argparse.Namespace) -> int:
+    from phasestream.viewer_bench import bench_viewer
+
+    bench_viewer(args.updates, args.size)
     return 0
 
 
