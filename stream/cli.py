@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub)
     _add_keys(sub)
     _add_bluesky_bridge(sub)
+    _add_train(sub)
     _add_bench(sub)
     return parser
 
@@ -272,6 +273,45 @@ def _cmd_bluesky_bridge(args: argparse.Namespace) -> int:
     return run_bluesky_bridge(args)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train the shipped networks on simulated data (progress bars, checkpoints)"
+    )
+    train = p.add_subparsers(dest="train", required=True, metavar="NETWORK")
+    apn = train.add_parser(
+        "autophasenn",
+        help="unsupervised AutoPhaseNN training on simulated data (torchrun for several GPUs)",
+        description="Trains on simulated diffraction patterns only, with the physics-aware loss. "
+        "Several GPUs: "
+        "torchrun --nproc-per-node N -m phasestream train autophasenn ...",
+    )
+    apn.add_argument("--dim", type=int, choices=(2, 3), required=True)
+    apn.add_argument("--out", type=Path, required=True, help="weights file to write")
+    apn.add_argument("--steps", type=int, default=1000, help="default %(default)s")
+    apn.add_argument("--batch-size", type=int, default=8, help="per process (default %(default)s)")
+    apn.add_argument("--lr", type=float, default=1e-3, help="default %(default)s")
+    apn.add_argument("--widths", type=int, nargs="+", default=None, help="filters per encoder level")
+    apn.add_argument("--seed", type=int, default=0)
+    apn.add_argument("--checkpoint-every", type=int, default=100, help="default %(default)s")
+    apn.add_argument("--checkpoint", type=Path, default=None, help="default: <out>.ckpt")
+    apn.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    apn.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    apn.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    apn.add_argument("--no-progress", action="store_true")
+    apn.set_defaults(func=_cmd_train_autophasenn)
+
+
+def _cmd_train_autophasenn(args: argparse.Namespace) -> int:
+    from phasestream.models.train_autophasenn import train_autophasenn
+
+    train_autophasenn(
+        args.dim, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, widths=args.widths,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, checkpoint_path=args.checkpoint,
+        resume=args.resume, device=args.device, num_threads=args.threads, progress=not args.no_progress,
+    )  # fmt: skip
+    return 0
+
+
 def _add_keys(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keys", help="CurveZMQ keys for stages on several hosts")
     keys = p.add_subparsers(dest="keys", required=True, metavar="ACTION")
@@ -329,6 +369,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     replay.add_argument("--repeats", type=int, default=3, help="runs per file; the median is quoted")
     replay.set_defaults(func=_cmd_bench_replay)
+    apn = bench.add_parser(
+        "autophasenn", help="ms per 64³ prediction, 2D frames/s, prediction + 50 ER against 600 HIO/ER"
+    )
+    apn.add_argument(
+        "--amplitude", default=str(TEST_DATA / "bcdi_amplitude_64.npy"), help="default %(default)s"
+    )
+    apn.add_argument("--device", default=None)
+    apn.add_argument("--threads", type=int, default=None)
+    apn.set_defaults(func=_cmd_bench_autophasenn)
     viewer = bench.add_parser("viewer", help="latency from a Tiled write to the viewer's page")
     viewer.add_argument("--updates", type=int, default=30, help="default %(default)s")
     viewer.add_argument("--size", type=int, default=256, help="object side in pixels (default %(default)s)")
@@ -416,6 +465,13 @@ def _cmd_bench_replay(args: argparse.Namespace) -> int:
     from phasestream.replay import bench_replay
 
     bench_replay(tuple(args.frames), args.repeats)
+    return 0
+
+
+def _cmd_bench_autophasenn(args: argparse.Namespace) -> int:
+    from phasestream.models.autophasenn import bench_autophasenn
+
+    print(bench_autophasenn(args.amplitude, device=args.device, num_threads=args.threads))
     return 0
 
 
