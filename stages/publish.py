@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError
@@ -61,6 +62,8 @@ class PublishStage(Stage):
     def _publish(self, rec: Reconstruction) -> None:
         self._publisher.submit_array(rec.scan_uid, "object", rec.object)
         self._publisher.submit_array(rec.scan_uid, "probe", rec.probe)
+        if len(rec.positions_m):
+            self._publisher.submit_array(rec.scan_uid, "positions", np.ascontiguousarray(rec.positions_m))
         self._publisher.submit_metadata(
             rec.scan_uid,
             {

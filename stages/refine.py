@@ -74,6 +74,7 @@ class ScanSolve:
     pixel_size_m: float
     pending_patterns: list[np.ndarray] = field(default_factory=list)
     pending_positions: list[np.ndarray] = field(default_factory=list)
+    fed_positions_m: list[np.ndarray] = field(default_factory=list)
     origin_m: np.ndarray | None = None
     solver: EpieSolver | None = None
     last_error: float = float("nan")
@@ -164,6 +165,7 @@ class RefineStage(Stage):
         positions = np.concatenate(solve.pending_positions)
         solve.pending_patterns.clear()
         solve.pending_positions.clear()
+        solve.fed_positions_m.append(positions)
         if solve.origin_m is None:
             solve.origin_m = positions.min(axis=0)
         pixels = positions_to_pixels(
@@ -264,6 +266,7 @@ class RefineStage(Stage):
             quality={"fourier_error": float(solve.last_error), "r_factor": r_factor},
             object=solver.object,
             probe=solver.probe,
+            positions_m=np.concatenate(solve.fed_positions_m),
         )
 
     def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:

@@ -110,7 +110,7 @@ class FrameBatch(Message):
 class Reconstruction(Message):
     """A solver's current estimate. ``object_pixel_size_m`` turns the canvas into metres."""
 
-    array_fields: ClassVar[tuple[str, ...]] = ("object", "probe")
+    array_fields: ClassVar[tuple[str, ...]] = ("object", "probe", "positions_m")
 
     kind: Literal[MessageKind.RECONSTRUCTION] = MessageKind.RECONSTRUCTION
     algorithm: str
@@ -123,6 +123,8 @@ class Reconstruction(Message):
     quality: dict[str, float] = Field(default_factory=dict)
     object: np.ndarray
     probe: np.ndarray
+    # Probe centres (y, x) in metres of the positions used so far, for viewers; (0, 2) when not sent.
+    positions_m: np.ndarray = Field(default_factory=lambda: np.empty((0, 2)))
 
 
 class ScanEnd(Message):
@@ -189,9 +191,10 @@ def _array_from_frame(spec: ArraySpec, frame: Any) -> np.ndarray:
     buffer = frame.buffer if hasattr(frame, "buffer") else frame
     dtype = np.dtype(spec.dtype)
     expected = dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64))
-    if len(memoryview(buffer).cast("B")) != expected:
+    received = memoryview(buffer).nbytes
+    if received != expected:
         raise WireFormatError(
-            f"array {spec.name!r}: {len(memoryview(buffer).cast('B'))} bytes received, "
+            f"array {spec.name!r}: {received} bytes received, "
             f"{expected} expected for {spec.dtype}{list(spec.shape)}"
         )
     return np.frombuffer(buffer, dtype=dtype).reshape(spec.shape)

@@ -141,6 +141,7 @@ def test_simulated_scan_streams_to_tiled_and_reconstructs(small_scan, tmp_path: 
         reconstruction = {
             "object": node["object"].read(),
             "probe": node["probe"].read(),
+            "positions": node["positions"].read(),
             "metadata": dict(node.metadata),
         }
 
@@ -165,6 +166,10 @@ def test_simulated_scan_streams_to_tiled_and_reconstructs(small_scan, tmp_path: 
     meta = reconstruction["metadata"]
     assert meta["status"] == "complete" and meta["final"] is True
     assert meta["iteration"] == iterations
+    # The positions the solver used, for viewers: every probe centre of the scan, in metres.
+    published = reconstruction["positions"]
+    assert published.shape == (N_POSITIONS, 2)
+    np.testing.assert_allclose(np.sort(published, axis=0), np.sort(small_scan.positions_m, axis=0), rtol=1e-9)
     # The Fourier R-factor of every snapshot, here the final one's: 1 would be no fit at all.
     assert 0 < meta["quality"]["r_factor"] < 0.5
     comparison = compare_with_truth(small_scan, reconstruction)
