@@ -21,7 +21,7 @@ Start here:
   phasestream simulate                  stream a simulated SELUN scan (DECTRIS Stream V2)
   phasestream replay scan.cxi           replay a recorded CXI or NXmx scan through the same path
   phasestream view --tiled-uri URI      watch reconstructions live in a browser
-  phasestream bench ingest | epie | cdi | replay | tpx3 | viewer | pine
+  phasestream bench ingest | epie | cdi | replay | tpx3 | viewer | autophasenn | dip | lodip | pine
                                         measure throughput (figures go in docs/benchmarks.md)
 """
 
@@ -378,6 +378,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     apn.add_argument("--device", default=None)
     apn.add_argument("--threads", type=int, default=None)
     apn.set_defaults(func=_cmd_bench_autophasenn)
+    lodip = bench.add_parser("lodip", help="PSNR of HIO-stat, LoDIP and double DIP on simulated in-situ CDI")
+    lodip.add_argument("--samples", type=int, default=20, help="default %(default)s")
+    lodip.add_argument("--photons", type=float, nargs="+", default=[1000.0, 1.0], help="photons per pixel")
+    lodip.add_argument("--size", type=int, default=64, help="array side (default %(default)s)")
+    lodip.add_argument("--sample-size", type=int, default=16, help="sample side (default %(default)s)")
+    lodip.add_argument("--lodip-iterations", type=int, default=300, help="default %(default)s")
+    lodip.add_argument("--double-dip-iterations", type=int, default=150, help="default %(default)s")
+    lodip.add_argument("--threads", type=int, default=1, help="default %(default)s")
+    lodip.set_defaults(func=_cmd_bench_lodip)
+    dip = bench.add_parser("dip", help="seconds per DIP denoise (ES-WMV), Arch1 and Arch2")
+    dip.add_argument("--size", type=int, default=64, help="default %(default)s")
+    dip.add_argument("--repeats", type=int, default=1, help="default %(default)s")
+    dip.add_argument("--max-iterations", type=int, default=1000, help="default %(default)s")
+    dip.add_argument("--threads", type=int, default=1, help="default %(default)s")
+    dip.set_defaults(func=_cmd_bench_dip)
     viewer = bench.add_parser("viewer", help="latency from a Tiled write to the viewer's page")
     viewer.add_argument("--updates", type=int, default=30, help="default %(default)s")
     viewer.add_argument("--size", type=int, default=256, help="object side in pixels (default %(default)s)")
@@ -472,6 +487,26 @@ def _cmd_bench_autophasenn(args: argparse.Namespace) -> int:
     from phasestream.models.autophasenn import bench_autophasenn
 
     print(bench_autophasenn(args.amplitude, device=args.device, num_threads=args.threads))
+    return 0
+
+
+def _cmd_bench_lodip(args: argparse.Namespace) -> int:
+    from phasestream.models.bench_dip import bench_lodip
+
+    bench_lodip(
+        args.samples, tuple(args.photons), size_px=args.size, sample_size_px=args.sample_size,
+        lodip_iterations=args.lodip_iterations, double_dip_iterations=args.double_dip_iterations,
+        threads=args.threads,
+    )  # fmt: skip
+    return 0
+
+
+def _cmd_bench_dip(args: argparse.Namespace) -> int:
+    from phasestream.models.bench_dip import bench_dip_denoise
+
+    bench_dip_denoise(
+        size_px=args.size, repeats=args.repeats, max_iterations=args.max_iterations, threads=args.threads
+    )
     return 0
 
 
