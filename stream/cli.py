@@ -299,6 +299,32 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     apn.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     apn.add_argument("--no-progress", action="store_true")
     apn.set_defaults(func=_cmd_train_autophasenn)
+    dncnn = train.add_parser(
+        "dncnn",
+        help="the nonexpansive DnCNN denoiser of PINE, on formula-driven dead-leaves images",
+        description="Trains D(x) = x − N(x) with RealSN layers on dead-leaves images with Gaussian noise; "
+        "no real data. Writes the weights file and periodic checkpoints (--resume continues).",
+    )
+    dncnn.add_argument(
+        "--out", type=Path, default=Path("models/weights/dncnn_realsn.pt"), help="default %(default)s"
+    )
+    dncnn.add_argument("--steps", type=int, default=2000, help="default %(default)s")
+    dncnn.add_argument("--batch-size", type=int, default=16, help="default %(default)s")
+    dncnn.add_argument("--patch-px", type=int, default=40, help="default %(default)s")
+    dncnn.add_argument("--sigma-min", type=float, default=0.0, help="default %(default)s")
+    dncnn.add_argument("--sigma-max", type=float, default=0.15, help="default %(default)s")
+    dncnn.add_argument("--depth", type=int, default=8, help="conv layers (paper 17; default %(default)s)")
+    dncnn.add_argument("--width", type=int, default=32, help="channels (paper 64; default %(default)s)")
+    dncnn.add_argument("--lr", type=float, default=1e-3, help="default %(default)s")
+    dncnn.add_argument("--seed", type=int, default=0)
+    dncnn.add_argument("--checkpoint-every", type=int, default=250, help="default %(default)s")
+    dncnn.add_argument("--checkpoint", type=Path, default=None, help="default: <out>.ckpt")
+    dncnn.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    dncnn.add_argument("--device", default=None)
+    dncnn.add_argument("--threads", type=int, default=1, help="default %(default)s")
+    dncnn.add_argument("--power-iterations", type=int, default=2, help="RealSN power steps per update")
+    dncnn.add_argument("--no-progress", action="store_true")
+    dncnn.set_defaults(func=_cmd_train_dncnn)
 
 
 def _cmd_train_autophasenn(args: argparse.Namespace) -> int:
@@ -308,6 +334,19 @@ def _cmd_train_autophasenn(args: argparse.Namespace) -> int:
         args.dim, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, widths=args.widths,
         seed=args.seed, checkpoint_every=args.checkpoint_every, checkpoint_path=args.checkpoint,
         resume=args.resume, device=args.device, num_threads=args.threads, progress=not args.no_progress,
+    )  # fmt: skip
+    return 0
+
+
+def _cmd_train_dncnn(args: argparse.Namespace) -> int:
+    from phasestream.models.train_dncnn import train_dncnn
+
+    train_dncnn(
+        args.out, steps=args.steps, batch_size=args.batch_size, patch_px=args.patch_px,
+        sigma_range=(args.sigma_min, args.sigma_max), depth=args.depth, width=args.width, lr=args.lr,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
+        num_threads=args.threads, power_iterations=args.power_iterations, checkpoint_path=args.checkpoint,
+        progress=not args.no_progress,
     )  # fmt: skip
     return 0
 
