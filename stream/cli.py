@@ -417,6 +417,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     apn.add_argument("--device", default=None)
     apn.add_argument("--threads", type=int, default=None)
     apn.set_defaults(func=_cmd_bench_autophasenn)
+    pine = bench.add_parser(
+        "pine",
+        help="FRC per iteration of ePIE and rPIE (300) against PINE (150) on a low-dose scan, as a PNG",
+    )
+    pine.add_argument("--photons", type=float, default=2e3, help="photons per frame (default %(default)g)")
+    pine.add_argument("--positions", type=int, default=200, help="default %(default)s")
+    pine.add_argument("--figure", type=Path, default=Path("pine_frc.png"), help="default %(default)s")
+    pine.set_defaults(func=_cmd_bench_pine)
     lodip = bench.add_parser("lodip", help="PSNR of HIO-stat, LoDIP and double DIP on simulated in-situ CDI")
     lodip.add_argument("--samples", type=int, default=20, help="default %(default)s")
     lodip.add_argument("--photons", type=float, nargs="+", default=[1000.0, 1.0], help="photons per pixel")
@@ -526,6 +534,19 @@ def _cmd_bench_autophasenn(args: argparse.Namespace) -> int:
     from phasestream.models.autophasenn import bench_autophasenn
 
     print(bench_autophasenn(args.amplitude, device=args.device, num_threads=args.threads))
+    return 0
+
+
+def _cmd_bench_pine(args: argparse.Namespace) -> int:
+    from phasestream.models.bench_pine import bench_pine
+
+    traces = bench_pine(n_positions=args.positions, photons_per_frame=args.photons, figure=args.figure)
+    for trace in traces.values():
+        print(
+            f"{trace.name:<5} {trace.iterations[-1]:>4} iterations in {trace.seconds:6.1f} s: half-bit "
+            f"resolution {trace.resolution_px[-1]:.1f} px, mean FRC {trace.mean_frc[-1]:.3f}"
+        )
+    print(f"FRC curves: {args.figure}")
     return 0
 
 

@@ -80,3 +80,17 @@ def test_the_shipped_denoiser_keeps_a_flat_object_and_smooths_noise() -> None:
     before = torch.linalg.norm(noisy - flat)
     after = torch.linalg.norm(regularised - flat)
     assert after < 0.8 * before
+
+
+def test_bench_pine_traces_every_solver_and_draws_the_figure(tmp_path) -> None:
+    from phasestream.models.bench_pine import bench_pine
+
+    figure = tmp_path / "frc.png"
+    traces = bench_pine(
+        n_positions=30, long_iterations=4, pine_iterations=2, every=2, denoiser=MeanFilter(), figure=figure,
+        progress=False,
+    )  # fmt: skip
+    assert [t.iterations for t in traces.values()] == [[2, 4], [2, 4], [2]]
+    for trace in traces.values():
+        assert all(r > 0 for r in trace.resolution_px) and all(-1 <= m <= 1 for m in trace.mean_frc)
+    assert figure.stat().st_size > 10_000
