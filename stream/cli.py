@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # One line per HTTP request to Tiled would bury the progress bars.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # One line per HTTP request to Tiled, or per database migration step of the embedded server, would bury
+    # the progress bars.
+    for chatty in ("httpx", "alembic", "numexpr"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except PhasestreamError as exc:
