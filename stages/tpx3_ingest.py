@@ -180,6 +180,20 @@ class Tpx3IngestStage(IngestStage):
     def _decode_received(self) -> list[Message]:
         if not self._received or self._decoder is None:
             return []
+        if self._open is None:
+            # The scan was closed as stalled while the connection stayed open: it cannot take these events.
+            metrics.MESSAGES_REJECTED.labels(
+                reason="no_open_scan", stage=self.stage_name, worker=self.worker
+            ).inc()
+            self.warn(
+                "no_open_scan",
+                f"{self._received_bytes} bytes of Timepix3 data came after their scan was closed as stalled "
+                f"(stalled_scan_timeout_s={self.config.stalled_scan_timeout_s}); they are dropped. Raise "
+                "stalled_scan_timeout_s if the detector pauses this long within a scan",
+            )
+            self._received.clear()
+            self._received_bytes = 0
+            return []
         data = b"".join(self._received)
         self._received.clear()
         self._received_bytes = 0
