@@ -44,6 +44,7 @@ from phasestream.models.autophasenn import (
     physics_loss,
     weights_payload,
 )
+from phasestream.models.checkpoints import move_optimiser_state, save_atomically
 from phasestream.models.epie import default_device
 from phasestream.simulators.crystals import (
     CrystalConfig,
@@ -115,13 +116,6 @@ def training_batch(
     if dim == 3:
         return torch.from_numpy(simulate_crystals(batch_size, rng, crystal_config).amplitudes)
     return torch.from_numpy(simulate_ptycho_patches(batch_size, rng, patch_config, probe).amplitudes)
-
-
-def _save_atomically(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
 
 
 def _resume_state(
@@ -222,10 +216,7 @@ def _train(
     if resume and checkpoint_path.is_file():
         start_step, losses = _resume_state(checkpoint_path, architecture, model, optimiser)
     model.to(device)
-    for state in optimiser.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                state[key] = value.to(device)
+    move_optimiser_state(optimiser, device)
     network = model
     if processes.world_size > 1:
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -241,7 +232,7 @@ def _train(
             torch_rng_state=torch.get_rng_state(),
             losses=list(losses),
         )
-        _save_atomically(payload, checkpoint_path)
+        save_atomically(payload, checkpoint_path)
 
     model.train()
     bar = tqdm(
@@ -281,7 +272,7 @@ def _train(
             "device": str(device),
             "torch": str(torch.__version__),
         }
-        _save_atomically(weights_payload(model, training=record), out_path)
+        save_atomically(weights_payload(model, training=record), out_path)
     if processes.world_size > 1:
         dist.barrier()
     return TrainingResult(

@@ -34,7 +34,6 @@ the torch RNG state and the loss history; ``resume=True`` continues from the che
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError
+from phasestream.models.checkpoints import move_optimiser_state, save_atomically
 from phasestream.models.dncnn import (
     DEFAULT_WEIGHTS_PATH,
     DncnnArchitecture,
@@ -123,13 +123,6 @@ def lipschitz_probes(seed: int, sigma_range: tuple[float, float]) -> torch.Tenso
 
 def default_checkpoint_path(out_path: Path) -> Path:
     return out_path.with_suffix(".ckpt")
-
-
-def _save_atomically(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
 
 
 def _check_options(
@@ -218,7 +211,7 @@ def train_dncnn(
             normalise_(model, iterations=20)
         model.to(resolved)
         probes, directions = probes.to(resolved), directions.to(resolved)
-        _move_optimiser_state(optimiser, resolved)
+        move_optimiser_state(optimiser, resolved)
         first_new_loss = len(losses)
         started_s = time.perf_counter()
 
@@ -232,7 +225,7 @@ def train_dncnn(
                 torch_rng_state=torch.get_rng_state(),
                 losses=list(losses),
             )
-            _save_atomically(payload, checkpoint_path)
+            save_atomically(payload, checkpoint_path)
 
         model.train()
         bar = tqdm(
@@ -288,7 +281,7 @@ def train_dncnn(
             "device": str(resolved),
             "torch": str(torch.__version__),
         }
-        _save_atomically(weights_payload(model, training=record), out_path)
+        save_atomically(weights_payload(model, training=record), out_path)
         return TrainingResult(
             start_step=start_step,
             final_step=max(steps, start_step),
@@ -323,10 +316,3 @@ def _secant_ratio(model: torch.nn.Module, images: torch.Tensor, direction: torch
     both = model(torch.cat([images, images + SECANT_STEP * direction]))
     difference = both[images.shape[0] :] - both[: images.shape[0]]
     return torch.linalg.vector_norm(difference.flatten(1), dim=1) / SECANT_STEP
-
-
-def _move_optimiser_state(optimiser: torch.optim.Optimizer, device: torch.device) -> None:
-    for state in optimiser.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                state[key] = value.to(device)
