@@ -53,6 +53,7 @@ from phasestream.models.physics import FOURIER_EPSILON, probe_from_patterns
 from phasestream.models.ptycho_modes import (
     fourier_frequencies,
     initial_modes,
+    modal_fourier_update,
     orthogonalise_modes,
     position_gradient_steps,
     shift_ramps,
@@ -606,15 +607,23 @@ class EpieSolver:
                 probe.add_(probe_update)
         return float(torch.stack(squared_errors).real.sum().item())
 
-    def _windows(self, batch: torch.Tensor, shifted: bool) -> _Windows:
-        """Object patches, each window's probe modes and their exit waves for the positions ``batch``."""
+    def _window_geometry(self, shifted: bool) -> _WindowGeometry:
+        """Where every window lies, built once per sweep: the positions do not move within one."""
         flat_offsets, window_grid = self._flat_window_index()
-        flat_index = (flat_offsets[batch].view(-1, 1, 1) + window_grid).view(-1)
+        if not shifted:
+            return _WindowGeometry(flat_offsets, window_grid, None, None)
+        subpixel = torch.from_numpy(self._subpixel_px).to(self.device)
+        return _WindowGeometry(
+            flat_offsets, window_grid, subpixel, fourier_frequencies(self._window_px, self.device)
+        )
+
+    def _windows(self, batch: torch.Tensor, geometry: _WindowGeometry) -> _Windows:
+        """Object patches, each window's probe modes and their exit waves for the positions ``batch``."""
+        flat_index = (geometry.flat_offsets[batch].view(-1, 1, 1) + geometry.window_grid).view(-1)
         patches = self._object.view(-1)[flat_index].view(len(batch), *self._window_px)
         ramps = None
-        if shifted:
-            subpixel = torch.from_numpy(self._subpixel_px).to(self.device)[batch]
-            ramps = shift_ramps(subpixel, fourier_frequencies(self._window_px, self.device))
+        if geometry.subpixel_px is not None:
+            ramps = shift_ramps(geometry.subpixel_px[batch], geometry.frequencies)
             probes = shifted_modes(torch.fft.fft2(self._probe), ramps)
         else:
             probes = self._probe.unsqueeze(0).expand(len(batch), -1, -1, -1)
@@ -640,10 +649,11 @@ class EpieSolver:
         position_steps = torch.zeros((self._n_positions, 2), dtype=torch.float32, device=self.device)
         object_w, probe_w = self._object_regularisation, self._probe_regularisation
         squared_errors = []
+        geometry = self._window_geometry(shifted)
         for start in range(0, self._n_positions, batch_size):
             batch = order[start : start + batch_size].to(self.device)
-            windows = self._windows(batch, shifted)
-            delta = _modal_fourier_update(windows.exit_waves, self._amplitudes[batch], self._unmeasured)
+            windows = self._windows(batch, geometry)
+            delta = modal_fourier_update(windows.exit_waves, self._amplitudes[batch], self._unmeasured)
             squared_errors.append(_squared_norm(delta))
             if correct_positions:
                 position_steps[batch] = position_gradient_steps(windows.patches, windows.probes, delta)
@@ -699,13 +709,13 @@ class EpieSolver:
         """
         if self._n_positions == 0:
             raise ConfigError("fourier_r_factor() before any add_patterns(): add at least one pattern first")
-        shifted = bool(self._subpixel_px.any())
+        geometry = self._window_geometry(shifted=bool(self._subpixel_px.any()))
         misfit, total = 0.0, 0.0
         with torch.no_grad(), _torch_threads(self.num_threads):
             for start in range(0, self._n_positions, self.batch_size):
                 stop = min(start + self.batch_size, self._n_positions)
                 batch = torch.arange(start, stop, device=self.device)
-                wave = torch.fft.fft2(self._windows(batch, shifted).exit_waves, norm="ortho")
+                wave = torch.fft.fft2(self._windows(batch, geometry).exit_waves, norm="ortho")
                 model = (wave * wave.conj()).real.sum(dim=1).sqrt()
                 if self._unmeasured is not None:
                     model.masked_fill_(self._unmeasured, 0.0)  # the stored amplitude is 0 there too
@@ -738,6 +748,17 @@ class EpieSolver:
 
 
 @dataclass(frozen=True)
+class _WindowGeometry:
+    """Flat canvas offset of every window corner (n,), flat offsets inside a window (1, ny, nx), and for
+    sub-pixel windows their fractions (n, 2) and the FFT frequencies that move the probe by them."""
+
+    flat_offsets: torch.Tensor
+    window_grid: torch.Tensor
+    subpixel_px: torch.Tensor | None
+    frequencies: tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
 class _Windows:
     """A mini-batch's windows: flat canvas index of every pixel, object patches (B, ny, nx), probe modes
     (B, K, ny, nx) moved by each window's sub-pixel fraction, exit waves (B, K, ny, nx), and the phase
@@ -752,24 +773,6 @@ class _Windows:
 
 def _started(start_epoch: int | None, epochs_run: int) -> bool:
     return start_epoch is not None and epochs_run >= start_epoch
-
-
-def _modal_fourier_update(
-    exit_waves: torch.Tensor, measured: torch.Tensor, unmeasured: torch.Tensor | None
-) -> torch.Tensor:
-    """Δ_k = ψ'_k − ψ_k with Ψ'_k = Ψ_k sqrt(I) / sqrt(Σ_k |Ψ_k|²) (Thibault & Menzel 2013, eq. 3).
-
-    Unmeasured pixels keep Ψ_k (Δ_k = 0 there).
-
-    Σ_k ‖Δ_k‖² = ‖sqrt(Σ_k |Ψ_k|²) − sqrt(I)‖², the same error as for one mode.
-    """
-    wave = torch.fft.fft2(exit_waves, norm="ortho")
-    total = (wave * wave.conj()).real.sum(dim=1).clamp_min_(FOURIER_EPSILON**2)
-    ratio = measured * total.rsqrt_()
-    if unmeasured is not None:
-        ratio.masked_fill_(unmeasured, 1.0)
-    wave.mul_(ratio.unsqueeze(1))
-    return torch.fft.ifft2(wave, norm="ortho").sub_(exit_waves)
 
 
 def _max_summed_illumination_scatter(

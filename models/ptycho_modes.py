@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from phasestream.errors import ConfigError
+from phasestream.models.physics import FOURIER_EPSILON
 
 _DIVISION_FLOOR = 1e-30
 SECOND_MODE_POWER = 0.05
@@ -123,3 +124,21 @@ def position_gradient_steps(patches: torch.Tensor, probes: torch.Tensor, delta: 
         # Moving the window by +δ samples O(r + δ): ψ(δ) ≈ ψ + δ P ∂O, so δ solves P ∂O δ ≈ Δ.
         steps.append(numerator / denominator)
     return torch.stack(steps, dim=1)
+
+
+def modal_fourier_update(
+    exit_waves: torch.Tensor, measured: torch.Tensor, unmeasured: torch.Tensor | None
+) -> torch.Tensor:
+    """Δ_k = ψ'_k − ψ_k with Ψ'_k = Ψ_k sqrt(I) / sqrt(Σ_k |Ψ_k|²) (Thibault & Menzel 2013, eq. 3).
+
+    Unmeasured pixels keep Ψ_k (Δ_k = 0 there).
+
+    Σ_k ‖Δ_k‖² = ‖sqrt(Σ_k |Ψ_k|²) − sqrt(I)‖², the same error as for one mode.
+    """
+    wave = torch.fft.fft2(exit_waves, norm="ortho")
+    total = (wave * wave.conj()).real.sum(dim=1).clamp_min_(FOURIER_EPSILON**2)
+    ratio = measured * total.rsqrt_()
+    if unmeasured is not None:
+        ratio.masked_fill_(unmeasured, 1.0)
+    wave.mul_(ratio.unsqueeze(1))
+    return torch.fft.ifft2(wave, norm="ortho").sub_(exit_waves)
