@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from phasestream import metrics
 from phasestream.errors import ConfigError
 from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart
 from phasestream.simulators.cxi import (
@@ -122,8 +123,25 @@ class RecordStage(Stage):
 
     def process(self, message: Message) -> Iterable[Message]:
         if isinstance(message, FrameBatch) and message.scan_uid in self._recordings:
-            self._recordings[message.scan_uid].append(message)
-            self.count(message.scan_uid, "frames_recorded", len(message.frame_indices))
+            recording = self._recordings[message.scan_uid]
+            n_frames = len(message.frame_indices)
+            try:
+                recording.append(message)
+            except (ConfigError, OSError) as exc:
+                # A failed write (a full disk, a wrong placement) must not cost the live reconstruction its
+                # frames: they go on, and the file's gap is counted and said.
+                metrics.MESSAGES_REJECTED.labels(
+                    reason="record_failed", stage=self.stage_name, worker=self.worker
+                ).inc()
+                self.count(message.scan_uid, "frames_not_recorded", n_frames)
+                self.warn(
+                    "record_failed",
+                    f"frames {message.first_index}..{message.last_index} of scan {message.scan_uid} were not "
+                    f"written to {recording.path}: {exc}; they go on to the next stage (free disk space, or "
+                    "fix the placement, then replay from the detector's own files)",
+                )
+            else:
+                self.count(message.scan_uid, "frames_recorded", n_frames)
         yield message
 
     def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:

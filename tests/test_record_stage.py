@@ -55,3 +55,22 @@ def test_recorded_frames_and_positions_read_back_exactly_and_pass_through(tmp_pa
     np.testing.assert_array_equal(np.concatenate(list(recorded.iter_frames())), frames[kept])
     np.testing.assert_allclose(recorded.positions_m, positions_m[kept], rtol=1e-12)
     assert (recorded.energy_kev, recorded.detector_distance_m) == (8.8, 2.0)
+
+
+def test_frames_that_cannot_be_recorded_still_pass_and_are_counted(tmp_path) -> None:
+    geometry = Geometry(
+        energy_kev=8.8, detector_distance_m=2.0, pixel_size_m=75e-6, detector_shape_px=(16, 16),
+        detector_dtype="uint16",
+    )  # fmt: skip
+    stage = record_stage(tmp_path)
+    list(stage.on_scan_start(ScanStart(scan_uid="binned", geometry=geometry, planned_frames=2)))
+    # Frames binned 2×2 upstream no longer fit the detector-shaped file.
+    batch = FrameBatch(
+        scan_uid="binned",
+        frame_indices=[0, 1],
+        frames=np.ones((2, 8, 8), np.uint16),
+        positions_m=np.zeros((2, 2)),
+    )
+    assert list(stage.process(batch)) == [batch]
+    counts = stage.scan("binned").counts
+    assert counts["frames_not_recorded"] == 2 and counts["frames_recorded"] == 0
