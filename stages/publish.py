@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError
-from phasestream.messages import FrameBatch, Message, Reconstruction, ScanEnd, ScanStart
+from phasestream.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.stage import Stage
 from phasestream.tiled_publisher import TiledPublisher
 
@@ -60,23 +60,27 @@ class PublishStage(Stage):
         return ()
 
     def _publish(self, rec: Reconstruction) -> None:
-        self._publisher.submit_array(rec.scan_uid, "object", rec.object)
-        self._publisher.submit_array(rec.scan_uid, "probe", rec.probe)
-        if len(rec.positions_m):
-            self._publisher.submit_array(rec.scan_uid, "positions", np.ascontiguousarray(rec.positions_m))
-        self._publisher.submit_metadata(
-            rec.scan_uid,
-            {
-                "algorithm": rec.algorithm,
-                "iteration": rec.iteration,
-                "positions_used": rec.positions_used,
-                "object_pixel_size_m": rec.object_pixel_size_m,
-                "origin_m": list(rec.origin_m),
-                "final": rec.final,
-                "quality": rec.quality,
-            },
-        )
-        self.count(rec.scan_uid, "reconstructions_received")
+        summary = {
+            "algorithm": rec.algorithm,
+            "iteration": rec.iteration,
+            "positions_used": rec.positions_used,
+            "object_pixel_size_m": rec.object_pixel_size_m,
+            "origin_m": list(rec.origin_m),
+            "final": rec.final,
+            "quality": rec.quality,
+        }
+        if rec.product is Product.OBJECT:
+            self._publisher.submit_array(rec.scan_uid, "object", rec.object)
+            self._publisher.submit_array(rec.scan_uid, "probe", rec.probe)
+            if len(rec.positions_m):
+                self._publisher.submit_array(rec.scan_uid, "positions", np.ascontiguousarray(rec.positions_m))
+            self._publisher.submit_metadata(rec.scan_uid, summary)
+        else:
+            # A preview or a denoised copy sits beside the object; its figures are kept under its own
+            # name so they never overwrite the solver's iteration and quality.
+            self._publisher.submit_array(rec.scan_uid, rec.product.value, rec.object, metadata=summary)
+            self._publisher.submit_metadata(rec.scan_uid, {rec.product.value: summary})
+        self.count(rec.scan_uid, f"{rec.product.value}_reconstructions_received")
         self.report_status(scan_uid=rec.scan_uid, published_iteration=rec.iteration, final=rec.final)
 
     def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:

@@ -27,6 +27,14 @@ class MessageKind(StrEnum):
     SCAN_END = "scan_end"
 
 
+class Product(StrEnum):
+    """What a Reconstruction carries; each has its own node under ``/reconstructions/<scan_uid>/``."""
+
+    OBJECT = "object"  # the solver's estimate, with its probe
+    MOSAIC = "mosaic"  # the neural preview stitched from per-frame predictions
+    DENOISED = "denoised"  # the object after a denoiser
+
+
 class PositionSource(StrEnum):
     POSITION_CHANNEL = "position_channel"
     BLUESKY = "bluesky"
@@ -113,6 +121,7 @@ class Reconstruction(Message):
     array_fields: ClassVar[tuple[str, ...]] = ("object", "probe", "positions_m")
 
     kind: Literal[MessageKind.RECONSTRUCTION] = MessageKind.RECONSTRUCTION
+    product: Product = Product.OBJECT
     algorithm: str
     iteration: int = Field(ge=0)
     positions_used: int = Field(ge=0)
