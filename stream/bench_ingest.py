@@ -193,7 +193,8 @@ def _emitter_main(
     commands: Any,
     results: Any,
 ) -> None:
-    """Serve scans on command: ``(scan_uid, n_frames)`` sends one, ``None`` ends the process."""
+    """Serve scans on command: ``(scan_uid, n_frames, frames_per_s)`` sends one, as fast as ZeroMQ takes
+    the frames when ``frames_per_s`` is None, else paced to that rate; ``None`` ends the process."""
     from phasestream.simulators.selun import SelunEmitter
     from phasestream.simulators.stream_v2_encode import encode_message, end_fields
     from phasestream.stages.position_channel import encode_positions_end, position_messages
@@ -202,7 +203,7 @@ def _emitter_main(
     with SelunEmitter(data_endpoint, positions_endpoint) as emitter:
         results.put(("ready",))
         while (command := commands.get()) is not None:
-            scan_uid, n_frames = command
+            scan_uid, n_frames, frames_per_s = command
             # A raster of 100 nm steps; everything is encoded before the clock starts.
             index = np.arange(n_frames)
             positions_m = np.stack([index // 256, index % 256], axis=1) * 1e-7
@@ -210,6 +211,11 @@ def _emitter_main(
             emitter.emit_messages([_start_message(n_frames, scan_uid)])
             first_sent = time.monotonic()
             for k, batch in enumerate(positions):
+                if frames_per_s is not None:
+                    # Pace by the schedule, not a fixed gap, so one late chunk does not slow the rest.
+                    delay_s = first_sent + k * POSITIONS_PER_MESSAGE / frames_per_s - time.monotonic()
+                    if delay_s > 0:
+                        time.sleep(delay_s)
                 chunk = images[k * POSITIONS_PER_MESSAGE : min((k + 1) * POSITIONS_PER_MESSAGE, n_frames)]
                 emitter.emit_messages(chunk, [batch])
             last_sent = time.monotonic()
@@ -220,7 +226,7 @@ def _emitter_main(
 # ---- the pipeline ----------------------------------------------------------------------------------------
 
 
-def _pipeline(run_dir: Path, batch_size: int) -> Any:
+def _pipeline(run_dir: Path, batch_size: int, sink: str = SINK_STAGE) -> Any:
     from phasestream.config import validate_pipeline
 
     return validate_pipeline(
@@ -235,7 +241,7 @@ def _pipeline(run_dir: Path, batch_size: int) -> Any:
             "stages": [
                 {"name": "ingest", "stage": "ingest", "config": {"batch_size": batch_size}},
                 {"name": "binning", "stage": "binning"},
-                {"name": "sink", "stage": SINK_STAGE},
+                {"name": "sink", "stage": sink},
             ],
         },
         source="bench ingest pipeline",
@@ -256,7 +262,7 @@ class _Session:
 
         scan_uid = f"bench-{uuid.uuid4().hex[:12]}"
         cpu_before, window_started = self._cpu_seconds(), time.monotonic()
-        self.commands.put((scan_uid, n_frames))
+        self.commands.put((scan_uid, n_frames, None))
         shown = bar.n
         ended_at, event = self._wait_for_scan_end(scan_uid, bar, shown)
         cpu_after, window_s = self._cpu_seconds(), time.monotonic() - window_started

@@ -385,6 +385,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=64, help="ingest frames per FrameBatch (default %(default)s)"
     )
     ingest.set_defaults(func=_cmd_bench_ingest)
+    soak = bench.add_parser(
+        "soak", help="hold a high frame rate for minutes: frames accounted, memory flat, latency percentiles"
+    )
+    soak.add_argument("--duration-s", type=float, default=300.0, help="default %(default)s")
+    soak.add_argument("--scan-frames", type=int, default=20_000, help="frames per scan (default %(default)s)")
+    soak.add_argument(
+        "--load", type=float, default=0.9, help="fraction of the sustained rate to hold (default %(default)s)"
+    )
+    soak.add_argument("--rate", type=float, help="frames/s to hold instead of --load × the sustained rate")
+    soak.set_defaults(func=_cmd_bench_soak)
     epie = bench.add_parser("epie", help="seconds per ePIE epoch, sequential and batched")
     epie.add_argument("--positions", type=int, default=516, help="default %(default)s")
     epie.add_argument("--size", type=int, default=128, help="pattern side in pixels (default %(default)s)")
@@ -494,6 +504,13 @@ def _cmd_bench_ingest(args: argparse.Namespace) -> int:
 
     bench_ingest(n_frames=args.frames, repeats=args.repeats, batch_size=args.batch_size)
     return 0
+
+
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from phasestream.bench_soak import bench_soak
+
+    result = bench_soak(args.duration_s, scan_frames=args.scan_frames, load=args.load, frames_per_s=args.rate)
+    return 1 if result.problems else 0
 
 
 def _cmd_bench_epie(args: argparse.Namespace) -> int:
