@@ -35,6 +35,17 @@ END_TO_END_LATENCY = Histogram(
     ["stage", "worker"],
     buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
 )
+# A restarted worker starts this at the number of restarts before it, so the series survives the restart.
+WORKER_RESTARTS = Counter(
+    "phasestream_worker_restarts",
+    "Times the launcher restarted this worker after it died",
+    ["stage", "worker"],
+)
+SCANS_TIMED_OUT = Counter(
+    "phasestream_scans_timed_out",
+    "Scans a stage closed after a timeout instead of on their ScanEnd",
+    ["stage", "worker", "reason"],
+)
 ITERATIONS = Counter("phasestream_iterations", "Solver iterations (epochs) completed", ["stage", "worker"])
 PUBLISH_SECONDS = Histogram(
     "phasestream_publish_seconds",

@@ -4,10 +4,21 @@ A stage implements ``process(message)`` (and optionally ``on_scan_start``, ``on_
 and, for stages that face a detector, ``raw_inputs``/``handle_raw``). ``Stage.run()`` owns the sockets,
 high-water marks and backpressure, timing, metrics, per-scan accounting, error handling and shutdown.
 It is the only place that catches per-message errors: it counts them and goes on with the scan.
+
+Faults (docs/operations.md, "Faults"): every worker keeps the ScanStart of each open scan in
+``<run_dir>/scans/<worker>/``. A worker the launcher restarts mid-scan reads them back, replays
+``on_scan_start`` and so takes that scan's remaining FrameBatches and ScanEnd as if it had seen the start
+(counted as ``restarted_mid_scan``); a restarted source cannot resume its detector stream and ends its open
+scans at once. Each ScanEnd carries ledgers of frame indices (the source's sent, every later worker's
+rested), from which the last stage counts ``frames_lost`` by index. A stage that received some but not all
+of a scan's ScanEnds closes the scan after ``scan_end_timeout_s`` without a message for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import logging
 import os
 import signal
@@ -17,13 +28,26 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import zmq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from phasestream import metrics
+from phasestream.accounting import (
+    FRAMES_LOST,
+    RESTARTED_MID_SCAN,
+    SCAN_ENDS_MISSING,
+    FrameIndexSet,
+    LedgerKind,
+    audit_lost_frames,
+    counts_only,
+    is_ledger_label,
+    ledger_label,
+)
 from phasestream.config import PipelineConfig, format_validation_error
+from phasestream.curve import StageCurve
 from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart, decode
 from phasestream.topology import WorkerPlacement
@@ -34,6 +58,8 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_MS = 100
 _DRAIN_LIMIT = 64
 _STATUS_INTERVAL_S = 0.25
+# Set by the launcher for a restarted worker: how many times it restarted this worker so far.
+RESTARTS_ENV = "PHASESTREAM_WORKER_RESTARTS"
 
 
 class NoConfig(BaseModel):
@@ -56,6 +82,15 @@ class ScanState:
     frames_sent_by_detector: int = 0
     accounting: dict[str, dict[str, int]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # Frame indices in and out of this worker, and the upstream ledgers its ScanEnds brought.
+    received: FrameIndexSet = field(default_factory=FrameIndexSet)
+    sent: FrameIndexSet = field(default_factory=FrameIndexSet)
+    ledgers: dict[str, dict[str, int]] = field(default_factory=dict)
+    last_end: ScanEnd | None = None
+    last_message_s: float = field(default_factory=time.monotonic)
+    recovered: bool = False  # opened from the journal by a restarted worker
+    finished: bool = False
+    lost: FrameIndexSet | None = None
 
 
 class Stage:
@@ -161,11 +196,14 @@ class Stage:
         """Serve until stopped (signal, ``request_stop()``) or, with ``exit_after_scan``, a scan ends."""
         self._install_signal_handlers()
         context = zmq.Context()
+        curve = self._curve(context)
         poller = zmq.Poller()
         ports: dict[zmq.Socket, str] = {}
         if self.placement.input_endpoint is not None:
             inbox = context.socket(zmq.PULL)
             inbox.setsockopt(zmq.RCVHWM, self.pipeline.high_water_mark)
+            if curve is not None and _is_tcp(self.placement.input_endpoint):
+                curve.serve(inbox)
             inbox.bind(self.placement.input_endpoint)
             ports[inbox] = "in"
         for port, raw in self.raw_inputs().items():
@@ -175,14 +213,23 @@ class Stage:
             ports[sock] = port
         for sock in ports:
             poller.register(sock, zmq.POLLIN)
+        secure = None
+        downstream = self.placement.downstream
+        if curve is not None and downstream is not None and _is_tcp(*self.placement.output_endpoints):
+            secure = functools.partial(curve.connect_to, server_name=downstream)
         self._outlet = Outlet(
-            context, self.placement.output_endpoints, self.pipeline.high_water_mark, self._stop
+            context, self.placement.output_endpoints, self.pipeline.high_water_mark, self._stop, secure
         )
         self._status = StatusChannel(context, self.placement.control_endpoint, self.placement.label)
-        metrics_port = metrics.serve_metrics(self.placement.metrics_port)
-        self._status.report("ready", metrics_port=metrics_port, pid=os.getpid())
-        log.info("%s ready; /metrics on 127.0.0.1:%d", self.placement.label, metrics_port)
+        address = self.placement.metrics_address
+        metrics_port = metrics.serve_metrics(self.placement.metrics_port, addr=address)
+        restarts = int(os.environ.get(RESTARTS_ENV, "0"))
+        if restarts:
+            metrics.WORKER_RESTARTS.labels(**self._labels).inc(restarts)
+        self._status.report("ready", metrics_port=metrics_port, pid=os.getpid(), restarts=restarts)
+        log.info("%s ready; /metrics on %s:%d", self.placement.label, address, metrics_port)
         try:
+            self._recover_open_scans()
             self._loop(poller, ports)
         except StopRequestedError:
             log.info("%s stopped while waiting for downstream room", self.placement.label)
@@ -193,7 +240,25 @@ class Stage:
             self._status.close()
             for sock in ports:
                 sock.close(linger=0)
+            if curve is not None:
+                curve.close()  # its authenticator's socket lives in this context
             context.term()
+
+    def _curve(self, context: zmq.Context) -> StageCurve | None:
+        """This worker's CurveZMQ keys when the pipeline sets ``curve`` and a socket of it is tcp."""
+        endpoints = [e for e in (self.placement.input_endpoint, *self.placement.output_endpoints) if e]
+        if not any(_is_tcp(e) for e in endpoints):
+            return None
+        if self.pipeline.curve is None:
+            log.warning(
+                "%s talks tcp without CurveZMQ: anyone who reaches %s may send to or read from it; set "
+                "curve: in the pipeline (docs/operations.md, 'CurveZMQ between hosts')",
+                self.placement.label, ", ".join(endpoints),
+            )  # fmt: skip
+            return None
+        downstream = self.placement.downstream
+        peers = [downstream] if downstream is not None and _is_tcp(*self.placement.output_endpoints) else []
+        return StageCurve(self.pipeline.curve, context, self.stage_name, peers)
 
     def _loop(self, poller: zmq.Poller, ports: dict[zmq.Socket, str]) -> None:
         while not self._stop.is_set():
@@ -211,12 +276,15 @@ class Stage:
             if handled == 0 and wants_idle:
                 with self._errors_counted():
                     self._send_all(self.idle())
+            self._close_overdue_scans()
             if self.pipeline.exit_after_scan and self._scans_completed:
                 return
 
     def has_open_scan(self) -> bool:
         """Whether ``idle()`` has work: a scan has started here and not yet ended."""
-        return any(s.start is not None and s.ends_received == 0 for s in self._scans.values())
+        return any(
+            s.start is not None and s.ends_received == 0 and not s.finished for s in self._scans.values()
+        )
 
     def _handle_group(self, port: str, group: list[list[Any]]) -> None:
         """Handle what one drain took from a socket, timed as a whole: at tens of thousands of detector
@@ -274,18 +342,21 @@ class Stage:
             self._status.report("log", level="warning", reason=reason, text=text)
 
     def _dispatch_message(self, message: Message) -> Iterable[Message]:
+        state = self.scan(message.scan_uid)
+        state.last_message_s = time.monotonic()
         if isinstance(message, ScanStart):
-            state = self.scan(message.scan_uid)
             if state.start is not None:
-                return ()  # the same ScanStart from another upstream worker
+                return ()  # the same ScanStart from another upstream worker, or again after a restart
             state.start = message
+            self._journal_start(message)
             return self.on_scan_start(message)
         if isinstance(message, ScanEnd):
             return self._scan_end_arrived(message)
         if isinstance(message, FrameBatch):
             n = len(message.frame_indices)
             self._frames_received_metric.inc(n)
-            self.count(message.scan_uid, "frames_received", n)
+            state.counts["frames_received"] += n
+            state.received.add(message.frame_indices)
             if message.received_at_s:
                 metrics.END_TO_END_LATENCY.labels(**self._labels).observe(time.time() - message.received_at_s)
             self.maybe_report_progress(message.scan_uid)
@@ -293,37 +364,171 @@ class Stage:
 
     def _scan_end_arrived(self, message: ScanEnd) -> Iterator[Message]:
         state = self.scan(message.scan_uid)
+        if state.finished:
+            return  # a ScanEnd after this worker closed the scan by timeout: nothing is left to close
         state.ends_received += 1
-        state.accounting.update(message.accounting)
+        state.last_end = message
+        for label, counts in message.accounting.items():
+            (state.ledgers if is_ledger_label(label) else state.accounting)[label] = counts
         state.frames_sent_by_detector = max(state.frames_sent_by_detector, message.frames_sent)
         if state.ends_received < self.placement.upstream_workers:
             return  # wait for every upstream worker: only then is the scan complete here
-        merged = message.model_copy(update={"accounting": dict(state.accounting)})
+        yield from self._close(state, message)
+
+    def _close(self, state: ScanState, message: ScanEnd) -> Iterator[Message]:
+        """Hand the scan's merged ScanEnd (counts only; ledgers travel in ``_send``) to ``on_scan_end``."""
+        accounting = dict(state.accounting)
+        if not self.placement.output_endpoints:
+            self._audit(state)
+            # The last stage's on_scan_end (publish writes it to Tiled) sees its own counts, frames_lost too.
+            accounting[self.placement.label] = dict(state.counts)
+        merged = message.model_copy(update={"accounting": accounting})
         yield from self.on_scan_end(merged)
         if not self.placement.output_endpoints:
             self._finish_scan(merged)
+
+    def _audit(self, state: ScanState) -> None:
+        """Count the frames the source sent that came to rest nowhere: a worker died holding them.
+
+        Only a last stage with one worker sees every ledger; with several, each would miss the others'.
+        """
+        if self.placement.spec.workers != 1 or self.placement.is_source:
+            return
+        ledgers = {**state.ledgers, **self._own_ledger(state)}
+        lost = audit_lost_frames(ledgers)
+        if lost is None or not len(lost):
+            return
+        uid = state.start.scan_uid if state.start else state.last_end.scan_uid if state.last_end else "?"
+        n = len(lost)
+        state.lost = lost
+        state.counts[FRAMES_LOST] += n
+        metrics.FRAMES_DROPPED.labels(reason=FRAMES_LOST, **self._labels).inc(n)
+        runs = lost.runs()
+        shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:10])
+        self.warn(
+            FRAMES_LOST,
+            f"scan {uid}: {n} frames were sent but never came to rest in any stage (a worker died holding "
+            f"them): indices {shown}{'…' if len(runs) > 10 else ''}; see the launcher's restart events",
+        )
+
+    def _own_ledger(self, state: ScanState) -> dict[str, dict[str, int]]:
+        if self.placement.is_source:
+            if state.sent.overflowed or not len(state.sent):
+                return {}
+            return {ledger_label(self.placement.label, LedgerKind.SENT): state.sent.to_ledger()}
+        rested = state.received.difference(state.sent)
+        if not len(rested):
+            return {}
+        return {ledger_label(self.placement.label, LedgerKind.RESTED): rested.to_ledger()}
 
     def _send(self, message: Message) -> None:
         if isinstance(message, FrameBatch):
             n = len(message.frame_indices)
             metrics.FRAMES_SENT.labels(**self._labels).inc(n)
-            self.count(message.scan_uid, "frames_sent", n)
+            state = self.scan(message.scan_uid)
+            state.counts["frames_sent"] += n
+            state.sent.add(message.frame_indices)
+        if isinstance(message, ScanStart) and self.placement.is_source:
+            self._journal_start(message)
         if isinstance(message, ScanEnd) and self.placement.output_endpoints:
             # The last stage of a chain finishes its scans in _scan_end_arrived, after on_scan_end.
-            counts = dict(self.scan(message.scan_uid).counts)
-            message = message.model_copy(
-                update={"accounting": {**message.accounting, self.placement.label: counts}}
-            )
+            state = self.scan(message.scan_uid)
+            accounting = {
+                **counts_only(message.accounting),
+                **state.ledgers,
+                **self._own_ledger(state),
+                self.placement.label: dict(state.counts),
+            }
+            message = message.model_copy(update={"accounting": accounting})
             self._finish_scan(message)
         self._outlet.send(message)
 
     def _finish_scan(self, message: ScanEnd) -> None:
-        accounting = {**message.accounting, self.placement.label: dict(self.scan(message.scan_uid).counts)}
+        state = self.scan(message.scan_uid)
+        state.finished = True
+        accounting = counts_only({**message.accounting, self.placement.label: dict(state.counts)})
+        extra = {}
+        if state.lost is not None:
+            extra["frames_lost_indices"] = [list(run) for run in state.lost.runs()]
         if self._status is not None:
             self._status.report(
-                "scan_end", scan_uid=message.scan_uid, frames_sent=message.frames_sent, accounting=accounting
+                "scan_end",
+                scan_uid=message.scan_uid,
+                frames_sent=message.frames_sent,
+                accounting=accounting,
+                **extra,
             )
+        self._forget_start(message.scan_uid)
         self._scans_completed += 1
+
+    # ---- faults: the scan journal and the ScanEnd timeout -------------------------------------------
+    def _journal_path(self, scan_uid: str) -> Path:
+        name = hashlib.sha256(scan_uid.encode()).hexdigest()[:24]
+        return self.pipeline.run_dir / "scans" / self.placement.label / f"{name}.json"
+
+    def _journal_start(self, message: ScanStart) -> None:
+        """Keep the ScanStart until the scan ends here, for a restarted worker (a few hundred bytes)."""
+        path = self._journal_path(message.scan_uid)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            partial.write_text(message.model_dump_json())
+            partial.replace(path)
+        except OSError as exc:
+            self.warn("journal", f"cannot keep scan {message.scan_uid}'s start in {path} ({exc}): "
+                      "a restart of this worker could not resume the scan; check run_dir")  # fmt: skip
+
+    def _forget_start(self, scan_uid: str) -> None:
+        with contextlib.suppress(OSError):
+            self._journal_path(scan_uid).unlink(missing_ok=True)
+
+    def _recover_open_scans(self) -> None:
+        """Resume the scans a previous run of this worker left open (the launcher clears the journal
+        when it starts a pipeline, so these are from a worker that died)."""
+        folder = self.pipeline.run_dir / "scans" / self.placement.label
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            with self._errors_counted():
+                start = ScanStart.model_validate_json(path.read_text())
+                state = self.scan(start.scan_uid)
+                state.start, state.recovered = start, True
+                state.counts[RESTARTED_MID_SCAN] += 1
+                self.warn(
+                    RESTARTED_MID_SCAN,
+                    f"{self.placement.label} restarted during scan {start.scan_uid}: it goes on with the "
+                    "frames still to come; what the previous run held is counted as frames_lost",
+                )
+                if self.placement.is_source:
+                    # A source cannot pick up a detector stream mid-series: end the scan so nothing waits.
+                    self._send(ScanEnd(scan_uid=start.scan_uid, frames_sent=start.planned_frames))
+                else:
+                    self._send_all(self.on_scan_start(start))
+
+    def _close_overdue_scans(self) -> None:
+        """Close scans whose remaining ScanEnds will not come: an upstream worker died holding one."""
+        now = time.monotonic()
+        timeout_s = self.pipeline.scan_end_timeout_s
+        upstream = self.placement.upstream_workers
+        for state in list(self._scans.values()):
+            # A restarted worker's ScanEnd may have died in its inbox: it closes after half the timeout, so
+            # its counts (restarted_mid_scan, what it rested) reach the next stage before that one gives up.
+            wait_s = timeout_s / 2 if state.recovered else timeout_s
+            if state.finished or state.start is None or now - state.last_message_s < wait_s:
+                continue
+            if not (0 < state.ends_received < upstream or state.recovered):
+                continue
+            missing = upstream - state.ends_received
+            uid = state.start.scan_uid
+            state.counts[SCAN_ENDS_MISSING] += missing
+            metrics.SCANS_TIMED_OUT.labels(reason=SCAN_ENDS_MISSING, **self._labels).inc()
+            self.warn(
+                SCAN_ENDS_MISSING,
+                f"scan {uid}: {missing} of {upstream} upstream ScanEnds did not come within "
+                f"scan_end_timeout_s={timeout_s:g} s; closing the scan with what arrived",
+            )
+            state.ends_received = upstream
+            end = state.last_end or ScanEnd(scan_uid=uid, frames_sent=state.start.planned_frames)
+            with self._errors_counted():
+                self._send_all(self._close(state, end))
 
     def maybe_report_progress(self, scan_uid: str) -> None:
         """Tell the launcher how many frames this worker has received, at most a few times a second."""
@@ -338,6 +543,10 @@ class Stage:
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+
+
+def _is_tcp(*endpoints: str) -> bool:
+    return bool(endpoints) and all(e.startswith("tcp://") for e in endpoints)
 
 
 def _drain(sock: zmq.Socket, copy: bool) -> list[list[Any]]:
