@@ -315,6 +315,8 @@ class DipFit:
     """The iteration (counted from 1, like ``stop_iteration``) whose output ``estimate`` is."""
     diverged: bool
     losses: np.ndarray
+    interrupted: bool = False
+    """``should_stop`` ended the fit before ES-WMV or the iteration cap did."""
 
 
 def fit_dip(
@@ -326,12 +328,14 @@ def fit_dip(
     early_stopping: EsWmv | None,
     progress: bool = False,
     description: str = "DIP",
+    should_stop: Callable[[], bool] | None = None,
 ) -> DipFit:
     """Adam on ``parameters``; ``step()`` runs one forward pass and returns (loss, estimate).
 
     Stops after ``max_iterations``, when ``early_stopping`` says so, or at the first non-finite loss
     (``diverged``; a RuntimeWarning names the iteration). Without early stopping, or before its first
-    full window, the estimate is the last finite one.
+    full window, the estimate is the last finite one. ``should_stop``, asked before every iteration, lets
+    a caller on another thread end the fit early (``interrupted``) with the estimate so far.
     """
     if max_iterations < 1:
         raise ConfigError(f"max_iterations={max_iterations!r} must be at least 1")
@@ -341,8 +345,15 @@ def fit_dip(
     losses: list[float] = []
     last: torch.Tensor | None = None
     diverged = False
+    interrupted = False
     iteration = 0
-    for iteration in tqdm(range(1, max_iterations + 1), desc=description, disable=not progress, leave=False):
+    for step_number in tqdm(
+        range(1, max_iterations + 1), desc=description, disable=not progress, leave=False
+    ):
+        if should_stop is not None and should_stop():
+            interrupted = True
+            break
+        iteration = step_number
         optimiser.zero_grad(set_to_none=True)
         loss, estimate = step()
         value = float(loss.detach())
@@ -368,6 +379,7 @@ def fit_dip(
         best_iteration=early_stopping.best_iteration + 1 if use_best else len(losses) - diverged,
         diverged=diverged,
         losses=np.asarray(losses),
+        interrupted=interrupted,
     )
 
 
@@ -385,6 +397,8 @@ class DipResult:
     losses: np.ndarray
     best_iteration: int
     """The iteration (from 1) whose output was kept: ES-WMV's variance minimum."""
+    interrupted: bool = False
+    """``should_stop`` ended the fit early; ``denoised`` is the estimate so far (the input before any)."""
 
 
 def image_to_channels(image: np.ndarray, complex_channels: ComplexChannels | str) -> np.ndarray:
@@ -429,13 +443,14 @@ def dip_denoise(
     complex_channels: ComplexChannels | str = ComplexChannels.REAL_IMAG,
     window: int = DEFAULT_WINDOW,
     patience: int = DEFAULT_PATIENCE,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DipResult:
     """Denoise one (H, W) real or complex image with a DIP and ES-WMV (the module docstring).
 
     Each channel is brought to [0, 1] by its own minimum and maximum, fitted with a mean squared error and
     a sigmoid output, and mapped back. Amplitude/phase channels suit objects whose phase does not wrap;
     real/imaginary channels always do. On a non-finite loss the fit stops, ``diverged`` is True and the
-    input comes back unchanged.
+    input comes back unchanged. ``should_stop`` is passed to :func:`fit_dip`.
     """
     image = np.asarray(image)
     _validate_image(image)
@@ -469,10 +484,13 @@ def dip_denoise(
         early_stopping=EsWmv(window, patience),
         progress=progress,
         description=f"DIP {config.levels}-level denoise",
+        should_stop=should_stop,
     )
     if fit.diverged or fit.estimate is None:
         denoised = image.copy()
     else:
         estimate = fit.estimate.to("cpu", torch.float64).numpy() * span + low
         denoised = channels_to_image(estimate, complex_channels, is_complex).astype(image.dtype)
-    return DipResult(denoised, fit.stop_iteration, fit.diverged, fit.losses, fit.best_iteration)
+    return DipResult(
+        denoised, fit.stop_iteration, fit.diverged, fit.losses, fit.best_iteration, fit.interrupted
+    )

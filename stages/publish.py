@@ -36,6 +36,8 @@ class PublishStage(Stage):
                 "server) or pass --tiled-uri / set PHASESTREAM_TILED__URI"
             )
         self._publisher = TiledPublisher(tiled.uri, tiled.api_key, stage=self.stage_name, worker=self.worker)
+        # The newest (final, iteration) published per scan and product: see _is_stale.
+        self._latest: dict[tuple[str, Product], tuple[bool, int]] = {}
 
     def on_scan_start(self, message: ScanStart) -> Iterable[Message]:
         self._publisher.submit_metadata(
@@ -59,7 +61,22 @@ class PublishStage(Stage):
             self._publish(message)
         return ()
 
+    def _is_stale(self, rec: Reconstruction) -> bool:
+        """Whether a newer estimate of this product was already published.
+
+        With several upstream workers (denoise scaled out) publish reads several sockets, and a snapshot
+        can arrive after the final object that followed it by milliseconds: it must not replace it.
+        """
+        key, order = (rec.scan_uid, rec.product), (rec.final, rec.iteration)
+        if order < self._latest.get(key, (False, -1)):
+            self.count(rec.scan_uid, f"{rec.product.value}_stale_dropped")
+            return True
+        self._latest[key] = order
+        return False
+
     def _publish(self, rec: Reconstruction) -> None:
+        if self._is_stale(rec):
+            return
         summary = {
             "algorithm": rec.algorithm,
             "iteration": rec.iteration,
@@ -84,6 +101,8 @@ class PublishStage(Stage):
         self.report_status(scan_uid=rec.scan_uid, published_iteration=rec.iteration, final=rec.final)
 
     def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:
+        for product in Product:
+            self._latest.pop((message.scan_uid, product), None)
         self._publisher.submit_metadata(
             message.scan_uid,
             {"status": "complete", "frames_sent": message.frames_sent, "accounting": message.accounting},

@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "record": "phasestream.stages.record:RecordStage",
     "binning": "phasestream.stages.binning:BinningStage",
     "refine": "phasestream.stages.refine:RefineStage",
+    "denoise": "phasestream.stages.denoise:DenoiseStage",
     "publish": "phasestream.stages.publish:PublishStage",
 }
 
