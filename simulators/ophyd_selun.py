@@ -14,20 +14,40 @@ V2 start carries the run uid as ``user_data.scan_uid``, which ingest takes as th
 
 Motors report positions in ``motor_unit`` (micrometres by default); the simulated probe sits at (y, x)
 converted to metres in the sample's frame, whose origin is the centre of the simulated scan.
+
+Files, as a DECTRIS file writer keeps them beside the stream: given ``frames_dir``, the device also writes
+each run's frames to ``frames_dir/selun_<run uid>.h5`` (``/entry/data/data``, (N, H, W) uint16, one
+bitshuffle-LZ4 chunk per frame, SWMR so that readers follow the file while it grows) and announces them to
+Bluesky as an external asset: one ``resource`` (spec ``AD_HDF5``) per run and one ``datum`` per frame
+(``point_number`` = image id), with the frame key ``<name>_image`` described as an external ``array`` of
+the frame shape and ``dtype_numpy`` ``<u2``. ``bluesky_tiled_plugins.TiledWriter`` turns these into an
+array node ``/<run uid>/primary/<name>_image`` backed by the file (the Tiled server must list
+``frames_dir`` as readable storage); without ``dtype_numpy`` it would register the frames as float64.
+
+Configuration (in every descriptor's ``configuration``, so beside the raw run in Tiled): the geometry
+(``<name>_energy_kev``, ``<name>_detector_distance_m``, ``<name>_pixel_size_m``) and which motors and
+unit give the probe position (``<name>_y_motor_name``, ``<name>_x_motor_name``,
+``<name>_motor_unit_name``): what ``phasestream.replay_tiled`` needs to replay the run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
+import h5py
 import numpy as np
 import zmq
 from ophyd import Component, Device, DeviceStatus, Kind, Signal
 
 from phasestream.bluesky_bridge import LengthUnit
 from phasestream.errors import ConfigError, PositionError
+from phasestream.simulators.cxi import READ_CHUNK_FRAMES, FrameCompression, compression_options
 from phasestream.simulators.diffraction import ProbeShifter, expected_pattern, poisson_counts
 from phasestream.simulators.scan_simulation import SimulatedScan
 from phasestream.simulators.selun import DEFAULT_DATA_ENDPOINT, DEFAULT_SEND_HWM
@@ -38,6 +58,11 @@ from phasestream.simulators.stream_v2_encode import (
     end_fields,
     start_fields,
 )
+
+# Where the frames sit in each run's file: DECTRIS's path, and TiledWriter's default for AD_HDF5.
+FRAMES_DATASET = "/entry/data/data"
+# The Bluesky spec of the file; TiledWriter maps it to application/x-hdf5 (its HDF5 adapter).
+FRAMES_SPEC = "AD_HDF5"
 
 
 class FrameSource(Protocol):
@@ -99,12 +124,26 @@ class _Run:
 
 
 @dataclass
+class _FramesFile:
+    """One run's HDF5 file and the resource document that announces it."""
+
+    file: h5py.File
+    resource_uid: str
+
+    @property
+    def dataset(self) -> h5py.Dataset:
+        return self.file[FRAMES_DATASET]
+
+
+@dataclass
 class _Series:
     run: _Run
     series_id: int
     series_unique_id: str
     date: datetime
     next_image_id: int = 0
+    frames: _FramesFile | None = None
+    asset_docs: deque[tuple[str, dict[str, Any]]] = field(default_factory=deque)
 
 
 class SelunDetector(Device):
@@ -112,11 +151,18 @@ class SelunDetector(Device):
 
     Subscribe ``on_run_start`` to the RunEngine's start documents before a run. The socket is bound at
     construction (port 0 lets the OS choose; ``data_endpoint`` reports it) so ingest can connect before
-    the first run; ``close()`` releases it.
+    the first run; ``close()`` releases it. With ``frames_dir`` each run's frames also go to a file there,
+    announced as an external asset (see the module docstring).
     """
 
     image_id = Component(Signal, value=-1, kind=Kind.hinted)
     series_id = Component(Signal, value=0, kind=Kind.normal)
+    energy_kev = Component(Signal, value=0.0, kind=Kind.config)
+    detector_distance_m = Component(Signal, value=0.0, kind=Kind.config)
+    pixel_size_m = Component(Signal, value=0.0, kind=Kind.config)
+    y_motor_name = Component(Signal, value="", kind=Kind.config)
+    x_motor_name = Component(Signal, value="", kind=Kind.config)
+    motor_unit_name = Component(Signal, value="", kind=Kind.config)
 
     def __init__(
         self,
@@ -130,6 +176,7 @@ class SelunDetector(Device):
         motor_unit: LengthUnit = LengthUnit.MICROMETRE,
         frame_time_s: float = NOMINAL_FRAME_TIME_S,
         send_timeout_s: float = 10.0,
+        frames_dir: Path | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(prefix, name=name, **kwargs)
@@ -137,6 +184,19 @@ class SelunDetector(Device):
         self.x_motor = x_motor
         self.source = source
         self.motor_unit = LengthUnit(motor_unit)
+        self.frames_dir = Path(frames_dir).resolve() if frames_dir is not None else None
+        if self.frames_dir is not None:
+            self.frames_dir.mkdir(parents=True, exist_ok=True)
+        self._frame_reading: dict[str, Any] | None = None
+        for signal, value in (
+            (self.energy_kev, float(source.energy_kev)),
+            (self.detector_distance_m, float(source.detector_distance_m)),
+            (self.pixel_size_m, float(source.pixel_size_m)),
+            (self.y_motor_name, str(y_motor.name)),
+            (self.x_motor_name, str(x_motor.name)),
+            (self.motor_unit_name, self.motor_unit.value),
+        ):
+            signal.put(value)
         self.frame_time_s = frame_time_s
         self._send_timeout_s = send_timeout_s
         self._run: _Run | None = None
@@ -159,6 +219,40 @@ class SelunDetector(Device):
     @property
     def data_endpoint(self) -> str:
         return self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def frames_key(self) -> str:
+        """The data key whose value is each frame's datum id (with ``frames_dir``)."""
+        return f"{self.name}_image"
+
+    def frames_path(self, run_uid: str) -> Path:
+        if self.frames_dir is None:
+            raise ConfigError(f"{self.name} writes no files: give it frames_dir")
+        return self.frames_dir / f"selun_{run_uid}.h5"
+
+    def describe(self) -> dict[str, Any]:
+        description = super().describe()
+        if self.frames_dir is not None:
+            description[self.frames_key] = {
+                "source": f"SIM:{self.name}:image",
+                "dtype": "array",
+                "dtype_numpy": np.dtype(self.source.dtype).newbyteorder("<").str,
+                "shape": list(self.source.shape_px),
+                "external": "FILESTORE:",
+            }
+        return description
+
+    def read(self) -> dict[str, Any]:
+        reading = super().read()
+        if self._frame_reading is not None:
+            reading[self.frames_key] = self._frame_reading
+        return reading
+
+    def collect_asset_docs(self) -> Any:
+        """The resource (once per run) and the datum of each frame since the last call (bluesky calls it)."""
+        series = self._series
+        while series is not None and series.asset_docs:
+            yield series.asset_docs.popleft()
 
     def on_run_start(self, name: str, doc: dict[str, Any]) -> None:
         """RunEngine callback (``RE.subscribe(detector.on_run_start, "start")``): note the new run."""
@@ -185,6 +279,8 @@ class SelunDetector(Device):
                 f"num_points={series.run.num_points}: the plan triggers more often than it announced"
             )
         frame = self.source.frame(self.position_m())
+        if series.frames is not None:
+            self._write_frame(series, series.frames, image_id, frame)
         self._send(
             encode_image(
                 frame,
@@ -206,8 +302,67 @@ class SelunDetector(Device):
         return super().unstage()
 
     def close(self) -> None:
+        # The file of a run that never unstaged is closed (so it stays readable); no end message is sent,
+        # as no ingest may be left to take it.
+        if self._series is not None and self._series.frames is not None:
+            self._series.frames.file.close()
         self._socket.close()
         self._context.term()
+
+    def _write_frame(self, series: _Series, frames: _FramesFile, image_id: int, frame: np.ndarray) -> None:
+        dataset = frames.dataset
+        dataset.resize(image_id + 1, axis=0)
+        dataset[image_id] = frame
+        dataset.flush()  # SWMR readers see the frame before its datum reaches anyone
+        datum_id = f"{frames.resource_uid}/{image_id}"
+        series.asset_docs.append(
+            (
+                "datum",
+                {
+                    "resource": frames.resource_uid,
+                    "datum_id": datum_id,
+                    "datum_kwargs": {"point_number": image_id},
+                },
+            )
+        )
+        self._frame_reading = {"value": datum_id, "timestamp": time.time()}
+
+    def _open_frames_file(self, series: _Series) -> None:
+        """Create the run's file and queue the resource document that announces it."""
+        path = self.frames_path(series.run.uid)
+        height, width = self.source.shape_px
+        dtype = np.dtype(self.source.dtype).newbyteorder("<")
+        try:
+            file = h5py.File(path, "w", libver="latest")
+        except OSError as error:
+            raise ConfigError(
+                f"cannot create {path} for run {series.run.uid} ({error}): give {self.name} a writable "
+                "frames_dir"
+            ) from error
+        file.create_dataset(
+            FRAMES_DATASET,
+            shape=(0, height, width),
+            maxshape=(None, height, width),
+            dtype=dtype,
+            chunks=(1, height, width),
+            **compression_options(FrameCompression.BSLZ4),
+        )
+        file.swmr_mode = True
+        series.frames = _FramesFile(file, resource_uid=str(uuid.uuid4()))
+        series.asset_docs.append(
+            (
+                "resource",
+                {
+                    "uid": series.frames.resource_uid,
+                    "spec": FRAMES_SPEC,
+                    "root": str(path.parent),
+                    "resource_path": path.name,
+                    "resource_kwargs": {"dataset": FRAMES_DATASET, "chunk_shape": [READ_CHUNK_FRAMES]},
+                    "path_semantics": "posix",
+                    "run_start": series.run.uid,
+                },
+            )
+        )
 
     def _armed_series(self) -> _Series:
         run = self._run
@@ -247,13 +402,18 @@ class SelunDetector(Device):
             arm_date=series.date,
         )
         self._send(encode_message(start))
+        if self.frames_dir is not None:
+            self._open_frames_file(series)
         self._series = series
         self.series_id.put(series.series_id)
         return series
 
     def _end_series(self) -> None:
         series, self._series = self._series, None
+        self._frame_reading = None
         if series is not None:
+            if series.frames is not None:
+                series.frames.file.close()
             self._send(
                 encode_message(
                     end_fields(series_id=series.series_id, series_unique_id=series.series_unique_id)

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub)
     _add_keys(sub)
     _add_bluesky_bridge(sub)
+    _add_bluesky_tiled_writer(sub)
     _add_train(sub)
     _add_bench(sub)
     return parser
@@ -145,12 +146,32 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 def _add_replay(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "replay",
-        help="replay a recorded CXI or DECTRIS NXmx scan through the simulated SELUN",
+        help="replay a recorded CXI or NXmx scan, or a Bluesky run in Tiled, through the simulated SELUN",
         description="Sends a recorded scan as a SELUN would (Stream V2 plus the position channel), at the "
         "recorded rate, at --rate-hz, or as fast as ingest takes it, with a progress bar. With --pipeline "
         "it also starts the demo pipeline and an embedded Tiled server and reconstructs the scan.",
     )
-    parser.add_argument("file", type=Path, help="a CXI file or a DECTRIS NXmx master file (*_master.h5)")
+    parser.add_argument(
+        "file", type=Path, nargs="?", help="a CXI file or a DECTRIS NXmx master file (*_master.h5)"
+    )
+    tiled = parser.add_argument_group("a Bluesky run in Tiled (instead of FILE)")
+    tiled.add_argument(
+        "--tiled-run", metavar="URI/RUN_UID", help="replay a Bluesky run from Tiled: http://host:port/RUN_UID"
+    )
+    tiled.add_argument(
+        "--tiled-api-key-file",
+        type=Path,
+        help="file holding that server's API key (default: $PHASESTREAM_TILED__API_KEY, else $TILED_API_KEY)",
+    )
+    tiled.add_argument(
+        "--y-motor", help="the run's y motor (default: as the detector's configuration in the run names it)"
+    )
+    tiled.add_argument(
+        "--x-motor", help="the run's x motor (default: as the detector's configuration names it)"
+    )
+    tiled.add_argument("--motor-unit", choices=["m", "mm", "um", "nm"], help="default: from the run")
+    tiled.add_argument("--invert-y", action="store_true", help="negate y (the motor moves the sample)")
+    tiled.add_argument("--invert-x", action="store_true", help="negate x (the motor moves the sample)")
     rate = parser.add_mutually_exclusive_group()
     rate.add_argument("--rate-hz", type=float, help="frame rate (default: the rate the file recorded)")
     rate.add_argument(
@@ -273,6 +294,33 @@ def _cmd_bluesky_bridge(args: argparse.Namespace) -> int:
     from phasestream.bluesky_bridge import run_bluesky_bridge
 
     return run_bluesky_bridge(args)
+
+
+def _add_bluesky_tiled_writer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bluesky-tiled-writer",
+        help="write Bluesky runs from the 0MQ proxy into Tiled (bluesky-tiled-plugins' TiledWriter)",
+        description="Subscribes to bluesky-0MQ-proxy (msgpack, never pickle) and writes every run, with the "
+        "detector's frame files as external assets, into Tiled in its own process, beside the "
+        "reconstructions. See deploy/bluesky.md.",
+    )
+    p.add_argument("--proxy", default="127.0.0.1:5578", help="the proxy's out address (default %(default)s)")
+    p.add_argument("--tiled-uri", required=True, help="the writable Tiled server, e.g. http://127.0.0.1:8000")
+    p.add_argument(
+        "--tiled-api-key-file",
+        type=Path,
+        help="file holding the server's API key (default: $PHASESTREAM_TILED__API_KEY, else $TILED_API_KEY)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="events per write; 1 (default) streams each event at once"
+    )
+    p.set_defaults(func=_cmd_bluesky_tiled_writer)
+
+
+def _cmd_bluesky_tiled_writer(args: argparse.Namespace) -> int:
+    from phasestream.bluesky_tiled_writer import run_bluesky_tiled_writer
+
+    return run_bluesky_tiled_writer(args)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

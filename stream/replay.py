@@ -1,4 +1,8 @@
-"""``phasestream replay``: a recorded scan (CXI or DECTRIS NXmx) through the simulated SELUN, into ingest.
+"""``phasestream replay``: a recorded scan through the simulated SELUN, into ingest.
+
+Three sources: a CXI file, a DECTRIS NXmx master file, or a Bluesky run in Tiled as TiledWriter stores it
+(``--tiled-run http://host:port/RUN_UID``; ``phasestream.replay_tiled`` reads frames, motor readbacks and
+geometry from it).
 
 The replayed scan takes the live path end to end: the SELUN emitter's sockets send a Stream V2 start, one
 ``image`` per frame and the end message, and the position channel sends the positions in batches right
@@ -118,6 +122,13 @@ def detect_format(path: Path) -> ScanFormat:
         )
 
 
+def source_label(scan: RecordedScan) -> str:
+    """What people and the Stream V2 start (``replay_of``) call the scan's origin: a path or a run URI."""
+    from phasestream.replay_tiled import TiledRunScan
+
+    return scan.run_uri if isinstance(scan, TiledRunScan) else str(scan.source)
+
+
 def read_recorded_scan(path: Path | str, positions_m: np.ndarray | None = None) -> RecordedScan:
     """Read a CXI or NXmx scan; ``positions_m`` (NXmx only) is the positions side channel."""
     path = Path(path)
@@ -138,7 +149,7 @@ def replay_rate_hz(rate: ReplayRate | str | float, scan: RecordedScan) -> float 
     if rate == ReplayRate.RECORDED:
         if scan.frame_time_s is None:
             raise ConfigError(
-                f"{scan.source} records no frame time (frame_time or count_time of the detector); "
+                f"{source_label(scan)} records no frame time (frame_time or count_time, or event times); "
                 "pass --rate-hz R or --as-fast-as-possible"
             )
         return 1.0 / scan.frame_time_s
@@ -169,7 +180,7 @@ def wire_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def replay(
-    path: Path | str,
+    source: Path | str | RecordedScan,
     rate: ReplayRate | str | float = ReplayRate.RECORDED,
     data_endpoint: str = DEFAULT_DATA_ENDPOINT,
     positions_endpoint: str = DEFAULT_POSITIONS_ENDPOINT,
@@ -179,19 +190,25 @@ def replay(
     positions_m: np.ndarray | None = None,
     send_timeout_s: float | None = None,
 ) -> ReplayReport:
-    """Bind the SELUN emitter's sockets and send the scan in ``path``; returns when the last message left.
+    """Bind the SELUN emitter's sockets and send the scan; returns when the last message left.
 
+    ``source`` is a scan file or a scan already read (a Tiled run from ``replay_tiled.read_tiled_run``).
     Like the detector, it waits (blocks) until ingest connects. ``send_timeout_s`` turns a wait longer
     than that into a ``TimeoutError``.
     """
-    scan = read_recorded_scan(path, positions_m)
+    if isinstance(source, RecordedScan):
+        if positions_m is not None:
+            raise ConfigError(f"{source_label(source)} has its positions: drop the positions side channel")
+        scan = source
+    else:
+        scan = read_recorded_scan(source, positions_m)
     rate_hz = replay_rate_hz(rate, scan)
     with SelunEmitter(
         data_endpoint, positions_endpoint, send_timeout_s=send_timeout_s, linger_s=CLOSE_LINGER_S
     ) as emitter:
         if progress:
             tqdm.write(
-                f"replay {scan.source}: {scan.n_frames} frames of {scan.frame_shape_px[0]}×"
+                f"replay {source_label(scan)}: {scan.n_frames} frames of {scan.frame_shape_px[0]}×"
                 f"{scan.frame_shape_px[1]} at {f'{rate_hz:g} Hz' if rate_hz else 'full speed'} on "
                 f"{emitter.data_endpoint}, positions on {emitter.positions_endpoint}"
             )
@@ -255,7 +272,7 @@ def _start_message(
                     float(positions[:, 1].min()),
                     float(positions[:, 1].max()),
                 ],
-                "replay_of": str(scan.source),
+                "replay_of": source_label(scan),
             },
         )
     )
@@ -321,18 +338,17 @@ def run_replay(args: argparse.Namespace) -> int:
         if args.rate_hz is not None
         else ReplayRate.RECORDED
     )
-    positions_m = _load_side_channel(args.positions) if args.positions else None
+    scan = read_scan_for(args)
     scan_uid = args.scan_uid or str(uuid.uuid4())
     if args.pipeline:
-        return _replay_into_demo_pipeline(args, rate, positions_m, scan_uid)
+        return _replay_into_demo_pipeline(args, rate, scan, scan_uid)
     report = replay(
-        args.file,
+        scan,
         rate,
         args.data_endpoint,
         args.positions_endpoint,
         progress=not args.no_progress,
         scan_uid=scan_uid,
-        positions_m=positions_m,
     )
     print(
         f"replayed {report.frames_sent} frames of scan {scan_uid} in {report.elapsed_s:.2f} s "
@@ -340,6 +356,35 @@ def run_replay(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def read_scan_for(args: argparse.Namespace) -> RecordedScan:
+    """The scan that ``phasestream replay``'s arguments name: ``file``, or a Tiled run (``--tiled-run``)."""
+    tiled_run = getattr(args, "tiled_run", None)
+    if (args.file is None) == (tiled_run is None):
+        raise ConfigError(
+            "give either a scan file (CXI or NXmx master) or --tiled-run http://host:port/RUN_UID, not "
+            f"{'both' if tiled_run else 'neither'}"
+        )
+    if tiled_run is None:
+        positions_m = _load_side_channel(args.positions) if args.positions else None
+        return read_recorded_scan(args.file, positions_m)
+    from phasestream.bluesky_tiled_writer import read_api_key
+    from phasestream.replay_tiled import read_tiled_run, split_run_uri
+
+    if args.positions:
+        raise ConfigError("--positions is for NXmx files: a Tiled run's positions are its motor readbacks")
+    tiled_uri, run_uid = split_run_uri(tiled_run)
+    return read_tiled_run(
+        tiled_uri,
+        run_uid,
+        api_key=read_api_key(getattr(args, "tiled_api_key_file", None)),
+        y_motor=getattr(args, "y_motor", None),
+        x_motor=getattr(args, "x_motor", None),
+        motor_unit=getattr(args, "motor_unit", None),
+        invert_y=getattr(args, "invert_y", False),
+        invert_x=getattr(args, "invert_x", False),
+    )
 
 
 def _load_side_channel(path: Path) -> np.ndarray:
@@ -352,7 +397,7 @@ def _load_side_channel(path: Path) -> np.ndarray:
 
 
 def _replay_into_demo_pipeline(
-    args: argparse.Namespace, rate: ReplayRate | float, positions_m: np.ndarray | None, scan_uid: str
+    args: argparse.Namespace, rate: ReplayRate | float, scan: RecordedScan, scan_uid: str
 ) -> int:
     """The demo topology with the replay as its detector: prints the accounting and saves the result."""
     from phasestream.accounting import unaccounted_frames
@@ -361,7 +406,6 @@ def _replay_into_demo_pipeline(
     from phasestream.launcher import Launcher
     from phasestream.serve import tiled_for
 
-    scan = read_recorded_scan(args.file, positions_m)
     rate_hz = replay_rate_hz(rate, scan)
     run_dir = args.out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,10 @@ directory: SQLite catalog ``catalog.db``, arrays as zarr under ``data/``, logs i
 ``error.log``, all kept after exit, so a later run with the same directory serves the earlier results.
 It turns on tiled's in-memory streaming cache, which websocket ``subscribe()`` needs (a server without it
 answers the websocket with HTTP 500 and ``start_in_thread()`` never returns).
+
+``readable_storage`` lists folders of files that the server may serve as external data, such as the
+detector files that Bluesky's TiledWriter registers for a raw run; tiled refuses (HTTP 500) to read an
+external asset outside them. None (the default) serves only the server's own data.
 """
 
 from __future__ import annotations
@@ -119,7 +123,13 @@ class EmbeddedTiledServer:
     files in ``directory`` (tiled's logging config, applied by uvicorn).
     """
 
-    def __init__(self, directory: Path, api_key: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        api_key: str,
+        port: int = 0,
+        readable_storage: list[Path] | None = None,
+    ) -> None:
         if not api_key:
             # SimpleTiledServer would quietly invent a key that nobody else knows.
             raise ConfigError("the embedded Tiled server needs an API key: use generate_api_key()")
@@ -127,6 +137,7 @@ class EmbeddedTiledServer:
         self.directory = Path(directory).resolve()
         self.api_key = api_key
         self._port = port
+        self.readable_storage = [Path(folder).resolve() for folder in readable_storage or []]
         self._server: SimpleTiledServer | None = None
         self._uri: str | None = None
 
@@ -146,7 +157,12 @@ class EmbeddedTiledServer:
             _ensure_port_free(self._port)
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
-            server = SimpleTiledServer(directory=self.directory, api_key=self.api_key, port=self._port)
+            server = SimpleTiledServer(
+                directory=self.directory,
+                api_key=self.api_key,
+                port=self._port,
+                readable_storage=list(self.readable_storage) or None,
+            )
         except (TimeoutError, RuntimeError) as exc:
             raise PublishError(
                 f"the embedded Tiled server in {self.directory} did not start ({exc}): "

@@ -300,7 +300,7 @@ def _write(kind: str, scan: SimulatedScan, folder: Path) -> Path:
     return write_cxi(folder / "r.cxi", scan, frame_time_s=1e-3, compression=compression)
 
 
-def _replay_into_receiver(path: Path, folder: Path, rate: Any) -> tuple[Any, Receiver]:
+def _replay_into_receiver(path: Path | Any, folder: Path, rate: Any) -> tuple[Any, Receiver]:
     endpoints = (f"ipc://{folder}/data.sock", f"ipc://{folder}/pos.sock")
     receiver = Receiver(*endpoints)
     receiver.start()
@@ -338,6 +338,17 @@ def test_replay_delivers_every_frame_with_its_position(
     np.testing.assert_allclose(np.concatenate([b.positions_m for b in batches]), scan.positions_m, rtol=1e-12)
     assert report.frames_sent == N_FRAMES and report.rate_hz is None
     assert report.passthrough is (kind != "cxi-none")
+
+
+def test_a_scan_already_read_replays_as_its_file(scan: SimulatedScan, short_dir: Path) -> None:
+    path = _write("cxi-bslz4", scan, short_dir)
+    _, from_path = _replay_into_receiver(path, short_dir, ReplayRate.MAX)
+    _, from_scan = _replay_into_receiver(read_recorded_scan(path), short_dir, ReplayRate.MAX)
+    frames = [np.stack([m.frame for m in r.data[1:-1]]) for r in (from_path, from_scan)]
+    np.testing.assert_array_equal(frames[0], frames[1])
+    assert from_scan.data[0].user_data["replay_of"] == str(path)
+    with pytest.raises(ConfigError, match="has its positions: drop the positions side channel"):
+        replay(read_recorded_scan(path), ReplayRate.MAX, progress=False, positions_m=scan.positions_m)
 
 
 def test_recorded_rate_paces_the_replay(scan: SimulatedScan, short_dir: Path) -> None:
