@@ -122,6 +122,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "unless --tiled-uri is given, and prints where results and metrics are. Ctrl-C stops it cleanly.",
     )
     p.add_argument("pipeline", type=Path, help="topology file, e.g. deploy/live.yaml")
+    p.add_argument(
+        "--host",
+        help="run only the stages the pipeline's hosts: section places on this host (default: every stage "
+        "here); see deploy/multihost.yaml",
+    )
     _add_tiled_options(p)
     p.set_defaults(func=_cmd_run)
 
@@ -520,7 +525,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from phasestream.serve import serve_pipeline
 
-    return serve_pipeline(args.pipeline, tiled_uri=args.tiled_uri, tiled_api_key=args.tiled_api_key)
+    return serve_pipeline(
+        args.pipeline, tiled_uri=args.tiled_uri, tiled_api_key=args.tiled_api_key, host=args.host
+    )
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

@@ -220,9 +220,14 @@ class StageCurve:
     worker of stage ``refine``; ``close()`` when the stage stops, before ``context.term()``.
     """
 
-    def __init__(self, settings: CurveSettings, context: zmq.Context, name: str) -> None:
+    def __init__(
+        self, settings: CurveSettings, context: zmq.Context, name: str, peers: Sequence[str] = ()
+    ) -> None:
+        """``peers``: the stages this one connects to, whose public keys are read now, so that a missing
+        key stops the worker at start, before any socket or thread exists."""
         self.settings = settings
         self.keypair = load_keypair(settings.keys_dir, name)
+        self._peer_keys = {peer: load_public_key(settings.keys_dir / PUBLIC_DIR, peer) for peer in peers}
         self._context = context
         self._authenticator: CurveAuthenticator | None = None
 
@@ -232,7 +237,9 @@ class StageCurve:
         make_curve_server(sock, self.keypair, self._authenticator)
 
     def connect_to(self, sock: zmq.Socket, server_name: str) -> None:
-        server_key = load_public_key(self.settings.keys_dir / PUBLIC_DIR, server_name)
+        server_key = self._peer_keys.get(server_name)
+        if server_key is None:
+            server_key = load_public_key(self.settings.keys_dir / PUBLIC_DIR, server_name)
         make_curve_client(sock, self.keypair, server_key)
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from phasestream.config import PipelineConfig, TiledSettings, load_pipeline
+from phasestream.errors import ConfigError
 from phasestream.launcher import Launcher
 
 
@@ -26,20 +27,29 @@ def tiled_for(pipeline: PipelineConfig) -> Iterator[PipelineConfig]:
         yield pipeline.model_copy(update={"tiled": settings})
 
 
-def serve_pipeline(path: Path, tiled_uri: str | None, tiled_api_key: str | None) -> int:
+def serve_pipeline(
+    path: Path, tiled_uri: str | None, tiled_api_key: str | None, host: str | None = None
+) -> int:
+    """Serve ``path``'s pipeline; with ``host``, only the stages placed on that host (``hosts:``)."""
     from phasestream.tiled_server import public_uri
 
     pipeline = load_pipeline(path)
     if tiled_uri or tiled_api_key:
         update = {"uri": tiled_uri or pipeline.tiled.uri, "api_key": tiled_api_key or pipeline.tiled.api_key}
         pipeline = pipeline.model_copy(update={"tiled": pipeline.tiled.model_copy(update=update)})
-    with tiled_for(pipeline) as resolved, Launcher(resolved) as launcher:
+    if host is not None and not pipeline.tiled.uri:
+        raise ConfigError(
+            f"--host {host}: a pipeline across hosts publishes to one Tiled server, and each host's launcher "
+            "would start its own embedded one; set tiled.uri in the YAML or pass --tiled-uri"
+        )
+    with tiled_for(pipeline) as resolved, Launcher(resolved, host=host) as launcher:
         tiled_uri = public_uri(resolved.tiled.uri)  # never the key, even when it came in the URI
         print(f"phasestream: pipeline {resolved.name!r} is up; results in Tiled at {tiled_uri}")
         detector = resolved.detector
         print(f"  detector: data {detector.data_endpoint}, positions {detector.positions_endpoint}")
         for label, worker in launcher.workers.items():
-            print(f"  {label:<14} /metrics on http://127.0.0.1:{worker.metrics_port}/metrics")
+            address = resolved.stage(label.rsplit(".", 1)[0]).metrics_address
+            print(f"  {label:<14} /metrics on http://{address}:{worker.metrics_port}/metrics")
         print("Ctrl-C stops every stage.")
         try:
             while True:

@@ -73,6 +73,8 @@ class RawInput:
     socket_type: int
     endpoint: str
     bind: bool = False
+    # Larger messages drop the sender's connection before anything is allocated for them (ZMQ_MAXMSGSIZE).
+    max_message_bytes: int | None = None
 
 
 @dataclass
@@ -209,6 +211,8 @@ class Stage:
         for port, raw in self.raw_inputs().items():
             sock = context.socket(raw.socket_type)
             sock.setsockopt(zmq.RCVHWM, max(self.pipeline.high_water_mark, 1000))
+            if raw.max_message_bytes is not None:
+                sock.setsockopt(zmq.MAXMSGSIZE, raw.max_message_bytes)
             sock.bind(raw.endpoint) if raw.bind else sock.connect(raw.endpoint)
             ports[sock] = port
         for sock in ports:

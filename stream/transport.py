@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -29,13 +29,21 @@ class Outlet:
     """One PUSH socket per downstream worker, each with a bounded high-water mark."""
 
     def __init__(
-        self, context: zmq.Context, endpoints: Sequence[str], high_water_mark: int, stop: threading.Event
+        self,
+        context: zmq.Context,
+        endpoints: Sequence[str],
+        high_water_mark: int,
+        stop: threading.Event,
+        secure: Callable[[zmq.Socket], None] | None = None,
     ) -> None:
+        """``secure`` prepares each socket before it connects (CurveZMQ keys for a peer on another host)."""
         self._stop = stop
         self._sockets: list[zmq.Socket] = []
         for endpoint in endpoints:
             sock = context.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, high_water_mark)
+            if secure is not None:
+                secure(sock)
             sock.connect(endpoint)
             self._sockets.append(sock)
         self._next = 0

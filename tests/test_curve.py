@@ -8,6 +8,7 @@ client refused by the authenticator (ZAP status 400) is disconnected and does no
 from __future__ import annotations
 
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from phasestream.config import PipelineConfig, validate_pipeline
 from phasestream.curve import (
     PRIVATE_DIR,
     PUBLIC_DIR,
@@ -30,6 +32,9 @@ from phasestream.curve import (
     run_keys_generate,
 )
 from phasestream.errors import ConfigError
+from phasestream.registry import resolve_stage
+from phasestream.stage import Stage
+from phasestream.topology import place
 
 TIMEOUT_MS = 10_000
 HANDSHAKE_EVENTS = (
@@ -267,3 +272,42 @@ def test_stage_curve_connects_two_stages_of_a_pipeline(keys: Path, context: zmq.
     finally:
         binning.close()
         ingest.close()
+
+
+def _tcp_pipeline(keys_dir: Path) -> PipelineConfig:
+    hosts = {"here": {"address": "127.0.0.1"}}
+    stages = [
+        {"name": "ingest", "stage": "ingest", "host": "here"},
+        {"name": "binning", "stage": "binning", "host": "here", "port": 41000},
+    ]
+    return validate_pipeline({"hosts": hosts, "curve": {"keys_dir": str(keys_dir)}, "stages": stages})
+
+
+def test_a_stage_without_its_keys_stops_at_start_with_the_fix(tmp_path: Path) -> None:
+    """Checked before any socket binds or any thread starts: the worker exits and the launcher says why."""
+    keys_dir = tmp_path / "keys"
+    pipeline = _tcp_pipeline(keys_dir)
+    stage = resolve_stage("ingest").from_placement(place(pipeline, "ingest", 0), pipeline)
+    with pytest.raises(ConfigError, match=r"no secret key .*ingest\.key_secret.*keys generate"):
+        _run_in_thread(stage)
+    generate_keys(keys_dir, ["ingest"])  # its own keypair, but not the public key of the stage it feeds
+    with pytest.raises(ConfigError, match=r"no public key .*binning\.key: copy binning\.key"):
+        _run_in_thread(stage)
+
+
+def _run_in_thread(stage: Stage) -> None:
+    """``stage.run()`` off the main thread, so that it leaves pytest's signal handlers alone."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            stage.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(TIMEOUT_MS / 1000)
+    assert not thread.is_alive(), "the stage did not stop at start"
+    if raised:
+        raise raised[0]
