@@ -11,11 +11,14 @@ compare them bit for bit. The low-level builders (``pixel_words``, ``tdc_words``
 SERVAL listens and the client connects, so ``Tpx3Emitter`` binds at construction and waits in ``send``
 for one client, streams one measurement, then closes that connection: the client sees the end of the
 measurement as the end of the TCP stream. Positions go out on a ZeroMQ PUSH socket in the position
-channel's format, as ``SelunEmitter`` sends them.
+channel's format, as ``SelunEmitter`` sends them. ``open_measurement`` instead hands out the accepted
+connection as a ``Tpx3Measurement`` that sends each payload the moment it is given (an exposure after
+each trigger, as ``phasestream.simulators.ophyd_timepix3`` does) until ``close`` ends the measurement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Sequence
@@ -289,7 +292,8 @@ class Tpx3Emitter:
 
     Port 0 lets the OS choose; ``endpoint`` reports the address as ``tcp://host:port``. ``rate_hz`` paces
     payloads (for ``emit_scan``, exposures) on an absolute schedule; None sends as fast as TCP takes them.
-    TCP itself applies backpressure: a slow client slows the emitter, nothing is dropped.
+    TCP itself applies backpressure: a slow client slows the emitter, nothing is dropped. A position waits
+    at most ``positions_send_timeout_s`` for ingest to take it (None: as long as it takes).
     """
 
     def __init__(
@@ -301,6 +305,7 @@ class Tpx3Emitter:
         positions_endpoint: str | None = None,
         accept_timeout_s: float = 30.0,
         linger_s: float = 10.0,
+        positions_send_timeout_s: float | None = None,
     ) -> None:
         if rate_hz is not None and not rate_hz > 0:
             raise ConfigError(f"rate_hz={rate_hz}: use a positive rate, or None for as fast as possible")
@@ -318,6 +323,8 @@ class Tpx3Emitter:
         if positions_endpoint is not None:
             self._positions = self._context.socket(zmq.PUSH)
             self._positions.setsockopt(zmq.LINGER, round(linger_s * 1000))
+            if positions_send_timeout_s is not None:
+                self._positions.setsockopt(zmq.SNDTIMEO, round(positions_send_timeout_s * 1000))
             self._positions.bind(positions_endpoint)
 
     @property
@@ -336,13 +343,7 @@ class Tpx3Emitter:
 
         ``position_batches`` maps a payload index to position-channel messages that go out right after it.
         """
-        try:
-            connection, _ = self._listener.accept()
-        except TimeoutError:
-            raise TimeoutError(
-                f"no client connected to {self.endpoint} within {self._accept_timeout_s} s: start the "
-                "Timepix3 ingest stage (or raise accept_timeout_s)"
-            ) from None
+        connection = self._accept()
         interval_s = 1.0 / self.rate_hz if self.rate_hz else 0.0
         positions_sent = 0
         with connection:
@@ -373,6 +374,10 @@ class Tpx3Emitter:
             batches.setdefault(len(payloads) - 1, []).append(encode_positions_end(series_id))
         return self.send(payloads, batches)
 
+    def open_measurement(self, send_timeout_s: float = 10.0) -> Tpx3Measurement:
+        """Wait for a client and hand out its connection, for a measurement sent piece by piece."""
+        return Tpx3Measurement(self._accept(), self.endpoint, send_timeout_s)
+
     def send_positions(self, messages: Sequence[bytes]) -> int:
         """Send position-channel messages now (for positions that come before the data)."""
         for message in messages:
@@ -391,6 +396,76 @@ class Tpx3Emitter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _accept(self) -> socket.socket:
+        try:
+            connection, _ = self._listener.accept()
+        except TimeoutError:
+            raise TimeoutError(
+                f"no client connected to {self.endpoint} within {self._accept_timeout_s} s: start the "
+                "Timepix3 ingest stage (or raise accept_timeout_s)"
+            ) from None
+        return connection
+
     def _send_position(self, message: bytes) -> None:
         assert self._positions is not None
-        self._positions.send(message)
+        try:
+            self._positions.send(message)
+        except zmq.Again:
+            raise TimeoutError(
+                f"no ingest took a position on {self.positions_endpoint} within positions_send_timeout_s: "
+                "start the pipeline with detector.positions_endpoint set to this endpoint"
+            ) from None
+
+
+class Tpx3Measurement:
+    """One measurement on an accepted client connection, streamed as it happens.
+
+    ``send`` writes a payload at once (whole chunks, so the client can decode up to its end); ``close``
+    shuts the connection, which the client reads as the end of the measurement, as with SERVAL. A client
+    that stops reading makes ``send`` wait at most ``send_timeout_s`` (TCP's backpressure), then fail.
+    """
+
+    def __init__(self, connection: socket.socket, endpoint: str, send_timeout_s: float) -> None:
+        connection.settimeout(send_timeout_s)
+        self._connection = connection
+        self.endpoint = endpoint
+        self.send_timeout_s = send_timeout_s
+        self.payloads_sent = 0
+        self.bytes_sent = 0
+        self.closed = False
+
+    def send(self, payload: bytes) -> None:
+        if self.closed:
+            raise ConfigError(
+                f"the measurement on {self.endpoint} is closed after {self.payloads_sent} payloads: open a "
+                "new one (Tpx3Emitter.open_measurement) for the next measurement"
+            )
+        try:
+            self._connection.sendall(payload)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the client of {self.endpoint} took no data for send_timeout_s={self.send_timeout_s} after "
+                f"{self.bytes_sent} bytes: is the Timepix3 ingest stage stalled?"
+            ) from None
+        except OSError as error:
+            raise ConnectionError(
+                f"the client of {self.endpoint} went away after {self.bytes_sent} bytes ({error}): restart "
+                "the Timepix3 ingest stage and repeat the measurement"
+            ) from error
+        self.payloads_sent += 1
+        self.bytes_sent += len(payload)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        # A client that already went away leaves nothing to shut down; the close still frees the socket.
+        with contextlib.suppress(OSError):
+            self._connection.shutdown(socket.SHUT_WR)
+        self._connection.close()
+
+    def __enter__(self) -> Tpx3Measurement:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
