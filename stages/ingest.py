@@ -54,6 +54,12 @@ class IngestConfig(BaseModel):
     position_grace_s: float = Field(
         default=5.0, ge=0, description="after the detector's end, wait this long for late positions"
     )
+    max_message_bytes: int = Field(
+        default=128 * 2**20,
+        ge=2**16,
+        description="largest detector message accepted; a sender of a larger one is disconnected before "
+        "anything is allocated for it (a 4096 x 4096 uint32 frame uncompressed is 64 MiB)",
+    )
     stalled_scan_timeout_s: float | None = Field(
         default=120.0,
         gt=0,
@@ -112,9 +118,10 @@ class IngestStage(Stage):
 
     def raw_inputs(self) -> dict[str, RawInput]:
         detector = self.pipeline.detector
+        limit = self.config.max_message_bytes
         return {
-            "detector": RawInput(zmq.PULL, detector.data_endpoint),
-            "positions": RawInput(zmq.PULL, detector.positions_endpoint),
+            "detector": RawInput(zmq.PULL, detector.data_endpoint, max_message_bytes=limit),
+            "positions": RawInput(zmq.PULL, detector.positions_endpoint, max_message_bytes=limit),
         }
 
     def has_open_scan(self) -> bool:

@@ -49,7 +49,7 @@ from phasestream.simulators.stream_v2_encode import (
     start_fields,
 )
 from phasestream.stage import Stage
-from phasestream.stages.ingest import IngestStage
+from phasestream.stages.ingest import IngestConfig, IngestStage
 from phasestream.stages.position_channel import (
     PositionBatch,
     PositionsEnd,
@@ -705,3 +705,18 @@ def test_nan_and_negative_counts_over_the_wire(pipeline, case: str) -> None:
     assert_forwarded(result, [0, 1, 3, 4, 5], frames, positions)
     assert result.accounting[INGEST][f"rejected_{reason}"] == 1
     assert unaccounted_frames(result.frames_sent, result.accounting) == []
+
+
+def test_detector_sockets_carry_the_message_size_limit() -> None:
+    """ZMQ_MAXMSGSIZE on both detector-facing sockets: a larger message drops its sender's connection when
+    its size arrives, before anything is allocated for it."""
+    stage = IngestStage.__new__(IngestStage)
+    stage.config = IngestConfig(max_message_bytes=2**20)
+    stages = [{"name": "ingest", "stage": "ingest"}, {"name": "b", "stage": "binning"}]
+    stage.pipeline = validate_pipeline({"name": "limits", "stages": stages})
+    inputs = stage.raw_inputs()
+    assert {port: raw.max_message_bytes for port, raw in inputs.items()} == {
+        "detector": 2**20,
+        "positions": 2**20,
+    }
+    assert IngestConfig().max_message_bytes == 128 * 2**20
