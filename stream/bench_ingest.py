@@ -98,6 +98,7 @@ class IngestBenchResult:
     n_frames: int
     batch_size: int
     bytes_per_frame: float
+    binning_workers: int = 1
     runs: list[PipelineRun] = field(default_factory=list)
     decode_only_frames_per_s: list[float] = field(default_factory=list)
 
@@ -226,7 +227,7 @@ def _emitter_main(
 # ---- the pipeline ----------------------------------------------------------------------------------------
 
 
-def _pipeline(run_dir: Path, batch_size: int, sink: str = SINK_STAGE) -> Any:
+def _pipeline(run_dir: Path, batch_size: int, sink: str = SINK_STAGE, binning_workers: int = 1) -> Any:
     from phasestream.config import validate_pipeline
 
     return validate_pipeline(
@@ -240,7 +241,7 @@ def _pipeline(run_dir: Path, batch_size: int, sink: str = SINK_STAGE) -> Any:
             },
             "stages": [
                 {"name": "ingest", "stage": "ingest", "config": {"batch_size": batch_size}},
-                {"name": "binning", "stage": "binning"},
+                {"name": "binning", "stage": "binning", "workers": binning_workers},
                 {"name": "sink", "stage": sink},
             ],
         },
@@ -347,7 +348,12 @@ def _stop_emitter(emitter: Any, commands: Any) -> None:
 
 
 def bench_ingest(
-    n_frames: int = 200_000, repeats: int = 3, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
+    n_frames: int = 200_000,
+    repeats: int = 3,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    binning_workers: int = 1,
+    progress: bool = True,
 ) -> IngestBenchResult:
     """Measure, print a table and a docs/benchmarks.md row, and return the figures."""
     from phasestream.launcher import Launcher
@@ -356,12 +362,12 @@ def bench_ingest(
         raise ConfigError(f"--frames {n_frames} and --repeats {repeats}: both must be at least 1")
     load_before = os.getloadavg()[0]
     messages = bench_messages(n_frames, progress=progress)
-    result = IngestBenchResult(n_frames, batch_size, sum(map(len, messages)) / n_frames)
+    result = IngestBenchResult(n_frames, batch_size, sum(map(len, messages)) / n_frames, binning_workers)
     for _ in tqdm(range(repeats), desc="decode only", unit="pass", disable=not progress, leave=False):
         result.decode_only_frames_per_s.append(decode_only_frames_per_s(messages))
 
     run_dir = Path(tempfile.mkdtemp(prefix="psbench-"))
-    pipeline = _pipeline(run_dir, batch_size)
+    pipeline = _pipeline(run_dir, batch_size, binning_workers=binning_workers)
     emitter, commands, results = _start_emitter(messages, pipeline)
     del messages  # the emitter has its copy
     succeeded = False
@@ -425,7 +431,8 @@ def format_report(result: IngestBenchResult, load_before: float | None = None) -
         "",
         f"phasestream bench ingest: {result.n_frames:,} frames of {SHAPE_PX[0]}×{SHAPE_PX[1]} uint16 bslz4, "
         f"Poisson mean {MEAN_COUNTS_PER_PX} counts/px ({result.bytes_per_frame / 1000:.1f} kB/frame)",
-        f"emitter → ingest (1 worker, batch {result.batch_size}) → binning → sink, one process each, "
+        f"emitter → ingest (1 worker, batch {result.batch_size}) → binning ({result.binning_workers} "
+        "worker(s)) → sink, one process each, "
         f"ipc://; median of {len(result.runs)} runs after a "
         f"{min(result.n_frames, WARMUP_FRAMES):,}-frame warm-up",
         f"machine: {machine}{load}",
@@ -455,7 +462,8 @@ def format_report(result: IngestBenchResult, load_before: float | None = None) -
         "decode-only | ratio |):",
         f"| {datetime.now().date().isoformat()} | bench ingest | {machine} | "
         f"{result.n_frames:,} frames × {len(result.runs)}, 192×192 u16 bslz4, mean 0.05 counts/px, "
-        f"batch {result.batch_size}, emitter → ingest → binning → sink | {median:,.0f} | {runs} | "
+        f"batch {result.batch_size}, emitter → ingest → binning ×{result.binning_workers} → sink | "
+        f"{median:,.0f} | {runs} | "
         f"{result.decode_only_median:,.0f} | {result.ratio:.2f} |",
     ]
     return "\n".join(lines)

@@ -437,6 +437,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument(
         "--batch-size", type=int, default=64, help="ingest frames per FrameBatch (default %(default)s)"
     )
+    ingest.add_argument(
+        "--binning-workers", type=int, default=1, help="binning workers, fanned out (default %(default)s)"
+    )
     ingest.set_defaults(func=_cmd_bench_ingest)
     soak = bench.add_parser(
         "soak", help="hold a high frame rate for minutes: frames accounted, memory flat, latency percentiles"
@@ -557,7 +560,12 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_bench_ingest(args: argparse.Namespace) -> int:
     from phasestream.bench_ingest import bench_ingest
 
-    bench_ingest(n_frames=args.frames, repeats=args.repeats, batch_size=args.batch_size)
+    bench_ingest(
+        n_frames=args.frames,
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        binning_workers=args.binning_workers,
+    )
     return 0
 
 
