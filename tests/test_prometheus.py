@@ -274,6 +274,8 @@ def test_exposition_of_every_phasestream_metric_passes_promtool() -> None:
         collector.labels(**labels).observe(0.01)
     metrics.QUEUE_DEPTH.labels(**labels).set(3)
     metrics.FOURIER_R_FACTOR.labels(**labels).set(0.12)
+    metrics.WORKER_RESTARTS.labels(**labels).inc()
+    metrics.SCANS_TIMED_OUT.labels(reason="test", **labels).inc()
     text = generate_latest()
     assert b'phasestream_fourier_r_factor{stage="prometheus_test",worker="0"} 0.12' in text
     assert {name for name in _sample_names() if name.encode() + b"{" not in text} == set()
@@ -473,7 +475,10 @@ def test_real_prometheus_scrapes_a_running_pipeline(tmp_path: Path, short_run_di
                     result = _query(base, "sum by (stage) (phasestream_frames_received_total)")
                     counts = {r["metric"]["stage"]: float(r["value"][1]) for r in result}
                     frame_stages = {"ingest", "binning", "refine"}
-                    done = frame_stages <= set(counts) and all(counts[s] >= N_POSITIONS for s in frame_stages)
+                    # publish's series (0: it receives reconstructions) may come one scrape later.
+                    done = (frame_stages | {"publish"}) <= set(counts) and all(
+                        counts[s] >= N_POSITIONS for s in frame_stages
+                    )
                     return counts if done else None
 
                 received = _wait_for(received_per_stage, 20, "every frame counted in Prometheus")
