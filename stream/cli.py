@@ -441,6 +441,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--binning-workers", type=int, default=1, help="binning workers, fanned out (default %(default)s)"
     )
     ingest.set_defaults(func=_cmd_bench_ingest)
+    fly = bench.add_parser(
+        "flyscan", help="position binning + DIP on a simulated fly scan: FRC resolution of four cases"
+    )
+    fly.add_argument("--rows", type=int, default=48, help="raster rows = columns (default %(default)s)")
+    fly.add_argument("--k", type=int, default=3, help="frames per bin (default %(default)s)")
+    fly.add_argument("--photons", type=float, default=2e4, help="photons per frame (default %(default)s)")
+    fly.add_argument("--epochs", type=int, default=20, help="ePIE sweeps (default %(default)s)")
+    fly.add_argument("--arch", nargs="+", default=["arch1", "arch2"], choices=["arch1", "arch2"])
+    fly.add_argument("--dip-iterations", type=int, default=2000, help="default %(default)s")
+    fly.add_argument("--seed", type=int, default=0)
+    fly.add_argument("--figure", type=Path, default=Path("flyscan_dip.png"), help="default %(default)s")
+    fly.set_defaults(func=_cmd_bench_flyscan)
     soak = bench.add_parser(
         "soak", help="hold a high frame rate for minutes: frames accounted, memory flat, latency percentiles"
     )
@@ -566,6 +578,23 @@ def _cmd_bench_ingest(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         binning_workers=args.binning_workers,
     )
+    return 0
+
+
+def _cmd_bench_flyscan(args: argparse.Namespace) -> int:
+    from phasestream.models.bench_flyscan import bench_flyscan
+
+    bench_flyscan(
+        rows=args.rows,
+        k=args.k,
+        photons_per_frame=args.photons,
+        epochs=args.epochs,
+        architectures=tuple(args.arch),
+        dip_max_iterations=args.dip_iterations,
+        seed=args.seed,
+        figure=args.figure,
+    )
+    print(f"Figure: {args.figure}")
     return 0
 
 

@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "binning": "phasestream.stages.binning:BinningStage",
     "refine": "phasestream.stages.refine:RefineStage",
     "denoise": "phasestream.stages.denoise:DenoiseStage",
+    "cdi": "phasestream.stages.cdi_stage:CdiStage",
     "publish": "phasestream.stages.publish:PublishStage",
 }
 

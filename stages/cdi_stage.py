@@ -1,0 +1,312 @@
+"""CDI: reconstruct each in-situ CDI pattern of a stream with LoDIP or HIO-stat, one Reconstruction each.
+
+In-situ CDI (Lo et al. 2018; LoDIP: Manekar et al., arXiv:2402.17745, see :mod:`phasestream.models.lodip`)
+puts a static region U beside the sample X and lights it r times more strongly. U does not change during
+the series, so a beamline measures it **once, alone and at a high dose** (sample out of the beam or
+shuttered), before the low-dose series, and draws the two supports on that measurement. This stage takes
+that measurement from a *static reference* file (:func:`load_static_reference`, written by
+:func:`phasestream.simulators.insitu_cdi_stream.save_static_reference`): the high-dose static-only
+pattern, the static and sample supports (boolean masks of the detector array) and the incident flux of the
+static exposure. It reconstructs U from it with HIO/ER under the support and positivity (the same
+:func:`~phasestream.models.lodip.reconstruct_static` as the benchmark), rescales U to the series' units
+with the series flux (``incident_photons_per_px``, from the beam monitor) and the illumination ratio r,
+and then solves every pattern of the stream with U held fixed.
+
+A file rather than the first pattern of the stream: the supports have to be drawn by someone anyway, one
+reference serves many series, and a series can then start with its first low-dose frame. The file is read
+again at every ScanStart (and its U reconstructed again when it changed), so staff can re-measure the
+static region between scans without restarting the pipeline.
+
+Positions: in-situ CDI has no scan. Ingest still joins frames and positions by image id, so the emitter
+sends (0, 0) m for every frame on the position channel (:mod:`phasestream.simulators.insitu_cdi_stream`);
+this stage ignores them.
+
+Output, per pattern: a ``Reconstruction`` (product OBJECT) whose ``object`` is the sample X in units of
+transmission (complex64, zero off its support) and whose ``probe`` is the static region U in the same
+units (in-situ CDI has no probe; U is its fixed reference). ``iteration`` counts the patterns solved in
+the scan, so that publish's latest-wins order holds; ``quality`` carries the pattern's frame index, the
+solver's own iterations and the Fourier R-factor of |F(X + U)| against √Y. At ScanEnd the latest one goes
+out again with ``final`` set.
+
+Bad input costs the frames it concerns, counted under a reason, and the stream goes on: a pattern with no
+photons (``zero_photons``, left out like refine does); a reference whose static region overlaps the sample
+support, or whose supports do not lie on the detector's array (``static_reference``): every frame of that
+scan is rejected with the reason, and the next scan reads the file again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from phasestream.errors import ConfigError, FrameValidationError
+from phasestream.messages import FrameBatch, Message, Reconstruction, ScanEnd, ScanStart
+from phasestream.stage import Stage
+
+REFERENCE_KEYS = ("static_pattern", "static_support", "sample_support", "static_incident_photons_per_px")
+BAD_REFERENCE = "static_reference"
+ZERO_PHOTONS = "zero_photons"
+
+
+class CdiMethod(StrEnum):
+    LODIP = "lodip"
+    HIO_STAT = "hio_stat"
+
+
+class CdiStageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: CdiMethod = CdiMethod.LODIP
+    static_reference: Path = Field(description="npz: static_pattern, static_support, sample_support, flux")
+    incident_photons_per_px: float = Field(
+        gt=0, description="s: photons per sample pixel of unit transmission in each pattern (beam monitor)"
+    )
+    illumination_ratio: float = Field(default=10.0, gt=0, le=1e6, description="r: static / sample flux")
+    architecture: str = Field(default="arch1", pattern="^(arch1|arch2)$", description="LoDIP generator")
+    max_iterations: int = Field(default=600, ge=1, le=100_000, description="LoDIP iteration cap")
+    window: int = Field(default=50, ge=2, description="ES-WMV window (LoDIP)")
+    patience: int = Field(default=150, ge=1, description="ES-WMV patience (LoDIP)")
+    hio_cycles: int = Field(
+        default=2, ge=1, le=100, description="HIO-stat: this many rounds of 450 HIO + 50 ER iterations"
+    )
+    device: str | None = Field(default=None, description="torch device; default cuda when present, else cpu")
+    torch_threads: int | None = Field(default=1, ge=1, description="CPU threads for torch")
+
+
+@dataclass(frozen=True)
+class StaticReference:
+    """The high-dose static-only measurement and the supports drawn on it."""
+
+    static_pattern: np.ndarray
+    static_support: np.ndarray
+    sample_support: np.ndarray
+    static_incident_photons_per_px: float
+
+
+def load_static_reference(path: Path) -> StaticReference:
+    """Read a static reference file; ConfigError names what is missing or wrong and the fix."""
+    try:
+        with np.load(path) as stored:
+            missing = [key for key in REFERENCE_KEYS if key not in stored]
+            if missing:
+                raise ConfigError(
+                    f"static reference {path} lacks {missing}: write it with "
+                    "phasestream.simulators.insitu_cdi_stream.save_static_reference",
+                    reason=BAD_REFERENCE,
+                )
+            arrays = {key: np.asarray(stored[key]) for key in REFERENCE_KEYS}
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"cannot read the static reference {path} ({error}): point static_reference at its npz file",
+            reason=BAD_REFERENCE,
+        ) from error
+    return StaticReference(
+        arrays["static_pattern"].astype(np.float64),
+        arrays["static_support"].astype(bool),
+        arrays["sample_support"].astype(bool),
+        float(arrays["static_incident_photons_per_px"]),
+    )
+
+
+def check_reference(reference: StaticReference, detector_shape_px: tuple[int, int]) -> None:
+    """ConfigError (reason ``static_reference``) unless both supports and the pattern lie on the detector's
+    array, are non-empty and do not overlap."""
+    for name in ("static_pattern", "static_support", "sample_support"):
+        shape = getattr(reference, name).shape
+        if shape != tuple(detector_shape_px):
+            raise ConfigError(
+                f"{name} of the static reference is {shape} but the detector sends "
+                f"{tuple(detector_shape_px)} frames: the support lies outside the array; redraw it on the "
+                "detector's array",
+                reason=BAD_REFERENCE,
+            )
+    for name in ("static_support", "sample_support"):
+        if not getattr(reference, name).any():
+            raise ConfigError(f"{name} of the static reference selects no pixel", reason=BAD_REFERENCE)
+    overlap = int((reference.static_support & reference.sample_support).sum())
+    if overlap:
+        raise ConfigError(
+            f"the static region overlaps the sample support on {overlap} px: in-situ CDI needs them apart; "
+            "redraw the supports",
+            reason=BAD_REFERENCE,
+        )
+    if not reference.static_incident_photons_per_px > 0:
+        raise ConfigError(
+            f"static_incident_photons_per_px={reference.static_incident_photons_per_px!r} must be positive",
+            reason=BAD_REFERENCE,
+        )
+
+
+@dataclass
+class CdiScan:
+    """One scan's static field (pattern units) or the reason its frames are rejected, and its output."""
+
+    start: ScanStart
+    pixel_size_m: float
+    reference: StaticReference | None = None
+    static_field: np.ndarray | None = None
+    problem: ConfigError | None = None
+    solved: int = 0
+    latest: Reconstruction | None = None
+
+
+class CdiStage(Stage):
+    Config = CdiStageConfig
+    config: CdiStageConfig
+
+    def setup(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
+        self._series: dict[str, CdiScan] = {}
+        # U depends only on the file: reconstructed again only when the file changes.
+        self._static_cache: tuple[tuple[str, int], StaticReference, np.ndarray] | None = None
+
+    def on_scan_start(self, message: ScanStart) -> Iterable[Message]:
+        from phasestream.models.physics import object_pixel_size_m
+
+        geometry = message.geometry
+        scan = CdiScan(
+            message,
+            object_pixel_size_m(
+                geometry.energy_kev, geometry.detector_distance_m, geometry.pixel_size_m,
+                geometry.detector_shape_px[1],
+            ),
+        )  # fmt: skip
+        try:
+            scan.reference, static_estimate = self._static_estimate(geometry.detector_shape_px)
+            scan.static_field = self._in_pattern_units(static_estimate, scan.reference)
+        except ConfigError as error:
+            scan.problem = error
+            self.warn(BAD_REFERENCE, f"scan {message.scan_uid}: its frames will be rejected: {error}")
+        self._series[message.scan_uid] = scan
+        yield message
+
+    def _static_estimate(self, detector_shape_px: tuple[int, int]) -> tuple[StaticReference, np.ndarray]:
+        from phasestream.models.lodip import reconstruct_static
+
+        path = self.config.static_reference
+        try:
+            key = (str(path.resolve()), path.stat().st_mtime_ns)
+        except OSError as error:
+            raise ConfigError(
+                f"static reference {path} cannot be read ({error}): measure the static region and save it",
+                reason=BAD_REFERENCE,
+            ) from error
+        if self._static_cache is not None and self._static_cache[0] == key:
+            _, reference, estimate = self._static_cache
+            check_reference(reference, detector_shape_px)
+            return reference, estimate
+        reference = load_static_reference(path)
+        check_reference(reference, detector_shape_px)
+        estimate = reconstruct_static(
+            reference.static_pattern, reference.static_support, device=self.config.device or "cpu"
+        )
+        self._static_cache = (key, reference, estimate)
+        self.report_status(static_reference=str(path))
+        return reference, estimate
+
+    def _in_pattern_units(self, static_estimate: np.ndarray, reference: StaticReference) -> np.ndarray:
+        from phasestream.models.lodip import static_in_pattern_units
+
+        return static_in_pattern_units(
+            static_estimate,
+            reference.static_incident_photons_per_px,
+            self.config.incident_photons_per_px,
+            self.config.illumination_ratio,
+        )
+
+    def process(self, message: Message) -> Iterable[Message]:
+        if not isinstance(message, FrameBatch):
+            yield message
+            return
+        scan = self._series.get(message.scan_uid)
+        if scan is None:
+            raise FrameValidationError(
+                f"frames {message.first_index}..{message.last_index} of scan {message.scan_uid} arrived "
+                "before its ScanStart; check the stage before cdi",
+                reason="no_scan_start",
+            )
+        if scan.problem is not None:
+            raise ConfigError(f"scan {message.scan_uid}: {scan.problem}", reason=BAD_REFERENCE)
+        patterns = np.asarray(message.frames, dtype=np.float64)
+        per_pattern = np.asarray(message.detector_frames or [1] * len(patterns))
+        empty = patterns.reshape(len(patterns), -1).max(axis=1) <= 0
+        if empty.any():
+            # A dark frame (shutter closed, beam lost) has no solution to look for: leave it out, say so.
+            n_empty = int(per_pattern[empty].sum())
+            self.reject_frames(message.scan_uid, ZERO_PHOTONS, n_empty)
+            self.warn(
+                ZERO_PHOTONS,
+                f"scan {message.scan_uid}: {n_empty} pattern(s) in "
+                f"{message.first_index}..{message.last_index} hold no photons (shutter closed or beam "
+                "lost?); not reconstructed",
+            )
+        for index in np.flatnonzero(~empty):
+            reconstruction = self._solve(scan, patterns[index], message.frame_indices[index])
+            self.count(message.scan_uid, "frames_used", int(per_pattern[index]))
+            yield reconstruction
+
+    def _solve(self, scan: CdiScan, pattern: np.ndarray, frame_index: int) -> Reconstruction:
+        from phasestream.models.dip import DipArchitecture
+        from phasestream.models.lodip import HIO_STAT_SCHEDULE, hio_stat, lodip
+
+        reference = scan.reference
+        problem = (pattern, scan.static_field, reference.sample_support, reference.static_support)
+        device = self.config.device or "cpu"
+        start_s = time.perf_counter()
+        if self.config.algorithm is CdiMethod.LODIP:
+            config = self.config
+            result = lodip(
+                *problem, arch=DipArchitecture(config.architecture), max_iterations=config.max_iterations,
+                window=config.window, patience=config.patience, seed=frame_index, device=device,
+            )  # fmt: skip
+            sample, solver_iterations = result.sample, result.stop_iteration
+        else:
+            schedule = HIO_STAT_SCHEDULE[:2] * self.config.hio_cycles
+            sample = hio_stat(*problem, schedule=schedule, device=device)
+            solver_iterations = sum(count for _, count in schedule)
+        seconds = time.perf_counter() - start_s
+        scan.solved += 1
+        amplitude_scale = np.sqrt(self.config.incident_photons_per_px)
+        scan.latest = Reconstruction(
+            scan_uid=scan.start.scan_uid,
+            seq=scan.solved,
+            algorithm=str(self.config.algorithm),
+            iteration=scan.solved,
+            positions_used=scan.solved,
+            object_pixel_size_m=scan.pixel_size_m,
+            quality={
+                "pattern_index": float(frame_index),
+                "solver_iterations": float(solver_iterations),
+                "solve_seconds": seconds,
+                "r_factor": _r_factor(pattern, sample + scan.static_field),
+            },
+            object=(sample / amplitude_scale).astype(np.complex64),
+            probe=(scan.static_field / np.sqrt(self.config.illumination_ratio) / amplitude_scale).astype(
+                np.complex64
+            ),
+        )
+        self.report_status(scan_uid=scan.start.scan_uid, iteration=scan.solved, pattern_index=frame_index)
+        return scan.latest
+
+    def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:
+        scan = self._series.pop(message.scan_uid, None)
+        if scan is not None and scan.latest is not None:
+            yield scan.latest.model_copy(update={"final": True, "seq": scan.solved + 1})
+        yield message
+
+
+def _r_factor(pattern: np.ndarray, exit_wave: np.ndarray) -> float:
+    """Fourier R-factor of |F(X + U)|² against the counts, F the project's centred orthonormal FFT."""
+    from phasestream.models.quality import fourier_r_factor
+
+    spectrum = np.fft.fftshift(np.fft.fft2(exit_wave, norm="ortho"))
+    return fourier_r_factor(pattern, spectrum.real**2 + spectrum.imag**2)
