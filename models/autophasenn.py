@@ -355,7 +355,8 @@ def fit_pattern(
         raise FrameValidationError(
             f"pattern has shape {spatial} but the {dim}D AutoPhaseNN expects {expected}: a smaller pattern "
             "cannot be fitted soundly (padding would invent unmeasured frequencies); crop or bin the "
-            f"detector to {expected}"
+            f"detector to {expected}",
+            reason="wrong_shape",
         )
     actions: list[FitAction] = []
     factors: list[int] = []
@@ -383,6 +384,59 @@ def fit_pattern(
     return np.sqrt(intensity).astype(np.float32), fit
 
 
+def apply_fit(amplitude: np.ndarray, fit: PatternFit, size_px: int = INPUT_SIZE_PX) -> np.ndarray:
+    """Bring more patterns to the network's grid exactly as ``fit`` (from :func:`fit_pattern`) did.
+
+    A live scan fixes its fit on the first frames, so that every frame's object pixel is the same; a
+    pattern of another shape is refused with the shape the fit expects.
+    """
+    dim = len(fit.actions)
+    expected = fit.input_shape[-dim:]
+    if tuple(amplitude.shape[-dim:]) != tuple(expected):
+        raise FrameValidationError(
+            f"pattern has shape {tuple(amplitude.shape[-dim:])} but this scan's frames were {expected}: "
+            "the detector shape changed within the scan",
+            reason="wrong_shape",
+        )
+    intensity = np.asarray(amplitude, dtype=np.float64) ** 2
+    for offset, (action, factor) in enumerate(zip(fit.actions, fit.bin_factors, strict=True)):
+        axis = intensity.ndim - dim + offset
+        n = intensity.shape[axis]
+        if action is FitAction.BIN:
+            intensity = _bin_axis(intensity, axis, factor)
+        elif action is FitAction.CROP:
+            start = n // 2 - size_px // 2
+            intensity = np.take(intensity, np.arange(start, start + size_px), axis=axis)
+    return np.sqrt(intensity).astype(np.float32)
+
+
+def fitted_probe(probe: np.ndarray, size_px: int = INPUT_SIZE_PX, bin_factor: int = 1) -> np.ndarray:
+    """The probe a network sees when an N-pixel detector is binned by ``bin_factor`` and then cropped to its
+    central ``size_px`` pixels.
+
+    Binning the far field by k keeps the object pixel and cuts the field of view to N / k (so the probe must
+    fit in the central N / k pixels); a centred crop keeps the detector pixel and drops the high angles, so
+    the object pixel grows by (N / k) / size_px and the probe is low-passed. Here: the central N / k pixels of
+    the probe, its far field cut to the central ``size_px``², back in real space on the coarser grid (centred
+    on pixel size_px // 2), Σ|P|² = 1. A 2D network for fitted frames is trained with this probe.
+    """
+    probe = np.asarray(probe)
+    n = probe.shape[-1]
+    field_px = n // bin_factor if bin_factor >= 1 else 0
+    if probe.ndim != 2 or probe.shape[0] != n or field_px < size_px:
+        raise ConfigError(
+            f"probe has shape {probe.shape} and bin_factor={bin_factor}: pass a square probe of at least "
+            f"{size_px} × bin_factor pixels"
+        )
+    first = n // 2 - field_px // 2
+    field = probe[first : first + field_px, first : first + field_px].astype(np.complex128)
+    start = field_px // 2 - size_px // 2
+    spectrum = np.fft.fftshift(np.fft.fft2(field, norm="ortho"))
+    window = spectrum[start : start + size_px, start : start + size_px]
+    coarse = np.fft.ifft2(np.fft.ifftshift(window), norm="ortho")
+    return (coarse / np.linalg.norm(coarse)).astype(np.complex64)
+
+
 def validate_network_input(amplitude: np.ndarray, dim: int) -> None:
     """Raise FrameValidationError for a pattern the network must not see: wrong rank, complex, NaN, negative,
     zero everywhere, or saturated (a plateau of at least 3^dim pixels at the maximum, or an integer pattern
@@ -390,35 +444,45 @@ def validate_network_input(amplitude: np.ndarray, dim: int) -> None:
     if amplitude.ndim not in (dim, dim + 1):
         raise FrameValidationError(
             f"pattern has shape {amplitude.shape}: the {dim}D AutoPhaseNN takes one {dim}D pattern "
-            f"or a batch (n, {', '.join(['size'] * dim)})"
+            f"or a batch (n, {', '.join(['size'] * dim)})",
+            reason="wrong_shape",
         )
     if np.iscomplexobj(amplitude):
-        raise FrameValidationError("pattern is complex: pass the measured amplitude sqrt(I), a real array")
+        raise FrameValidationError(
+            "pattern is complex: pass the measured amplitude sqrt(I), a real array", reason="complex"
+        )
     frames = amplitude.reshape(-1, *amplitude.shape[-dim:])
     for index, frame in enumerate(frames):
         where = f"frame {index}" if amplitude.ndim > dim else "pattern"
         if not np.isfinite(frame).all():
-            raise FrameValidationError(f"{where} holds NaN or infinite values: replace or mask those pixels")
+            raise FrameValidationError(
+                f"{where} holds NaN or infinite values: replace or mask those pixels", reason="not_finite"
+            )
         if (frame < 0).any():
             raise FrameValidationError(
                 f"{where} holds negative values (minimum {frame.min()!r}): clip the background "
-                "subtraction at 0"
+                "subtraction at 0",
+                reason="negative",
             )
         peak = frame.max()
         if not peak > 0:
             raise FrameValidationError(
-                f"{where} is zero everywhere: no diffraction was recorded; check the shutter and the detector"
+                f"{where} is zero everywhere: no diffraction was recorded; check the shutter and the "
+                "detector",
+                reason="zero_photons",
             )
         if np.issubdtype(frame.dtype, np.integer) and peak == np.iinfo(frame.dtype).max:
             raise FrameValidationError(
                 f"{where} reaches {peak}, the maximum of {frame.dtype}: the detector saturated; "
-                "attenuate the beam or mask the saturated pixels"
+                "attenuate the beam or mask the saturated pixels",
+                reason="saturated",
             )
         plateau_px = int(np.count_nonzero(frame >= peak * (1 - 1e-6)))
         if plateau_px >= 3**dim:
             raise FrameValidationError(
                 f"{where} has {plateau_px} pixels at its maximum {peak!r}: the detector saturated "
-                "(or too few photons to resolve the peak); attenuate the beam or mask the saturated pixels"
+                "(or too few photons to resolve the peak); attenuate the beam or mask the saturated pixels",
+                reason="saturated",
             )
 
 

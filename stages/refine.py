@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream import metrics
 from phasestream.errors import FrameValidationError
-from phasestream.messages import FrameBatch, Message, Reconstruction, ScanEnd, ScanStart
+from phasestream.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.stage import Stage
 
 if TYPE_CHECKING:
@@ -29,6 +29,11 @@ class Algorithm(StrEnum):
     EPIE = "epie"
     RPIE = "rpie"
     PINE = "pine"  # ePIE sweeps, then O ← (1 − ρ)O + ρ D(O) with the shipped nonexpansive denoiser
+
+
+class InitialObject(StrEnum):
+    FLAT = "flat"  # ones: free space
+    MOSAIC = "mosaic"  # the inversion stage's neural mosaic, when one arrives before the first epoch
 
 
 class RefineConfig(BaseModel):
@@ -59,6 +64,9 @@ class RefineConfig(BaseModel):
         default=1.0, gt=0, le=8, description="largest position correction per epoch and axis"
     )
     margin_px: int = Field(default=4, ge=0, description="free canvas around the outermost windows")
+    initial_object: InitialObject = Field(
+        default=InitialObject.FLAT, description="start object; mosaic needs an inversion stage upstream"
+    )
     probe_search_epochs: int = Field(
         default=6, ge=0, description="epochs per candidate in the defocus search for the first probe; 0: off"
     )
@@ -77,6 +85,7 @@ class ScanSolve:
     fed_positions_m: list[np.ndarray] = field(default_factory=list)
     origin_m: np.ndarray | None = None
     solver: EpieSolver | None = None
+    mosaic: Reconstruction | None = None
     last_error: float = float("nan")
     seq: int = 0
 
@@ -119,6 +128,7 @@ class RefineStage(Stage):
 
     def process(self, message: Message) -> Iterable[Message]:
         if not isinstance(message, FrameBatch):
+            self._keep_mosaic(message)
             yield message
             return
         solve = self._solves.get(message.scan_uid)
@@ -174,10 +184,44 @@ class RefineStage(Stage):
         )  # fmt: skip
         if solve.solver is None:
             probe = self._first_probe(patterns, pixels.top_left_px, pixels.canvas_shape_px)
-            solve.solver = self._new_solver(probe, pixels.canvas_shape_px)
+            start = self._start_object(solve, pixels.canvas_shape_px, patterns.shape[1:])
+            solve.solver = self._new_solver(probe, pixels.canvas_shape_px, start)
         solve.solver.add_patterns(patterns, pixels.top_left_px)
 
-    def _new_solver(self, probe: np.ndarray | None, canvas_shape_px: tuple[int, int]) -> EpieSolver:
+    def _keep_mosaic(self, message: Message) -> None:
+        """Hold the latest neural mosaic of a scan whose solver has not started, to start from it."""
+        if self.config.initial_object is not InitialObject.MOSAIC:
+            return
+        if not isinstance(message, Reconstruction) or message.product is not Product.MOSAIC:
+            return
+        solve = self._solves.get(message.scan_uid)
+        if solve is not None and solve.solver is None:
+            solve.mosaic = message
+
+    def _start_object(
+        self, solve: ScanSolve, canvas_shape_px: tuple[int, int], window_px: tuple[int, int]
+    ) -> np.ndarray | None:
+        """The mosaic resampled onto the new canvas (ones where it has nothing), or None for a flat start."""
+        if solve.mosaic is None:
+            return None
+        from phasestream.stages.inversion import resample_object
+
+        # Canvas pixel c holds position origin + (c − margin − N//2)·dx (see _reconstruction).
+        centre_px = self.config.margin_px + np.array(window_px) // 2
+        origin_m = solve.origin_m - centre_px * solve.pixel_size_m
+        mosaic = solve.mosaic
+        self.report_status(object_start="mosaic", mosaic_positions=mosaic.positions_used)
+        return resample_object(
+            mosaic.object, mosaic.origin_m, mosaic.object_pixel_size_m, canvas_shape_px,
+            (float(origin_m[0]), float(origin_m[1])), solve.pixel_size_m,
+        )  # fmt: skip
+
+    def _new_solver(
+        self,
+        probe: np.ndarray | None,
+        canvas_shape_px: tuple[int, int],
+        object_guess: np.ndarray | None = None,
+    ) -> EpieSolver:
         from phasestream.models.epie import EpieSolver, UpdateRule
 
         regulariser = None
@@ -201,7 +245,8 @@ class RefineStage(Stage):
             probe_modes=self.config.probe_modes,
             position_correction_start_epoch=self.config.position_correction_start_epoch,
             max_position_step_px=self.config.max_position_step_px,
-            canvas_shape_px=canvas_shape_px,
+            canvas_shape_px=None if object_guess is not None else canvas_shape_px,
+            object_guess=object_guess,
             device=self.config.device,
         )
 

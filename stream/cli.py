@@ -441,6 +441,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--binning-workers", type=int, default=1, help="binning workers, fanned out (default %(default)s)"
     )
     ingest.set_defaults(func=_cmd_bench_ingest)
+    inversion = bench.add_parser(
+        "inversion", help="AutoPhaseNN: 2D frames/s at batch 1, 8, 64 and ms per 64³ prediction"
+    )
+    inversion.add_argument("--repeats", type=int, default=7, help="default %(default)s")
+    inversion.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    inversion.set_defaults(func=_cmd_bench_inversion)
     fly = bench.add_parser(
         "flyscan", help="position binning + DIP on a simulated fly scan: FRC resolution of four cases"
     )
@@ -578,6 +584,15 @@ def _cmd_bench_ingest(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         binning_workers=args.binning_workers,
     )
+    return 0
+
+
+def _cmd_bench_inversion(args: argparse.Namespace) -> int:
+    import json
+
+    from phasestream.models.bench_inversion import bench_inversion
+
+    print(json.dumps(bench_inversion(repeats=args.repeats, num_threads=args.threads), indent=2))
     return 0
 
 

@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "tpx3_ingest": "phasestream.stages.tpx3_ingest:Tpx3IngestStage",
     "record": "phasestream.stages.record:RecordStage",
     "binning": "phasestream.stages.binning:BinningStage",
+    "inversion": "phasestream.stages.inversion:InversionStage",
     "refine": "phasestream.stages.refine:RefineStage",
     "denoise": "phasestream.stages.denoise:DenoiseStage",
     "cdi": "phasestream.stages.cdi_stage:CdiStage",
