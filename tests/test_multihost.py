@@ -3,9 +3,10 @@
 The hosts are Linux network namespaces joined by veth pairs on a bridge (``tests/netns_hosts.py``): each
 has its own interfaces, routes and 127.0.0.1, so a stage on one reaches another only over the bridge,
 through the kernel's TCP stack. The detector host runs the simulated SELUN and ingest, the compute host
-two binning workers, the GPU host refine and publish, which writes to the embedded Tiled server in the
-root namespace. Each host's launcher runs in its namespace with ``Launcher(pipeline, host=NAME)``, what
-``phasestream run PIPELINE --host NAME`` does. With ``curve:`` every tcp socket is CurveZMQ, and peers
+two binning workers and the AutoPhaseNN inversion, the GPU host refine and publish, which writes to the
+embedded Tiled server in the root namespace. Each host's launcher runs in its namespace with
+``Launcher(pipeline, host=NAME)``, what ``phasestream run PIPELINE --host NAME`` does. With ``curve:`` every
+tcp socket is CurveZMQ, and peers
 without the right key are shown to get nothing into a stage.
 """
 
@@ -43,7 +44,9 @@ pytestmark = [
 ]
 
 N_POSITIONS = 60
-BINNING_PORT, REFINE_PORT, PUBLISH_PORT = 41000, 42000, 43000
+BINNING_PORT, REFINE_PORT, PUBLISH_PORT, INVERSION_PORT = 41000, 42000, 43000, 44000
+# The generic 2D weights: trained for 64-pixel frames, as this scan's (the demo weights expect 192 binned).
+WEIGHTS_2D = Path(__file__).resolve().parents[1] / "models" / "weights" / "autophasenn_2d.pt"
 EVENT_TIMEOUT_S = 240
 MONITOR_TIMEOUT_MS = 10_000
 HANDSHAKE_EVENTS = (
@@ -104,6 +107,13 @@ def _topology(hosts: dict[str, NetnsHost], run_dir: Path, tiled_uri: str, api_ke
             {"name": "ingest", "stage": "ingest", **metrics_on("detector"), "config": {"batch_size": 8}},
             {"name": "binning", "stage": "binning", "workers": 2, "port": BINNING_PORT}
             | metrics_on("compute"),
+            {
+                "name": "inversion",
+                "stage": "inversion",
+                "port": INVERSION_PORT,
+                **metrics_on("compute"),
+                "config": {"weights_path": str(WEIGHTS_2D), "bin_factor": 1, "batch_size": 8},
+            },
             {
                 "name": "refine",
                 "stage": "refine",
@@ -306,12 +316,20 @@ def test_scan_crosses_three_hosts_into_tiled(
         metadata = dict(node.metadata)
         object_shape = node["object"].shape
 
-    assert sorted(exit_codes) == ["binning.0", "binning.1", "ingest.0", "publish.0", "refine.0"]
+    assert sorted(exit_codes) == [
+        "binning.0",
+        "binning.1",
+        "ingest.0",
+        "inversion.0",
+        "publish.0",
+        "refine.0",
+    ]
     assert set(exit_codes.values()) == {0}
     final = ends["publish.0"]
     assert final["frames_sent"] == N_POSITIONS
     assert unaccounted_frames(final["frames_sent"], final["accounting"]) == []
     assert sum(final["accounting"][f"binning.{w}"]["frames_received"] for w in (0, 1)) == N_POSITIONS
+    assert final["accounting"]["inversion.0"]["frames_inverted"] == N_POSITIONS
     assert final["accounting"]["refine.0"]["frames_used"] == N_POSITIONS
     # Nothing but the scan reached refine (with curve, not the intruders' messages either).
     assert refine_metrics['phasestream_frames_received_total{stage="refine",worker="0"}'] == N_POSITIONS
