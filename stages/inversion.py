@@ -312,8 +312,13 @@ class InversionStage(Stage):
         per_detector_frame = np.asarray(batch.detector_frames or [1] * len(frames), dtype=np.float64)[keep]
         intensity = frames[keep].astype(np.float64) / per_detector_frame[:, None, None]
         fitted = np.sqrt(intensity)
-        for fit in scan.fits:
-            fitted = apply_fit(fitted, fit, self._input_px)
+        try:
+            for fit in scan.fits:
+                fitted = apply_fit(fitted, fit, self._input_px)
+        except FrameValidationError as error:
+            text = f"frames {batch.first_index}..{batch.last_index} not inverted: {error}"
+            self._not_inverted(batch.scan_uid, error.reason, int(keep.sum()), text)
+            return np.empty((0, self._input_px, self._input_px), np.float32), np.empty((0, 2))
         return fitted, positions[keep]
 
     def _first_fits(self, frame: np.ndarray) -> list[PatternFit]:
@@ -365,7 +370,13 @@ class InversionStage(Stage):
             # 1, and a frame's own total would make every patch look clear.
             scan.brightest_photons = max(scan.brightest_photons, float(photons.max()))
             incident = np.full(len(frames), scan.brightest_photons)
-        prediction = predict(self._model, frames, incident_photons=incident)
+        try:
+            prediction = predict(self._model, frames, incident_photons=incident)
+        except FrameValidationError as error:
+            # Frames that passed as a whole can fail once fitted (all their photons outside the crop).
+            text = f"{len(frames)} fitted frames not inverted: {error}"
+            self._not_inverted(scan.start.scan_uid, error.reason, len(frames), text)
+            return
         if scan.mosaic is None:
             geometry = scan.start.geometry
             bin_factor = int(np.prod([fit.bin_factors[-1] for fit in scan.fits]))

@@ -274,7 +274,7 @@ def refine_stage(**config):
     return resolve_stage(placement.spec.stage).from_placement(placement, pipeline)
 
 
-@pytest.mark.parametrize("initial_object", ["flat", "mosaic"])
+@pytest.mark.parametrize("initial_object", ["flat", "mosaic", "mosaic_amplitude"])
 def test_refine_starts_from_a_mosaic_that_arrives_before_its_first_epoch(initial_object):
     """A mosaic that is the truth itself, on the simulator's grid, with the scan's origin on a truth pixel:
     refine's start canvas must then be the truth shifted by a whole number of pixels, which holds only if
@@ -310,6 +310,8 @@ def test_refine_starts_from_a_mosaic_that_arrives_before_its_first_epoch(initial
     inside_rows = (rows >= 0) & (rows < scan.object_truth.shape[0])
     inside_cols = (cols >= 0) & (cols < scan.object_truth.shape[1])
     expected = scan.object_truth[np.ix_(rows[inside_rows], cols[inside_cols])]
+    if initial_object == "mosaic_amplitude":
+        expected = np.abs(expected)
     np.testing.assert_allclose(start_object[np.ix_(inside_rows, inside_cols)], expected, atol=1e-5)
     assert np.abs(expected - 1).mean() > 0.3  # the truth is far from the flat start
 
@@ -352,7 +354,7 @@ def _e2e_pipeline(run_dir: Path, tiled_uri: str, api_key: str):
                         "batch_size": 16,
                         "probe_search_epochs": 0,
                         "torch_threads": 1,
-                        "initial_object": "mosaic",
+                        "initial_object": "mosaic_amplitude",
                     },
                 },
                 {"name": "publish", "stage": "publish"},
@@ -423,4 +425,21 @@ def test_launched_pipeline_publishes_the_mosaic_before_the_final_object(tmp_path
     assert final["accounting"]["inversion.0"]["frames_inverted"] == n_positions
     assert final["accounting"]["refine.0"]["frames_used"] == n_positions
     # Refine started from the mosaic, which had arrived before its first epoch.
-    assert any(s.get("object_start") == "mosaic" for s in statuses), statuses[:5]
+    assert any(s.get("object_start") == "mosaic_amplitude" for s in statuses), statuses[:5]
+
+
+def test_a_detector_shape_change_within_a_scan_is_counted_not_fatal():
+    scan = small_scan(n_positions=8)
+    stage = inversion_stage(weights_path=str(GENERIC_WEIGHTS), bin_factor=1, batch_size=4)
+    start = ScanStart(scan_uid=UID, geometry=geometry_of(scan), planned_frames=16)
+    list(stage.on_scan_start(start))
+    first = FrameBatch(
+        scan_uid=UID, frame_indices=list(range(8)), frames=scan.frames, positions_m=scan.positions_m
+    )
+    larger = np.pad(scan.frames, ((0, 0), (8, 8), (8, 8)))
+    second = first.model_copy(update={"frame_indices": list(range(8, 16)), "frames": larger})
+    forwarded = list(stage.process(first))  # all of it: the network runs after the batch is yielded
+    assert forwarded[0] is first
+    assert list(stage.process(second)) == [second]
+    counts = stage.scan(UID).counts
+    assert counts["frames_inverted"] == 8 and counts["not_inverted_wrong_shape"] == 8
