@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from phasestream.errors import ConfigError, FrameValidationError, PositionError
+from phasestream.models.illumination import max_summed_illumination_scatter, max_summed_illumination_slices
 from phasestream.models.physics import FOURIER_EPSILON, probe_from_patterns
 from phasestream.models.ptycho_modes import (
     fourier_frequencies,
@@ -584,10 +585,10 @@ class EpieSolver:
 
             torch.mul(probe, probe.conj(), out=probe_intensity)
             if scatter_illumination:
-                peak = _max_summed_illumination_scatter(probe_intensity.real, flat_index, illumination)
+                peak = max_summed_illumination_scatter(probe_intensity.real, flat_index, illumination)
             else:
                 batch_corners = [corners[index] for index in order_list[start : start + self.batch_size]]
-                peak = _max_summed_illumination_slices(probe_intensity.real, batch_corners, illumination)
+                peak = max_summed_illumination_slices(probe_intensity.real, batch_corners, illumination)
             object_w = self._object_regularisation
             if object_w != 1.0:
                 # rPIE: (1 − α) Σ|P|² + α max Σ|P|² at every window pixel, the same for all windows of the
@@ -660,10 +661,10 @@ class EpieSolver:
 
             probe_intensity = (modes * modes.conj()).real.sum(dim=0)
             if self.device.type != "cpu":
-                peak = _max_summed_illumination_scatter(probe_intensity, windows.flat_index, illumination)
+                peak = max_summed_illumination_scatter(probe_intensity, windows.flat_index, illumination)
             else:
                 batch_corners = [corners[index] for index in order_list[start : start + batch_size]]
-                peak = _max_summed_illumination_slices(probe_intensity, batch_corners, illumination)
+                peak = max_summed_illumination_slices(probe_intensity, batch_corners, illumination)
             object_update = (windows.probes.conj() * delta).sum(dim=1)
             if object_w != 1.0:
                 denominator = illumination.view(-1)[windows.flat_index].view(object_update.shape)
@@ -773,29 +774,3 @@ class _Windows:
 
 def _started(start_epoch: int | None, epochs_run: int) -> bool:
     return start_epoch is not None and epochs_run >= start_epoch
-
-
-def _max_summed_illumination_scatter(
-    probe_intensity: torch.Tensor, flat_index: torch.Tensor, illumination: torch.Tensor
-) -> torch.Tensor:
-    """max_r Σ_j |P(r − R_j)|² with one ``index_add_`` (one kernel: the fast way on a GPU).
-
-    ``flat_index`` holds the flat canvas index of every window pixel; ``illumination`` is canvas-shaped
-    scratch.
-    """
-    flat = illumination.view(-1).zero_()
-    n_windows = len(flat_index) // probe_intensity.numel()
-    flat.index_add_(0, flat_index, probe_intensity.expand(n_windows, -1, -1).reshape(-1))
-    return flat.amax()
-
-
-def _max_summed_illumination_slices(
-    probe_intensity: torch.Tensor, corners_px: list[list[int]], illumination: torch.Tensor
-) -> torch.Tensor:
-    """Same as :func:`_max_summed_illumination_scatter` with one slice-add per window: on a CPU this beats
-    ``index_add_``, whose scatter loop is serial, by about 6× for 128×128 windows."""
-    window_y_px, window_x_px = probe_intensity.shape
-    illumination.zero_()
-    for y_px, x_px in corners_px:
-        illumination[y_px : y_px + window_y_px, x_px : x_px + window_x_px].add_(probe_intensity)
-    return illumination.amax()

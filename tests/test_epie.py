@@ -10,13 +10,8 @@ import torch
 
 from phasestream.errors import ConfigError, FrameValidationError, PositionError
 from phasestream.models.benchmarks import bench_epie, simulate_scan
-from phasestream.models.epie import (
-    EpieSolver,
-    EpieVariant,
-    UpdateRule,
-    _max_summed_illumination_scatter,
-    _max_summed_illumination_slices,
-)
+from phasestream.models.epie import EpieSolver, EpieVariant, UpdateRule
+from phasestream.models.illumination import max_summed_illumination_scatter, max_summed_illumination_slices
 from phasestream.models.physics import far_field
 from phasestream.models.quality import aligned_error
 
@@ -271,8 +266,8 @@ def test_summed_illumination_maximum_is_the_same_by_scatter_and_by_slices() -> N
     expected = np.zeros(canvas_shape)
     for y, x in corners:
         expected[y : y + 8, x : x + 8] += probe_intensity.numpy()
-    by_scatter = _max_summed_illumination_scatter(probe_intensity, flat_index, torch.empty(canvas_shape))
-    by_slices = _max_summed_illumination_slices(probe_intensity, corners.tolist(), torch.empty(canvas_shape))
+    by_scatter = max_summed_illumination_scatter(probe_intensity, flat_index, torch.empty(canvas_shape))
+    by_slices = max_summed_illumination_slices(probe_intensity, corners.tolist(), torch.empty(canvas_shape))
     assert float(by_scatter) == pytest.approx(expected.max(), rel=1e-6)
     assert float(by_slices) == pytest.approx(expected.max(), rel=1e-6)
 
