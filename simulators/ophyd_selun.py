@@ -43,12 +43,13 @@ from typing import Any, Protocol
 import h5py
 import numpy as np
 import zmq
-from ophyd import Component, Device, DeviceStatus, Kind, Signal
+from ophyd import DeviceStatus
 
 from phasestream.bluesky_bridge import LengthUnit
 from phasestream.errors import ConfigError, PositionError
 from phasestream.simulators.cxi import READ_CHUNK_FRAMES, FrameCompression, compression_options
 from phasestream.simulators.diffraction import ProbeShifter, expected_pattern, poisson_counts
+from phasestream.simulators.ophyd_scan_detector import RunInfo, ScanDetector
 from phasestream.simulators.scan_simulation import SimulatedScan
 from phasestream.simulators.selun import DEFAULT_DATA_ENDPOINT, DEFAULT_SEND_HWM
 from phasestream.simulators.stream_v2_encode import (
@@ -115,14 +116,6 @@ class SimulatedSample:
         return counts
 
 
-@dataclass(frozen=True)
-class _Run:
-    uid: str
-    plan_name: str
-    num_points: int | None
-    shape: list[int]
-
-
 @dataclass
 class _FramesFile:
     """One run's HDF5 file and the resource document that announces it."""
@@ -137,7 +130,7 @@ class _FramesFile:
 
 @dataclass
 class _Series:
-    run: _Run
+    run: RunInfo
     series_id: int
     series_unique_id: str
     date: datetime
@@ -146,7 +139,7 @@ class _Series:
     asset_docs: deque[tuple[str, dict[str, Any]]] = field(default_factory=deque)
 
 
-class SelunDetector(Device):
+class SelunDetector(ScanDetector):
     """A SELUN on a Stream V2 PUSH socket that images ``source`` where ``y_motor`` and ``x_motor`` are.
 
     Subscribe ``on_run_start`` to the RunEngine's start documents before a run. The socket is bound at
@@ -154,15 +147,6 @@ class SelunDetector(Device):
     the first run; ``close()`` releases it. With ``frames_dir`` each run's frames also go to a file there,
     announced as an external asset (see the module docstring).
     """
-
-    image_id = Component(Signal, value=-1, kind=Kind.hinted)
-    series_id = Component(Signal, value=0, kind=Kind.normal)
-    energy_kev = Component(Signal, value=0.0, kind=Kind.config)
-    detector_distance_m = Component(Signal, value=0.0, kind=Kind.config)
-    pixel_size_m = Component(Signal, value=0.0, kind=Kind.config)
-    y_motor_name = Component(Signal, value="", kind=Kind.config)
-    x_motor_name = Component(Signal, value="", kind=Kind.config)
-    motor_unit_name = Component(Signal, value="", kind=Kind.config)
 
     def __init__(
         self,
@@ -180,26 +164,13 @@ class SelunDetector(Device):
         **kwargs: Any,
     ) -> None:
         super().__init__(prefix, name=name, **kwargs)
-        self.y_motor = y_motor
-        self.x_motor = x_motor
-        self.source = source
-        self.motor_unit = LengthUnit(motor_unit)
+        self._attach(y_motor, x_motor, source, motor_unit)
         self.frames_dir = Path(frames_dir).resolve() if frames_dir is not None else None
         if self.frames_dir is not None:
             self.frames_dir.mkdir(parents=True, exist_ok=True)
         self._frame_reading: dict[str, Any] | None = None
-        for signal, value in (
-            (self.energy_kev, float(source.energy_kev)),
-            (self.detector_distance_m, float(source.detector_distance_m)),
-            (self.pixel_size_m, float(source.pixel_size_m)),
-            (self.y_motor_name, str(y_motor.name)),
-            (self.x_motor_name, str(x_motor.name)),
-            (self.motor_unit_name, self.motor_unit.value),
-        ):
-            signal.put(value)
         self.frame_time_s = frame_time_s
         self._send_timeout_s = send_timeout_s
-        self._run: _Run | None = None
         self._series: _Series | None = None
         self._series_count = 0
         self._context = zmq.Context()
@@ -253,22 +224,6 @@ class SelunDetector(Device):
         series = self._series
         while series is not None and series.asset_docs:
             yield series.asset_docs.popleft()
-
-    def on_run_start(self, name: str, doc: dict[str, Any]) -> None:
-        """RunEngine callback (``RE.subscribe(detector.on_run_start, "start")``): note the new run."""
-        if name == "start":
-            num_points = doc.get("num_points")
-            self._run = _Run(
-                uid=doc["uid"],
-                plan_name=str(doc.get("plan_name", "")),
-                num_points=num_points if isinstance(num_points, int) else None,
-                shape=list(doc.get("shape") or ([num_points] if isinstance(num_points, int) else [])),
-            )
-
-    def position_m(self) -> tuple[float, float]:
-        """Where the probe is on the sample now: the motors' readbacks in metres, y then x."""
-        scale = self.motor_unit.metres
-        return float(self.y_motor.position) * scale, float(self.x_motor.position) * scale
 
     def trigger(self) -> DeviceStatus:
         series = self._armed_series()

@@ -40,10 +40,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ophyd import Component, Device, DeviceStatus, Kind, Signal
+from ophyd import Component, DeviceStatus, Kind, Signal
 
 from phasestream.bluesky_bridge import LengthUnit
 from phasestream.errors import ConfigError
+from phasestream.simulators.ophyd_scan_detector import RunInfo, ScanDetector
 from phasestream.simulators.ophyd_selun import FrameSource
 from phasestream.simulators.timepix3 import (
     DEFAULT_CHUNK_WORDS,
@@ -59,22 +60,15 @@ from phasestream.stages.position_channel import encode_positions, encode_positio
 from phasestream.stages.tpx3_decode import CHIP_SIZE_PX, TICK_NS
 
 
-@dataclass(frozen=True)
-class _Run:
-    uid: str
-    plan_name: str
-    num_points: int | None
-
-
 @dataclass
 class _Measurement:
-    run: _Run
+    run: RunInfo
     series_id: int
     connection: Tpx3Measurement
     next_image_id: int = 0
 
 
-class Timepix3Detector(Device):
+class Timepix3Detector(ScanDetector):
     """A Timepix3 on SERVAL's raw TCP destination that images ``source`` where ``y_motor`` and ``x_motor``
     are.
 
@@ -84,15 +78,7 @@ class Timepix3Detector(Device):
     (default: the frame centred on the chip).
     """
 
-    image_id = Component(Signal, value=-1, kind=Kind.hinted)
-    series_id = Component(Signal, value=0, kind=Kind.normal)
-    energy_kev = Component(Signal, value=0.0, kind=Kind.config)
-    detector_distance_m = Component(Signal, value=0.0, kind=Kind.config)
-    pixel_size_m = Component(Signal, value=0.0, kind=Kind.config)
     exposure_s = Component(Signal, value=0.0, kind=Kind.config)
-    y_motor_name = Component(Signal, value="", kind=Kind.config)
-    x_motor_name = Component(Signal, value="", kind=Kind.config)
-    motor_unit_name = Component(Signal, value="", kind=Kind.config)
 
     def __init__(
         self,
@@ -126,26 +112,13 @@ class Timepix3Detector(Device):
                 f"frames of {height}×{width} pixels at chip origin {(row, col)} leave the "
                 f"{CHIP_SIZE_PX}×{CHIP_SIZE_PX} Timepix3 chip: use a smaller frame or another origin_px"
             )
-        self.y_motor = y_motor
-        self.x_motor = x_motor
-        self.source = source
-        self.motor_unit = LengthUnit(motor_unit)
+        self._attach(y_motor, x_motor, source, motor_unit)
         self.timing = timing if timing is not None else Tpx3Timing()
         self.origin_px = (row, col)
         self.chip = chip
         self.chunk_words = chunk_words
         self._send_timeout_s = send_timeout_s
-        for signal, value in (
-            (self.energy_kev, float(source.energy_kev)),
-            (self.detector_distance_m, float(source.detector_distance_m)),
-            (self.pixel_size_m, float(source.pixel_size_m)),
-            (self.exposure_s, float(self.timing.exposure_s)),
-            (self.y_motor_name, str(y_motor.name)),
-            (self.x_motor_name, str(x_motor.name)),
-            (self.motor_unit_name, self.motor_unit.value),
-        ):
-            signal.put(value)
-        self._run: _Run | None = None
+        self.exposure_s.put(float(self.timing.exposure_s))
         self._measurement: _Measurement | None = None
         self._series_count = 0
         self._triggers = 0  # over the device's life: the chip's clock advances one period per trigger
@@ -164,21 +137,6 @@ class Timepix3Detector(Device):
     @property
     def positions_endpoint(self) -> str | None:
         return self._emitter.positions_endpoint
-
-    def on_run_start(self, name: str, doc: dict[str, Any]) -> None:
-        """RunEngine callback (``RE.subscribe(detector.on_run_start, "start")``): note the new run."""
-        if name == "start":
-            num_points = doc.get("num_points")
-            self._run = _Run(
-                uid=doc["uid"],
-                plan_name=str(doc.get("plan_name", "")),
-                num_points=num_points if isinstance(num_points, int) else None,
-            )
-
-    def position_m(self) -> tuple[float, float]:
-        """Where the probe is on the sample now: the motors' readbacks in metres, y then x."""
-        scale = self.motor_unit.metres
-        return float(self.y_motor.position) * scale, float(self.x_motor.position) * scale
 
     def trigger(self) -> DeviceStatus:
         measurement = self._open_measurement()
