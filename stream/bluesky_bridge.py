@@ -72,6 +72,53 @@ POSITIONS_SENT = PrometheusCounter(
 )
 
 
+class DispatcherRunner:
+    """Runs a ``RemoteDispatcher`` in the calling thread until ``stop()``, which any thread may call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stop_requested = False
+        self._dispatcher: Any = None
+
+    def run(
+        self,
+        proxy_address: str,
+        callback: Any,
+        decode: Any,
+        on_started: Any = None,
+    ) -> None:
+        """Subscribe ``callback`` to the proxy's documents, decoded by ``decode``, and serve until stopped."""
+        from bluesky.callbacks.zmq import RemoteDispatcher
+
+        dispatcher = RemoteDispatcher(proxy_address, deserializer=decode)
+        dispatcher.subscribe(callback)
+        with self._lock:
+            if self._stop_requested:
+                return
+            self._dispatcher = dispatcher
+        if on_started is not None:
+            on_started()
+        # stop() cancels the dispatcher's task; start()'s own finally has then closed its socket and loop.
+        with contextlib.suppress(asyncio.CancelledError):
+            dispatcher.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_requested = True
+            dispatcher = self._dispatcher
+        if dispatcher is None or dispatcher.closed:
+            return
+        # RemoteDispatcher.stop() from outside its loop would close a running loop; cancelling its task
+        # makes start() return, and start() then stops it. A RuntimeError says the loop closed meanwhile.
+        with contextlib.suppress(RuntimeError):
+            dispatcher.loop.call_soon_threadsafe(_cancel, dispatcher)
+
+
+def _cancel(dispatcher: Any) -> None:
+    if dispatcher._task is not None:
+        dispatcher._task.cancel()
+
+
 class LengthUnit(StrEnum):
     METRE = "m"
     MILLIMETRE = "mm"
@@ -397,9 +444,7 @@ class BlueskyBridge:
         self.report = BridgeReport()
         self.first_document = threading.Event()
         self._changed = threading.Condition()
-        self._lock = threading.Lock()
-        self._stop_requested = False
-        self._dispatcher: Any = None
+        self._runner = DispatcherRunner()
         self._context = zmq.Context()
         self._positions = self._context.socket(zmq.PUSH)
         self._positions.setsockopt(zmq.SNDHWM, config.send_hwm)
@@ -436,14 +481,9 @@ class BlueskyBridge:
             self._changed.notify_all()
 
     def serve(self) -> None:
-        from bluesky.callbacks.zmq import RemoteDispatcher
+        self._runner.run(self.config.proxy_address, self, self._decode, on_started=self._log_start)
 
-        dispatcher = RemoteDispatcher(self.config.proxy_address, deserializer=self._decode)
-        dispatcher.subscribe(self)
-        with self._lock:
-            if self._stop_requested:
-                return
-            self._dispatcher = dispatcher
+    def _log_start(self) -> None:
         logger.info(
             "bridging Bluesky runs from %s to the position channel %s (y %s, x %s, in %s)",
             self.config.proxy_address,
@@ -452,21 +492,9 @@ class BlueskyBridge:
             self.config.x_motor,
             self.config.motor_unit.value,
         )
-        # stop() cancels the dispatcher's task; start()'s own finally has then closed its socket and loop.
-        with contextlib.suppress(asyncio.CancelledError):
-            dispatcher.start()
 
     def stop(self) -> None:
-        with self._lock:
-            self._stop_requested = True
-            dispatcher = self._dispatcher
-        if dispatcher is None or dispatcher.closed:
-            return
-        # RemoteDispatcher.stop() from outside its loop would close a running loop; cancelling its task
-        # makes start() return, and start() then stops it.
-        # A RuntimeError says the loop closed meanwhile: it has stopped already.
-        with contextlib.suppress(RuntimeError):
-            dispatcher.loop.call_soon_threadsafe(self._cancel, dispatcher)
+        self._runner.stop()
 
     def wait_for_run(self, run_uid: str, timeout_s: float) -> RunRecord:
         """The run's record once its stop document has arrived; ``TimeoutError`` if it does not."""
@@ -499,11 +527,6 @@ class BlueskyBridge:
     ) -> None:
         self.stop()
         self.close()
-
-    @staticmethod
-    def _cancel(dispatcher: Any) -> None:
-        if dispatcher._task is not None:
-            dispatcher._task.cancel()
 
     def _decode(self, buffer: bytes) -> dict[str, Any]:
         try:

@@ -25,8 +25,6 @@ is registered but reading its frames answers HTTP 500.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -43,7 +41,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from phasestream.bluesky_bridge import DEFAULT_PROXY_ADDRESS, decode_document
+from phasestream.bluesky_bridge import DEFAULT_PROXY_ADDRESS, DispatcherRunner, decode_document
 from phasestream.errors import ConfigError, PhasestreamError, WireFormatError
 from phasestream.tiled_server import check_tiled, public_uri, validate_api_key
 
@@ -136,9 +134,7 @@ class RawRunWriter:
         self.report = WriterReport()
         self.first_document = threading.Event()
         self._changed = threading.Condition()
-        self._lock = threading.Lock()
-        self._stop_requested = False
-        self._dispatcher: Any = None
+        self._runner = DispatcherRunner()
         self._open_runs: dict[str, int] = {}  # run uid → events so far
         self._descriptor_runs: dict[str, str] = {}
 
@@ -191,27 +187,10 @@ class RawRunWriter:
             logger.info("run %s written to Tiled: %d events", doc["run_start"], events)
 
     def serve(self) -> None:
-        from bluesky.callbacks.zmq import RemoteDispatcher
-
-        dispatcher = RemoteDispatcher(self.config.proxy_address, deserializer=self._decode)
-        dispatcher.subscribe(self)
-        with self._lock:
-            if self._stop_requested:
-                return
-            self._dispatcher = dispatcher
-        # stop() cancels the dispatcher's task; start()'s own finally has then closed its socket and loop.
-        with contextlib.suppress(asyncio.CancelledError):
-            dispatcher.start()
+        self._runner.run(self.config.proxy_address, self, self._decode)
 
     def stop(self) -> None:
-        with self._lock:
-            self._stop_requested = True
-            dispatcher = self._dispatcher
-        if dispatcher is None or dispatcher.closed:
-            return
-        # RemoteDispatcher.stop() from outside its loop would close a running loop (ecosystem notes §2.1).
-        with contextlib.suppress(RuntimeError):
-            dispatcher.loop.call_soon_threadsafe(_cancel, dispatcher)
+        self._runner.stop()
 
     def wait_for_run(self, run_uid: str, timeout_s: float) -> int:
         """Events written for the run once its stop document is in Tiled; ``TimeoutError`` if it is not."""
@@ -246,11 +225,6 @@ class RawRunWriter:
     def _count(self, reason: str, message: str) -> None:
         self.report.errors[reason] += 1
         logger.error("%s", message)
-
-
-def _cancel(dispatcher: Any) -> None:
-    if dispatcher._task is not None:
-        dispatcher._task.cancel()
 
 
 # ---- the command line ------------------------------------------------------------------------------------
