@@ -150,6 +150,7 @@ def train_autophasenn(
     checkpoint_path: str | Path | None = None,
     crystal_config: CrystalConfig | None = None,
     patch_config: PtychoPatchConfig | None = None,
+    probe: np.ndarray | None = None,
     progress: bool = True,
 ) -> TrainingResult:
     """Train a ``dim``-D AutoPhaseNN for ``steps`` optimiser steps and write its weights to ``out_path``.
@@ -158,7 +159,8 @@ def train_autophasenn(
     Checkpoints go to ``checkpoint_path`` (default ``out_path`` with the suffix ``.ckpt``) every
     ``checkpoint_every`` steps and at the end; ``resume`` continues from it (the step count is the total, so
     ``steps`` must exceed the checkpoint's step to train further). ``num_threads`` sets torch's intra-op
-    threads for the run.
+    threads for the run. ``probe`` (2D) replaces the simulated patch probe, e.g. a detector's probe as the
+    inversion stage's binning and crop show it (``fitted_probe``).
     """
     if dim not in (2, 3):
         raise ConfigError(f"dim={dim!r}: AutoPhaseNN trains in 2D (ptychography) or 3D (Bragg CDI)")
@@ -182,7 +184,8 @@ def train_autophasenn(
         return _train(
             architecture, out_path, checkpoint_path, processes, resolved,
             steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-            resume=resume, crystal_config=crystal_config, patch_config=patch_config, progress=progress,
+            resume=resume, crystal_config=crystal_config, patch_config=patch_config, probe=probe,
+            progress=progress,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads_before)
@@ -205,11 +208,13 @@ def _train(
     resume: bool,
     crystal_config: CrystalConfig | None,
     patch_config: PtychoPatchConfig | None,
+    probe: np.ndarray | None,
     progress: bool,
 ) -> TrainingResult:
     dim = architecture.dim
     torch.manual_seed(seed)
-    probe = ptycho_probe(patch_config) if dim == 2 else None
+    if dim == 2 and probe is None:
+        probe = ptycho_probe(patch_config)
     model = AutoPhaseNN(architecture, probe=None if probe is None else torch.from_numpy(probe))
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     start_step, losses = 0, []

@@ -407,3 +407,15 @@ def test_zero_saturated_and_invalid_patterns_are_refused():
         predict(model, amplitude - 0.5)
     with pytest.raises(FrameValidationError, match="frame 1 is zero"):
         predict(tiny_model(TINY_2D), np.stack([patches[0], np.zeros((64, 64), np.float32)]))
+
+
+def test_a_given_probe_is_the_one_the_2d_network_trains_and_ships_with(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    probe = (rng.random((64, 64)) + 1j * rng.random((64, 64))).astype(np.complex64)
+    probe /= np.sqrt((np.abs(probe) ** 2).sum())
+    out = tmp_path / "probe.pt"
+    train_autophasenn(
+        2, out, steps=1, batch_size=2, widths=(4, 8, 16), checkpoint_every=1, progress=False, probe=probe
+    )
+    model = load_autophasenn(2, out)
+    np.testing.assert_allclose(model.probe.numpy(), probe, rtol=1e-6)

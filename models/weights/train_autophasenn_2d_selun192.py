@@ -7,8 +7,6 @@ that fit (``fitted_probe``) instead of the generic patch probe. Run from the rep
     python models/weights/train_autophasenn_2d_selun192.py
 """
 
-from unittest import mock
-
 from phasestream.models import train_autophasenn as trainer
 from phasestream.models.autophasenn import fitted_probe
 from phasestream.simulators.probes import make_probe
@@ -26,18 +24,17 @@ probe = fitted_probe(
     64,
     bin_factor=2,
 )
-# The trainer draws its probe from ptycho_probe; this run replaces it with the demo's fitted probe.
-with mock.patch.object(trainer, "ptycho_probe", lambda config: probe):
-    result = trainer.train_autophasenn(
-        2,
-        "models/weights/autophasenn_2d_selun192.pt",
-        steps=1200,
-        batch_size=16,
-        lr=1e-3,
-        widths=(16, 32, 64),
-        seed=0,
-        checkpoint_every=100,
-        device="cpu",
-        num_threads=1,
-    )
+result = trainer.train_autophasenn(
+    2,
+    "models/weights/autophasenn_2d_selun192.pt",
+    steps=1200,
+    batch_size=16,
+    lr=1e-3,
+    widths=(16, 32, 64),
+    seed=0,
+    checkpoint_every=100,
+    device="cpu",
+    num_threads=1,
+    probe=probe,
+)
 print(result.seconds, sum(result.losses[-20:]) / 20)
