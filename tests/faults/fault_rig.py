@@ -114,10 +114,12 @@ class Scan:
         end_message = encode_message(end_fields(series_id=self.series_id, series_unique_id=unique_id))
         return [encode_message(start), *images, *([end_message] if end else [])]
 
-    def position_messages(self) -> list[bytes]:
-        positions = np.column_stack([np.arange(self.n) * 1e-7, np.zeros(self.n)])
-        batch = encode_positions(self.series_id, list(range(self.n)), positions)
-        return [batch, encode_positions_end(self.series_id)]
+    def position_messages(self, first: int = 0, stop: int | None = None, end: bool = True) -> list[bytes]:
+        """Positions of frames ``first`` to ``stop`` (all by default) in one batch, then the series end."""
+        indices = list(range(first, self.n if stop is None else stop))
+        positions = np.column_stack([np.asarray(indices) * 1e-7, np.zeros(len(indices))])
+        batch = encode_positions(self.series_id, indices, positions)
+        return [batch, *([encode_positions_end(self.series_id)] if end else [])]
 
 
 @dataclass

@@ -25,14 +25,18 @@ def _kill_when_busy(rig: FaultRig, label: str, frames: int) -> None:
 
 
 def test_a_worker_killed_mid_scan_is_restarted_and_what_it_held_is_lost_by_index() -> None:
-    n = 400
+    n, half = 400, 200
     # A restarted worker must be back before the collector gives up on its ScanEnd; on a loaded 2-core
     # machine starting a Python process can take seconds, so this test waits longer than the others.
     with fault_rig({"delay_s": 0.02}, scan_end_timeout_s=20.0) as rig:
         scan = rig.new_scan("killed", n)
-        rig.emitter.emit_messages(scan.data_messages(), scan.position_messages())
+        messages = scan.data_messages()
+        # The detector sends the first half, relay.0 dies holding part of it, and the second half comes
+        # only once the launcher has restarted relay.0: that half must get through whole, partly through it.
+        rig.emitter.emit_messages(messages[: 1 + half], scan.position_messages(0, half, end=False))
         _kill_when_busy(rig, "relay.0", frames=40)
         restarted = rig.wait_for(lambda e: e["event"] == "restarted")
+        rig.emitter.emit_messages(messages[1 + half :], scan.position_messages(half))
         end = rig.scan_end(scan.scan_uid)
         collected = rig.collected(scan.scan_uid)
         dropped = rig.metric("collect.0", "phasestream_frames_dropped_total", reason="frames_lost")
@@ -43,13 +47,15 @@ def test_a_worker_killed_mid_scan_is_restarted_and_what_it_held_is_lost_by_index
     assert restarted["sender"] == "relay.0" and restarted["code"] == -signal.SIGKILL
     assert restarts == 1
     lost = _lost(end)
-    # Every frame is either collected (once) or lost by index; the killed worker held some.
+    # Every frame is either collected (once) or lost by index; the killed worker held some of the first half.
     assert len(collected) == len(set(collected))
     assert set(collected) | lost == set(range(n)) and not set(collected) & lost
-    assert 0 < len(lost) < n // 2
+    assert lost and max(lost) < half
+    assert set(range(half, n)) <= set(collected)
     accounting = end["accounting"]
-    assert frames_lost(accounting) == accounting["collect.0"]["frames_lost"] == len(lost) == dropped
     assert accounting["relay.0"]["restarted_mid_scan"] == 1
+    assert accounting["relay.0"]["frames_sent"] > 0, "the restarted relay.0 took no frames of the second half"
+    assert frames_lost(accounting) == accounting["collect.0"]["frames_lost"] == len(lost) == dropped
     assert unaccounted_frames(end["frames_sent"], accounting) == []
     assert any(str(min(lost)) in text for text in rig.logs("frames_lost"))
 
