@@ -93,8 +93,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="simulate a ptychography scan and reconstruct it live, end to end",
         description="Simulates a sample, a focused probe and a Fermat-spiral scan on a SELUN detector, "
-        "streams it through emitter → ingest → binning → refine → publish into an embedded Tiled "
-        "server, shows progress, and writes a PNG of the reconstruction beside the truth.",
+        "streams it through emitter → ingest → binning → inversion (AutoPhaseNN) → refine (ePIE) → publish "
+        "into an embedded Tiled server, shows progress, reports when the first neural mosaic and the final "
+        "object reached Tiled, and writes a PNG of the reconstruction beside the truth and the mosaic.",
     )
     p.add_argument(
         "--large", action="store_true", help="900 positions, twice the epochs (about 2.5 minutes on 2 cores)"
@@ -195,7 +196,8 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--pipeline",
         action="store_true",
-        help="start the demo pipeline (deploy/demo.yaml) with an embedded Tiled server and replay into it",
+        help="start deploy/replay.yaml (the demo chain without AutoPhaseNN) with an embedded Tiled server "
+        "and replay into it",
     )
     parser.add_argument(
         "--out",

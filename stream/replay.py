@@ -399,7 +399,7 @@ def _load_side_channel(path: Path) -> np.ndarray:
 def _replay_into_demo_pipeline(
     args: argparse.Namespace, rate: ReplayRate | float, scan: RecordedScan, scan_uid: str
 ) -> int:
-    """The demo topology with the replay as its detector: prints the accounting and saves the result."""
+    """deploy/replay.yaml with the replay as its detector: prints the accounting and saves the result."""
     from phasestream.accounting import unaccounted_frames
     from phasestream.config import DetectorSettings, TiledSettings, load_pipeline
     from phasestream.demo import REPO_DEPLOY
@@ -409,7 +409,7 @@ def _replay_into_demo_pipeline(
     rate_hz = replay_rate_hz(rate, scan)
     run_dir = args.out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    demo = load_pipeline(REPO_DEPLOY / "demo.yaml")
+    demo = load_pipeline(REPO_DEPLOY / "replay.yaml")
     tiled = TiledSettings(
         uri=args.tiled_uri or demo.tiled.uri,
         api_key=args.tiled_api_key or demo.tiled.api_key,

@@ -41,7 +41,7 @@ def test_bad_configs_say_where_and_what(data: dict, fragment: str) -> None:
         validate_pipeline(data)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "live.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "replay.yaml", "live.yaml"])
 def test_shipped_topologies_validate_and_resolve(name: str) -> None:
     pipeline = load_pipeline(DEPLOY / name)
     for spec in pipeline.stages:

@@ -44,7 +44,7 @@ def one_thread():
 
 
 def inversion_stage(**config):
-    pipeline = load_pipeline(DEPLOY / "inversion.yaml")
+    pipeline = load_pipeline(DEPLOY / "demo.yaml")
     placement = place(pipeline, "inversion", 0)
     placement.spec.config.update({"device": "cpu", **config})
     return resolve_stage(placement.spec.stage).from_placement(placement, pipeline)
@@ -268,7 +268,7 @@ def test_demo_mosaic_resembles_the_truth_on_held_out_scans():
 
 
 def refine_stage(**config):
-    pipeline = load_pipeline(DEPLOY / "inversion.yaml")
+    pipeline = load_pipeline(DEPLOY / "demo.yaml")
     placement = place(pipeline, "refine", 0)
     placement.spec.config.update(config)
     return resolve_stage(placement.spec.stage).from_placement(placement, pipeline)
