@@ -10,6 +10,7 @@ import torch
 from phasestream.errors import ConfigError, FrameValidationError
 from phasestream.models import train_autophasenn as trainer
 from phasestream.models.autophasenn import (
+    INPUT_SIZE_PX,
     SUPPORT_THRESHOLD,
     AutoPhaseNN,
     AutoPhaseNNArchitecture,
@@ -419,3 +420,14 @@ def test_a_given_probe_is_the_one_the_2d_network_trains_and_ships_with(tmp_path)
     )
     model = load_autophasenn(2, out)
     np.testing.assert_allclose(model.probe.numpy(), probe, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_cpu_inference_through_onednn_matches_pytorchs_own_convolution(dim: int) -> None:
+    model = load_autophasenn(dim, device="cpu")
+    grid = (INPUT_SIZE_PX,) * dim
+    amplitude = torch.rand(1, *grid, generator=torch.Generator().manual_seed(dim)) / INPUT_SIZE_PX
+    with torch.inference_mode():
+        onednn = model(amplitude).object
+    own = model(amplitude).object.detach()  # gradients on: PyTorch picks its kernel itself
+    assert torch.allclose(onednn, own, atol=1e-4), (onednn - own).abs().max()
