@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,14 @@ def compare_with_truth(scan: Any, reconstruction: dict[str, Any]) -> Comparison:
     return Comparison(truth=truth, mask=mask, error=float(error))
 
 
-def draw_comparison(scan: Any, reconstruction: dict[str, Any], comparison: Comparison, path: Path) -> None:
+def draw_comparison(
+    scan: Any,
+    reconstruction: dict[str, Any],
+    comparison: Comparison,
+    path: Path,
+    timings: Sequence[str] = (),
+) -> None:
+    """Truth, reconstruction, probe and mosaic side by side, with the figures and ``timings`` as text."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,6 +124,8 @@ def draw_comparison(scan: Any, reconstruction: dict[str, Any], comparison: Compa
                 "object error vs truth",
                 "(complex scale, phase ramp and sub-pixel",
                 f"shift removed; well-lit region): {comparison.error:.3f}",
+                "",
+                *timings,
             ]
         ),
         va="top",

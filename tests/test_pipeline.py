@@ -15,11 +15,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from matplotlib.image import imread
 from tiled.client import from_uri
 
 from phasestream.accounting import unaccounted_frames
 from phasestream.config import validate_pipeline
-from phasestream.demo_figure import compare_with_truth
+from phasestream.demo_figure import compare_with_truth, draw_comparison
 from phasestream.launcher import Launcher
 from phasestream.simulators.scan_file import save_scan
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
@@ -179,3 +180,8 @@ def test_simulated_scan_streams_to_tiled_and_reconstructs(small_scan, tmp_path: 
         small_scan, {**reconstruction, "object": np.ones_like(reconstruction["object"])}
     ).error
     assert start_error > 2 * ERROR_THRESHOLD
+    # The demo's picture of it: six panels and the figures, wider than tall.
+    png = tmp_path / "demo.png"
+    draw_comparison(small_scan, reconstruction, comparison, png, ["last frame → final object: 1.0 s"])
+    height, width, _ = imread(png).shape
+    assert width > height > 500
