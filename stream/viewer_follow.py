@@ -121,14 +121,33 @@ def check_streaming(uri: str, api_key: str | None, *, timeout_s: float = CONNECT
         ) from exc
 
 
+STOPPED_WHILE_RECONNECTING = "Cannot be restarted once stopped."
+
+
 def _end(subscription: Subscription) -> None:
     """Stop a subscription without waiting for its thread.
 
     Its thread ends by itself within 0.1 s, or, while Tiled is down, after the backoff sleep of its
-    reconnection, which can last many seconds; tiled then reports "Cannot be restarted once stopped"
-    from that thread, which is harmless.
+    reconnection, which can last many seconds; tiled then raises "Cannot be restarted once stopped" in
+    that thread, which is harmless and which :func:`quiet_stopped_subscriptions` keeps off the console.
     """
     subscription.disconnect(wait=False)
+
+
+def quiet_stopped_subscriptions(previous: Any) -> Any:
+    """A ``threading.excepthook`` that drops only tiled's error from a subscription stopped mid-retry."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        thread_name = args.thread.name if args.thread is not None else ""
+        stopped = (
+            isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == STOPPED_WHILE_RECONNECTING
+        )
+        if stopped and thread_name.startswith("tiled-subscription"):
+            return
+        previous(args)
+
+    hook.quiets_tiled_subscriptions = True
+    return hook
 
 
 class TiledFollower:
@@ -183,6 +202,8 @@ class TiledFollower:
         check_streaming(self._uri, self._api_key)
         # tiled's client retries a failed request for up to 45 s; the follower's link check retries instead.
         tiled.client.utils.TILED_RETRY_ATTEMPTS = 1
+        if not getattr(threading.excepthook, "quiets_tiled_subscriptions", False):
+            threading.excepthook = quiet_stopped_subscriptions(threading.excepthook)
         self._thread.start()
 
     def close(self) -> None:

@@ -37,7 +37,12 @@ from phasestream.errors import ConfigError, PublishError
 from phasestream.tiled_publisher import TiledPublisher
 from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.viewer import Viewer, ViewerHTTPServer, read_api_key, run_viewer
-from phasestream.viewer_follow import check_streaming, stream_url
+from phasestream.viewer_follow import (
+    STOPPED_WHILE_RECONNECTING,
+    check_streaming,
+    quiet_stopped_subscriptions,
+    stream_url,
+)
 from phasestream.viewer_images import (
     amplitude_image,
     phase_image,
@@ -611,3 +616,19 @@ def _wait_for_state(viewer: Viewer, condition) -> dict:
         if newer is not None:
             version, summary = newer
     return state
+
+
+def test_only_tiled_s_error_from_a_subscription_stopped_mid_retry_is_kept_off_the_console() -> None:
+    reported: list[tuple[str, str]] = []
+    hook = quiet_stopped_subscriptions(lambda args: reported.append((args.thread.name, str(args.exc_value))))
+    for name, error in [
+        ("tiled-subscription-ws://x/a", RuntimeError(STOPPED_WHILE_RECONNECTING)),
+        ("tiled-subscription-ws://x/b", RuntimeError("something else")),
+        ("viewer-tiled", RuntimeError(STOPPED_WHILE_RECONNECTING)),
+    ]:
+        thread = threading.Thread(name=name)
+        hook(threading.ExceptHookArgs((type(error), error, None, thread)))
+    assert reported == [
+        ("tiled-subscription-ws://x/b", "something else"),
+        ("viewer-tiled", STOPPED_WHILE_RECONNECTING),
+    ]
