@@ -416,8 +416,9 @@ def test_sequential_epie_recovers_a_simulated_object_and_probe() -> None:
     scan = simulate_scan(n_positions=100, size_px=32, overlap=0.7, seed=1)
     solver, errors = converge(scan, EpieVariant.SEQUENTIAL, epochs=100)
     # Noise-free data: the true object is an exact solution, so the Fourier error has no floor. Here it
-    # falls from 3e-2 to about 4e-7 in 100 epochs; it decreases steadily once the probe has settled.
-    assert errors[-1] < 1e-4 * errors[0]
+    # falls from 3e-2 to 4e-7 in 100 epochs on an Intel CPU and to 3e-6 on an AMD EPYC, whose FFT rounds
+    # differently; it decreases steadily once the probe has settled. A stalled solver stays near 1e-2.
+    assert errors[-1] < 1e-3 * errors[0]
     assert errors[-1] < errors[74] < errors[49] < errors[24]
     # The object error, about 7e-4 after 100 epochs on this scan (0.16 after 20, 1e-5 after 200), shows
     # convergence to the truth and not to another fixed point; 5e-3 leaves room for rounding

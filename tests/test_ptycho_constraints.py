@@ -1,0 +1,79 @@
+"""The probe-power and object-amplitude constraints, alone and in the low-dose scan they were made for."""
+
+import numpy as np
+import pytest
+import torch
+
+from phasestream.errors import ConfigError
+from phasestream.models.bench_pine import low_dose_scan
+from phasestream.models.epie import EpieSolver, EpieVariant
+from phasestream.models.ptycho_constraints import clip_object_amplitude_, keep_probe_power_, probe_power
+
+
+def random_complex(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy((rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64))
+
+
+def test_restoring_the_probe_power_leaves_every_exit_wave_as_it_was():
+    modes, obj = random_complex((2, 8, 8), seed=0), random_complex((8, 8), seed=1)
+    exit_waves, start_power = modes * obj, probe_power(modes)
+    factor = keep_probe_power_(modes, obj, power=5.0)
+    assert probe_power(modes) == pytest.approx(5.0, rel=1e-5)
+    np.testing.assert_allclose((modes * obj).numpy(), exit_waves.numpy(), rtol=1e-5, atol=1e-6)
+    assert factor == pytest.approx((5.0 / start_power) ** 0.5, rel=1e-6)
+
+
+def test_a_vanished_probe_is_an_error_that_says_so():
+    with pytest.raises(ConfigError, match="gone to zero or NaN"):
+        keep_probe_power_(torch.zeros((1, 4, 4), dtype=torch.complex64), torch.ones((4, 4)), power=1.0)
+
+
+def test_clipping_bounds_the_amplitude_and_keeps_the_phase():
+    obj = random_complex((16, 16), seed=2)
+    before = obj.clone()
+    clip_object_amplitude_(obj, 1.0)
+    assert obj.abs().max() <= 1.0 + 1e-6
+    inside = before.abs() <= 1.0
+    np.testing.assert_array_equal(obj[inside].numpy(), before[inside].numpy())
+    outside = ~inside
+    np.testing.assert_allclose(obj[outside].abs().numpy(), 1.0, rtol=1e-6)
+    phase_change = obj[outside] * before[outside].conj()
+    np.testing.assert_allclose(torch.angle(phase_change).numpy(), 0.0, atol=1e-6)
+
+
+def test_a_bound_that_is_not_positive_is_refused():
+    with pytest.raises(ConfigError, match="max_object_amplitude=0"):
+        EpieSolver(max_object_amplitude=0)
+
+
+def blurred(probe: np.ndarray, sigma_px: float) -> np.ndarray:
+    frequencies = np.fft.fftfreq(probe.shape[0])
+    squared = frequencies[:, None] ** 2 + frequencies[None, :] ** 2
+    kernel = np.exp(-2 * (np.pi * sigma_px) ** 2 * squared)
+    guess = np.fft.ifft2(np.fft.fft2(probe) * kernel)
+    return (guess * np.linalg.norm(probe) / np.linalg.norm(guess)).astype(np.complex64)
+
+
+def test_low_dose_probe_retrieval_stays_put_with_both_constraints_and_runs_away_without():
+    """The failure ptycho_constraints describes, at 2,000 photons per frame from a blurred probe."""
+    scan = low_dose_scan(200, 2e3, seed=0)
+    corners_px = scan.positions_object_px() - scan.config.detector_size_px // 2
+    guess = blurred(scan.probe_truth, sigma_px=2.0)
+    runs = {}
+    for constrained in (False, True):
+        solver = EpieSolver(
+            probe=guess, variant=EpieVariant.SEQUENTIAL, probe_update_start_epoch=0,
+            fix_probe_power=constrained, max_object_amplitude=1.0 if constrained else None,
+            object_guess=np.ones_like(scan.object_truth), device="cpu", seed=0,
+        )  # fmt: skip
+        solver.add_patterns(scan.frames, corners_px)
+        errors = [solver.run_epoch() for _ in range(40)]
+        runs[constrained] = errors, probe_power(torch.from_numpy(solver.probe_modes)), np.abs(solver.object)
+    free_errors, free_power, _ = runs[False]
+    held_errors, held_power, held_amplitude = runs[True]
+    start_power = float(np.sum(np.abs(guess) ** 2))
+    assert free_power > 100 * start_power and free_errors[-1] > 1.5 * free_errors[9]
+    assert held_power == pytest.approx(start_power, rel=1e-4)
+    assert held_amplitude.max() <= 1.0 + 1e-6
+    assert held_errors[-1] <= 1.02 * held_errors[9] and held_errors[-1] < 0.6 * free_errors[-1]
