@@ -58,6 +58,12 @@ class RefineConfig(BaseModel):
     )
     pine_rho: float = Field(default=0.49, gt=0, lt=1, description="PINE's ρ (algorithm pine only)")
     probe_update_start_epoch: int = Field(default=2, ge=0)
+    fix_probe_power: bool = Field(
+        default=False, description="hold the probe's power at its start value (low dose, with probe updates)"
+    )
+    max_object_amplitude: float | None = Field(
+        default=None, gt=0, description="bound |O|, 1 for a transmission sample; None leaves it free"
+    )
     probe_modes: int = Field(
         default=1, ge=1, le=16, description="incoherent probe modes (mixed states); 1 is a coherent probe"
     )
@@ -250,6 +256,8 @@ class RefineStage(Stage):
             object_step=self.config.object_step,
             probe_step=self.config.probe_step,
             probe_update_start_epoch=self.config.probe_update_start_epoch,
+            fix_probe_power=self.config.fix_probe_power,
+            max_object_amplitude=self.config.max_object_amplitude,
             probe_modes=self.config.probe_modes,
             position_correction_start_epoch=self.config.position_correction_start_epoch,
             max_position_step_px=self.config.max_position_step_px,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from phasestream.config import load_pipeline
 from phasestream.messages import FrameBatch, Geometry, Reconstruction, ScanStart
 from phasestream.models.benchmarks import simulate_scan
@@ -46,3 +48,31 @@ def test_zero_photon_frames_are_left_out_counted_and_the_rest_reconstructed() ->
     assert isinstance(snapshot, Reconstruction)
     # The R-factor comes with every snapshot and matches the solver's own after that epoch.
     assert snapshot.quality["r_factor"] == solve.solver.fourier_r_factor() > 0
+
+
+def test_the_probe_power_and_amplitude_bound_reach_the_solver_and_hold_over_epochs() -> None:
+    import numpy as np
+
+    scan = simulate_scan(n_positions=24, size_px=32, seed=3)
+    stage = refine_stage(
+        min_positions=4, probe_search_epochs=0, emit_every_epochs=1, torch_threads=1,
+        probe_update_start_epoch=0, fix_probe_power=True, max_object_amplitude=0.9,
+    )  # fmt: skip
+    geometry = Geometry(
+        energy_kev=8.8, detector_distance_m=2.0, pixel_size_m=75e-6, detector_shape_px=(32, 32),
+        detector_dtype="uint16",
+    )  # fmt: skip
+    list(stage.on_scan_start(ScanStart(scan_uid="held", seq=0, geometry=geometry, planned_frames=24)))
+    dx = stage._solves["held"].pixel_size_m
+    batch = FrameBatch(
+        scan_uid="held", seq=1, frame_indices=list(range(24)), frames=scan.intensities,
+        positions_m=scan.top_left_px * dx,
+    )  # fmt: skip
+    list(stage.process(batch))
+    solver = stage._solves["held"].solver
+    start_power = float(np.sum(np.abs(solver.probe_modes) ** 2))
+    for _ in range(3):
+        list(stage.idle())
+    assert solver.epochs_run == 3
+    assert float(np.sum(np.abs(solver.probe_modes) ** 2)) == pytest.approx(start_power, rel=1e-4)
+    assert np.abs(solver.object).max() <= 0.9 + 1e-6
