@@ -512,6 +512,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     pine.add_argument("--photons", type=float, default=2e3, help="photons per frame (default %(default)g)")
     pine.add_argument("--positions", type=int, default=200, help="default %(default)s")
     pine.add_argument("--figure", type=Path, default=Path("pine_frc.png"), help="default %(default)s")
+    pine.add_argument(
+        "--probe", choices=["known", "reconstructed"], default="known",
+        help="the true probe held fixed, or a blurred probe each solver reconstructs (default %(default)s)",
+    )  # fmt: skip
+    pine.add_argument("--seeds", type=int, default=1, help="scans (noise and sweep order) to average over")
     pine.set_defaults(func=_cmd_bench_pine)
     lodip = bench.add_parser("lodip", help="PSNR of HIO-stat, LoDIP and double DIP on simulated in-situ CDI")
     lodip.add_argument("--samples", type=int, default=20, help="default %(default)s")
@@ -666,14 +671,13 @@ def _cmd_bench_autophasenn(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_pine(args: argparse.Namespace) -> int:
-    from phasestream.models.bench_pine import bench_pine
+    from phasestream.models.bench_pine import ProbeStart, bench_pine_seeds, format_table
 
-    traces = bench_pine(n_positions=args.positions, photons_per_frame=args.photons, figure=args.figure)
-    for trace in traces.values():
-        print(
-            f"{trace.name:<5} {trace.iterations[-1]:>4} iterations in {trace.seconds:6.1f} s: half-bit "
-            f"resolution {trace.resolution_px[-1]:.1f} px, mean FRC {trace.mean_frc[-1]:.3f}"
-        )
+    rows, _ = bench_pine_seeds(
+        range(args.seeds), figure=args.figure, n_positions=args.positions, photons_per_frame=args.photons,
+        probe_start=ProbeStart(args.probe),
+    )  # fmt: skip
+    print(format_table(rows))
     print(f"FRC curves: {args.figure}")
     return 0
 

@@ -100,6 +100,25 @@ def test_bench_pine_traces_every_solver_and_draws_the_figure(tmp_path) -> None:
     assert figure.stat().st_size > 10_000
 
 
+def test_the_reconstructed_probe_start_updates_a_blurred_probe_at_its_power() -> None:
+    from phasestream.models.bench_pine import low_dose_scan, reconstructed_probe_options
+    from phasestream.models.epie import EpieSolver
+
+    scan = low_dose_scan(30, 2e3, seed=0)
+    options = reconstructed_probe_options(scan, seed=0)
+    guess = options["probe"]
+    power = np.sum(np.abs(scan.probe_truth) ** 2)
+    assert np.sum(np.abs(guess) ** 2) == pytest.approx(power, rel=1e-5)
+    assert np.linalg.norm(guess - scan.probe_truth) > 0.1 * np.sqrt(power)
+    solver = EpieSolver(**options)
+    solver.add_patterns(scan.frames, scan.positions_object_px() - scan.config.detector_size_px // 2)
+    for _ in range(4):
+        solver.run_epoch()
+    assert not np.allclose(solver.probe, guess)
+    assert np.sum(np.abs(solver.probe) ** 2) == pytest.approx(power, rel=1e-4)
+    assert np.abs(solver.object).max() <= 1 + 1e-6
+
+
 def test_bench_pine_seeds_tabulates_every_solver_at_every_checkpoint(tmp_path) -> None:
     from phasestream.models.bench_pine import bench_pine_seeds, format_table, rpie_alpha_study
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from phasestream.errors import ConfigError
-from phasestream.models.bench_pine import low_dose_scan
+from phasestream.models.bench_pine import blurred_probe, low_dose_scan
 from phasestream.models.epie import EpieSolver, EpieVariant
 from phasestream.models.ptycho_constraints import clip_object_amplitude_, keep_probe_power_, probe_power
 
@@ -47,19 +47,11 @@ def test_a_bound_that_is_not_positive_is_refused():
         EpieSolver(max_object_amplitude=0)
 
 
-def blurred(probe: np.ndarray, sigma_px: float) -> np.ndarray:
-    frequencies = np.fft.fftfreq(probe.shape[0])
-    squared = frequencies[:, None] ** 2 + frequencies[None, :] ** 2
-    kernel = np.exp(-2 * (np.pi * sigma_px) ** 2 * squared)
-    guess = np.fft.ifft2(np.fft.fft2(probe) * kernel)
-    return (guess * np.linalg.norm(probe) / np.linalg.norm(guess)).astype(np.complex64)
-
-
 def test_low_dose_probe_retrieval_stays_put_with_both_constraints_and_runs_away_without():
     """The failure ptycho_constraints describes, at 2,000 photons per frame from a blurred probe."""
     scan = low_dose_scan(200, 2e3, seed=0)
     corners_px = scan.positions_object_px() - scan.config.detector_size_px // 2
-    guess = blurred(scan.probe_truth, sigma_px=2.0)
+    guess = blurred_probe(scan.probe_truth)
     runs = {}
     for constrained in (False, True):
         solver = EpieSolver(
