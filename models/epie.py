@@ -51,7 +51,7 @@ import torch
 from phasestream.errors import ConfigError, FrameValidationError, PositionError
 from phasestream.models.illumination import max_summed_illumination_scatter, max_summed_illumination_slices
 from phasestream.models.physics import FOURIER_EPSILON, probe_from_patterns
-from phasestream.models.ptycho_constraints import clip_object_amplitude_, keep_probe_power_, probe_power
+from phasestream.models.ptycho_constraints import ScaleConstraints
 from phasestream.models.ptycho_modes import (
     fourier_frequencies,
     initial_modes,
@@ -183,10 +183,10 @@ class EpieSolver:
     ``max_position_step_px`` per epoch and axis (:mod:`phasestream.models.ptycho_modes`). ``unmeasured``
     is a (ny, nx) detector mask, centred like the patterns: those pixels stay unconstrained.
     ``object_regulariser`` is applied to the object after every epoch (PINE).
-    ``fix_probe_power`` keeps the probe's total power, from the first probe update on, at what it was then
-    (the given probe, or the one built from the mean pattern), and ``max_object_amplitude`` bounds |O|
-    (1 for a transmission sample); both act after every epoch, and at low dose with the probe updated they
-    are needed together (:mod:`phasestream.models.ptycho_constraints`).
+    ``fix_probe_power`` keeps the probe's total power, from the first probe update on, at ``probe_power``
+    (the direct beam's photons per frame) or else at what it was then (the given probe, or the one built
+    from the mean pattern), and ``max_object_amplitude`` bounds |O| (1 for a transmission sample); at low
+    dose with the probe updated they are needed together (:mod:`phasestream.models.ptycho_constraints`).
 
     The object starts as ``object_guess`` (e.g. the neural preview mosaic) or as ones on a canvas of
     ``canvas_shape_px`` (or just large enough for the first windows). ``object_step`` and ``probe_step``
@@ -226,6 +226,7 @@ class EpieSolver:
         unmeasured: np.ndarray | None = None,
         object_regulariser: ObjectRegulariser | None = None,
         fix_probe_power: bool = False,
+        probe_power: float | None = None,
         max_object_amplitude: float | None = None,
         canvas_shape_px: tuple[int, int] | None = None,
         object_guess: np.ndarray | torch.Tensor | None = None,
@@ -256,11 +257,6 @@ class EpieSolver:
         if not 0 < max_position_step_px <= 8:
             raise ConfigError(
                 f"max_position_step_px={max_position_step_px!r} is outside (0, 8] px; 1 px per epoch is usual"
-            )
-        if max_object_amplitude is not None and not max_object_amplitude > 0:
-            raise ConfigError(
-                f"max_object_amplitude={max_object_amplitude!r} must be above 0 (1 for a transmission "
-                "sample), or None to leave |O| free"
             )
         if num_threads is not None and num_threads < 1:
             raise ConfigError(f"num_threads={num_threads!r} must be at least 1, or None for torch's setting")
@@ -314,9 +310,7 @@ class EpieSolver:
             # Stored in the FFT's native layout, like the amplitudes.
             self._unmeasured = torch.from_numpy(np.fft.ifftshift(mask).copy()).to(self.device)
         self.object_regulariser = object_regulariser
-        self.fix_probe_power = fix_probe_power
-        self.max_object_amplitude = max_object_amplitude
-        self._fixed_probe_power: float | None = None
+        self.constraints = ScaleConstraints(fix_probe_power, probe_power, max_object_amplitude)
         self._epochs_run = 0
 
     @property
@@ -515,8 +509,7 @@ class EpieSolver:
             raise ConfigError("run_epoch() before any add_patterns(): add at least one pattern first")
         update_probe = _started(self.probe_update_start_epoch, self._epochs_run)
         correct_positions = _started(self.position_correction_start_epoch, self._epochs_run)
-        if update_probe and self.fix_probe_power and self._fixed_probe_power is None:
-            self._fixed_probe_power = probe_power(self._probe)
+        self.constraints.before_sweep(self._probe, self._object, update_probe)
         order = torch.randperm(self._n_positions, generator=self._generator)
         with _torch_threads(self.num_threads):
             if self._is_modal:
@@ -525,13 +518,11 @@ class EpieSolver:
                 squared_error = self._sequential_epoch(order.tolist(), update_probe)
             else:
                 squared_error = self._batched_epoch(order, update_probe)
-        if self._fixed_probe_power is not None:
-            keep_probe_power_(self._probe, self._object, self._fixed_probe_power)
+        self.constraints.after_sweep(self._probe, self._object, update_probe)
         if self.object_regulariser is not None:
             with torch.no_grad():
                 self._object.copy_(self.object_regulariser(self._object))
-        if self.max_object_amplitude is not None:
-            clip_object_amplitude_(self._object, self.max_object_amplitude)
+        self.constraints.after_epoch(self._object)
         self._epochs_run += 1
         return squared_error / max(self._measured_energy, _DIVISION_FLOOR)
 

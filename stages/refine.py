@@ -61,6 +61,9 @@ class RefineConfig(BaseModel):
     fix_probe_power: bool = Field(
         default=False, description="hold the probe's power at its start value (low dose, with probe updates)"
     )
+    probe_power: float | None = Field(
+        default=None, gt=0, description="with fix_probe_power: the direct beam's photons per frame to hold"
+    )
     max_object_amplitude: float | None = Field(
         default=None, gt=0, description="bound |O|, 1 for a transmission sample; None leaves it free"
     )
@@ -257,6 +260,7 @@ class RefineStage(Stage):
             probe_step=self.config.probe_step,
             probe_update_start_epoch=self.config.probe_update_start_epoch,
             fix_probe_power=self.config.fix_probe_power,
+            probe_power=self.config.probe_power,
             max_object_amplitude=self.config.max_object_amplitude,
             probe_modes=self.config.probe_modes,
             position_correction_start_epoch=self.config.position_correction_start_epoch,

@@ -7,7 +7,7 @@ import torch
 from phasestream.errors import ConfigError
 from phasestream.models.bench_pine import blurred_probe, low_dose_scan
 from phasestream.models.epie import EpieSolver, EpieVariant
-from phasestream.models.ptycho_constraints import clip_object_amplitude_, keep_probe_power_, probe_power
+from phasestream.models.ptycho_constraints import clip_object_amplitude_, keep_probe_power_, total_power
 
 
 def random_complex(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -17,9 +17,9 @@ def random_complex(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def test_restoring_the_probe_power_leaves_every_exit_wave_as_it_was():
     modes, obj = random_complex((2, 8, 8), seed=0), random_complex((8, 8), seed=1)
-    exit_waves, start_power = modes * obj, probe_power(modes)
+    exit_waves, start_power = modes * obj, total_power(modes)
     factor = keep_probe_power_(modes, obj, power=5.0)
-    assert probe_power(modes) == pytest.approx(5.0, rel=1e-5)
+    assert total_power(modes) == pytest.approx(5.0, rel=1e-5)
     np.testing.assert_allclose((modes * obj).numpy(), exit_waves.numpy(), rtol=1e-5, atol=1e-6)
     assert factor == pytest.approx((5.0 / start_power) ** 0.5, rel=1e-6)
 
@@ -47,6 +47,27 @@ def test_a_bound_that_is_not_positive_is_refused():
         EpieSolver(max_object_amplitude=0)
 
 
+@pytest.mark.parametrize("fix, power", [(False, 100.0), (True, 0.0), (True, -5.0)])
+def test_a_probe_power_without_fix_probe_power_or_not_positive_is_refused(fix, power):
+    with pytest.raises(ConfigError, match=f"probe_power={power!r}"):
+        EpieSolver(fix_probe_power=fix, probe_power=power)
+
+
+def test_a_given_probe_power_replaces_the_start_probes_from_the_first_probe_update():
+    scan = low_dose_scan(30, 2e3, seed=1)
+    beam_photons = float(np.sum(np.abs(scan.probe_truth) ** 2))
+    solver = EpieSolver(
+        probe=0.5 * scan.probe_truth, probe_update_start_epoch=1, fix_probe_power=True,
+        probe_power=beam_photons, object_guess=np.ones_like(scan.object_truth), device="cpu",
+    )  # fmt: skip
+    solver.add_patterns(scan.frames, scan.positions_object_px() - scan.config.detector_size_px // 2)
+    solver.run_epoch()
+    assert float(np.sum(np.abs(solver.probe) ** 2)) == pytest.approx(beam_photons / 4, rel=1e-5)
+    for _ in range(3):
+        solver.run_epoch()
+    assert float(np.sum(np.abs(solver.probe) ** 2)) == pytest.approx(beam_photons, rel=1e-4)
+
+
 def test_low_dose_probe_retrieval_stays_put_with_both_constraints_and_runs_away_without():
     """The failure ptycho_constraints describes, at 2,000 photons per frame from a blurred probe."""
     scan = low_dose_scan(200, 2e3, seed=0)
@@ -61,7 +82,7 @@ def test_low_dose_probe_retrieval_stays_put_with_both_constraints_and_runs_away_
         )  # fmt: skip
         solver.add_patterns(scan.frames, corners_px)
         errors = [solver.run_epoch() for _ in range(40)]
-        runs[constrained] = errors, probe_power(torch.from_numpy(solver.probe_modes)), np.abs(solver.object)
+        runs[constrained] = errors, total_power(torch.from_numpy(solver.probe_modes)), np.abs(solver.object)
     free_errors, free_power, _ = runs[False]
     held_errors, held_power, held_amplitude = runs[True]
     start_power = float(np.sum(np.abs(guess) ** 2))
