@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from phasestream.models.epie import EpieSolver, EpieVariant, UpdateRule
+from phasestream.models.fourier_update import FourierConstraint
 from phasestream.models.quality import FrcCurve, FrcThreshold, frc, frc_resolution, half_bit_threshold
 from phasestream.simulators.samples import SampleKind
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
@@ -187,6 +188,7 @@ def bench_pine(
     seed: int = 0,
     rpie_alpha: float = 0.1,
     probe_start: ProbeStart = ProbeStart.KNOWN,
+    fourier_constraint: FourierConstraint = FourierConstraint.PROJECTION,
     denoiser: torch.nn.Module | None = None,
     figure: Path | None = None,
     progress: bool = True,
@@ -196,7 +198,7 @@ def bench_pine(
 
     scan = low_dose_scan(n_positions, photons_per_frame, seed, overlap_fraction)
     options = known_probe_options if probe_start is ProbeStart.KNOWN else reconstructed_probe_options
-    common = options(scan, seed)
+    common = {**options(scan, seed), "fourier_constraint": fourier_constraint}
     solvers = {
         BenchSolver.EPIE: (EpieSolver(**common), long_iterations),
         BenchSolver.RPIE: (

@@ -49,8 +49,9 @@ import numpy as np
 import torch
 
 from phasestream.errors import ConfigError, FrameValidationError, PositionError
+from phasestream.models.fourier_update import FourierConstraint, replace_modulus_
 from phasestream.models.illumination import max_summed_illumination_scatter, max_summed_illumination_slices
-from phasestream.models.physics import FOURIER_EPSILON, probe_from_patterns
+from phasestream.models.physics import probe_from_patterns
 from phasestream.models.ptycho_constraints import ScaleConstraints
 from phasestream.models.ptycho_modes import (
     fourier_frequencies,
@@ -113,28 +114,6 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(threads_before)
 
 
-def _replace_modulus_(
-    far_field_wave: torch.Tensor,
-    measured_amplitude: torch.Tensor,
-    squared_modulus: torch.Tensor,
-    ratio: torch.Tensor,
-    unmeasured: torch.Tensor | None = None,
-) -> None:
-    """In place: Ψ ← Ψ · sqrt(I) / max(|Ψ|, ε), as :func:`physics.replace_modulus` but without temporaries.
-
-    Where ``unmeasured`` is True (detector gaps, dead or hot pixels) Ψ is left as it is: no constraint.
-
-    |Ψ|² comes from Ψ·conj(Ψ), a vectorised complex product: torch's complex ``abs`` is several times
-    slower on the CPU. ``squared_modulus`` (complex) and ``ratio`` (real) are scratch buffers shaped like Ψ.
-    """
-    torch.mul(far_field_wave, far_field_wave.conj(), out=squared_modulus)
-    torch.clamp_min(squared_modulus.real, FOURIER_EPSILON**2, out=ratio)
-    ratio.rsqrt_().mul_(measured_amplitude)
-    if unmeasured is not None:
-        ratio.masked_fill_(unmeasured, 1.0)
-    far_field_wave.mul_(ratio)
-
-
 def _squared_norm(wave: torch.Tensor) -> torch.Tensor:
     """Σ|w|² as a 0-d complex tensor: no device sync, and vdot is the fastest reduction for complex64."""
     flat = wave.reshape(-1)
@@ -182,6 +161,8 @@ class EpieSolver:
     ``position_correction_start_epoch`` refines the window corners from that epoch on, at most
     ``max_position_step_px`` per epoch and axis (:mod:`phasestream.models.ptycho_modes`). ``unmeasured``
     is a (ny, nx) detector mask, centred like the patterns: those pixels stay unconstrained.
+    ``fourier_constraint`` POISSON replaces the modulus projection by a Poisson likelihood step, for low
+    dose (:mod:`phasestream.models.fourier_update`).
     ``object_regulariser`` is applied to the object after every epoch (PINE).
     ``fix_probe_power`` keeps the probe's total power, from the first probe update on, at ``probe_power``
     (the direct beam's photons per frame) or else at what it was then (the given probe, or the one built
@@ -224,6 +205,7 @@ class EpieSolver:
         position_correction_start_epoch: int | None = None,
         max_position_step_px: float = 1.0,
         unmeasured: np.ndarray | None = None,
+        fourier_constraint: FourierConstraint = FourierConstraint.PROJECTION,
         object_regulariser: ObjectRegulariser | None = None,
         fix_probe_power: bool = False,
         probe_power: float | None = None,
@@ -311,6 +293,7 @@ class EpieSolver:
             self._unmeasured = torch.from_numpy(np.fft.ifftshift(mask).copy()).to(self.device)
         self.object_regulariser = object_regulariser
         self.constraints = ScaleConstraints(fix_probe_power, probe_power, max_object_amplitude)
+        self._poisson = FourierConstraint(fourier_constraint) is FourierConstraint.POISSON
         self._epochs_run = 0
 
     @property
@@ -544,10 +527,12 @@ class EpieSolver:
             patch = canvas[y_px : y_px + window_y_px, x_px : x_px + window_x_px]
             torch.mul(probe, patch, out=exit_wave)
             torch.fft.fft2(exit_wave, norm="ortho", out=wave)
-            _replace_modulus_(wave, amplitudes[index], squared_modulus, ratio, self._unmeasured)
+            misfit = replace_modulus_(
+                wave, amplitudes[index], squared_modulus, ratio, self._unmeasured, self._poisson
+            )
             torch.fft.ifft2(wave, norm="ortho", out=wave)
             delta = wave.sub_(exit_wave)
-            squared_errors.append(_squared_norm(delta))
+            squared_errors.append(_squared_norm(delta) if misfit is None else misfit)
             if update_probe:
                 # The probe step needs the object from before this position's object step.
                 _scaled_conjugate(
@@ -591,9 +576,9 @@ class EpieSolver:
             # FFTs into fresh tensors: with out= torch computes into a temporary and copies (slower on CPU).
             wave = torch.fft.fft2(exit_wave, norm="ortho")
             torch.index_select(amplitudes, 0, batch, out=measured)
-            _replace_modulus_(wave, measured, squared_modulus, ratio, self._unmeasured)
+            misfit = replace_modulus_(wave, measured, squared_modulus, ratio, self._unmeasured, self._poisson)
             delta = torch.fft.ifft2(wave, norm="ortho").sub_(exit_wave)
-            squared_errors.append(_squared_norm(delta))
+            squared_errors.append(_squared_norm(delta) if misfit is None else misfit)
 
             torch.mul(probe, probe.conj(), out=probe_intensity)
             if scatter_illumination:
@@ -666,8 +651,10 @@ class EpieSolver:
         for start in range(0, self._n_positions, batch_size):
             batch = order[start : start + batch_size].to(self.device)
             windows = self._windows(batch, geometry)
-            delta = modal_fourier_update(windows.exit_waves, self._amplitudes[batch], self._unmeasured)
-            squared_errors.append(_squared_norm(delta))
+            delta, misfit = modal_fourier_update(
+                windows.exit_waves, self._amplitudes[batch], self._unmeasured, self._poisson
+            )
+            squared_errors.append(_squared_norm(delta) if misfit is None else misfit)
             if correct_positions:
                 position_steps[batch] = position_gradient_steps(windows.patches, windows.probes, delta)
 

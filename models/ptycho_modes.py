@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from phasestream.errors import ConfigError
+from phasestream.models.fourier_update import amplitude_misfit, poisson_ratio
 from phasestream.models.physics import FOURIER_EPSILON
 
 _DIVISION_FLOOR = 1e-30
@@ -127,18 +128,19 @@ def position_gradient_steps(patches: torch.Tensor, probes: torch.Tensor, delta: 
 
 
 def modal_fourier_update(
-    exit_waves: torch.Tensor, measured: torch.Tensor, unmeasured: torch.Tensor | None
-) -> torch.Tensor:
+    exit_waves: torch.Tensor, measured: torch.Tensor, unmeasured: torch.Tensor | None, poisson: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Δ_k = ψ'_k − ψ_k with Ψ'_k = Ψ_k sqrt(I) / sqrt(Σ_k |Ψ_k|²) (Thibault & Menzel 2013, eq. 3).
 
-    Unmeasured pixels keep Ψ_k (Δ_k = 0 there).
-
-    Σ_k ‖Δ_k‖² = ‖sqrt(Σ_k |Ψ_k|²) − sqrt(I)‖², the same error as for one mode.
+    Σ_k ‖Δ_k‖² = ‖sqrt(Σ_k |Ψ_k|²) − sqrt(I)‖², the same error as for one mode. With ``poisson`` every
+    mode takes the Poisson step's factor instead (:mod:`phasestream.models.fourier_update`), and that
+    amplitude misfit comes back beside Δ (0-d; None for the projection). Unmeasured pixels keep Ψ_k.
     """
     wave = torch.fft.fft2(exit_waves, norm="ortho")
     total = (wave * wave.conj()).real.sum(dim=1).clamp_min_(FOURIER_EPSILON**2)
-    ratio = measured * total.rsqrt_()
+    misfit = amplitude_misfit(total, measured, unmeasured) if poisson else None
+    ratio = poisson_ratio(total, measured) if poisson else measured * total.rsqrt_()
     if unmeasured is not None:
         ratio.masked_fill_(unmeasured, 1.0)
     wave.mul_(ratio.unsqueeze(1))
-    return torch.fft.ifft2(wave, norm="ortho").sub_(exit_waves)
+    return torch.fft.ifft2(wave, norm="ortho").sub_(exit_waves), misfit

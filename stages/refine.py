@@ -58,6 +58,10 @@ class RefineConfig(BaseModel):
     )
     pine_rho: float = Field(default=0.49, gt=0, lt=1, description="PINE's ρ (algorithm pine only)")
     probe_update_start_epoch: int = Field(default=2, ge=0)
+    fourier_constraint: str = Field(
+        default="projection", pattern="^(projection|poisson)$",
+        description="the modulus projection, or a Poisson likelihood step for low dose",
+    )  # fmt: skip
     fix_probe_power: bool = Field(
         default=False, description="hold the probe's power at its start value (low dose, with probe updates)"
     )
@@ -259,6 +263,7 @@ class RefineStage(Stage):
             object_step=self.config.object_step,
             probe_step=self.config.probe_step,
             probe_update_start_epoch=self.config.probe_update_start_epoch,
+            fourier_constraint=self.config.fourier_constraint,
             fix_probe_power=self.config.fix_probe_power,
             probe_power=self.config.probe_power,
             max_object_amplitude=self.config.max_object_amplitude,

@@ -517,6 +517,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="the true probe held fixed, or a blurred probe each solver reconstructs (default %(default)s)",
     )  # fmt: skip
     pine.add_argument("--seeds", type=int, default=1, help="scans (noise and sweep order) to average over")
+    pine.add_argument(
+        "--fourier", choices=["projection", "poisson"], default="projection",
+        help="every solver's Fourier step: the modulus projection or the Poisson step (default %(default)s)",
+    )  # fmt: skip
     pine.set_defaults(func=_cmd_bench_pine)
     lodip = bench.add_parser("lodip", help="PSNR of HIO-stat, LoDIP and double DIP on simulated in-situ CDI")
     lodip.add_argument("--samples", type=int, default=20, help="default %(default)s")
@@ -675,7 +679,7 @@ def _cmd_bench_pine(args: argparse.Namespace) -> int:
 
     rows, _ = bench_pine_seeds(
         range(args.seeds), figure=args.figure, n_positions=args.positions, photons_per_frame=args.photons,
-        probe_start=ProbeStart(args.probe),
+        probe_start=ProbeStart(args.probe), fourier_constraint=args.fourier,
     )  # fmt: skip
     print(format_table(rows))
     print(f"FRC curves: {args.figure}")

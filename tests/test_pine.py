@@ -85,13 +85,14 @@ def test_the_shipped_denoiser_keeps_a_flat_object_and_smooths_noise() -> None:
     assert after < 0.8 * before
 
 
-def test_bench_pine_traces_every_solver_and_draws_the_figure(tmp_path) -> None:
+@pytest.mark.parametrize("fourier_constraint", ["projection", "poisson"])
+def test_bench_pine_traces_every_solver_and_draws_the_figure(tmp_path, fourier_constraint) -> None:
     from phasestream.models.bench_pine import bench_pine
 
     figure = tmp_path / "frc.png"
     traces = bench_pine(
         n_positions=30, long_iterations=4, pine_iterations=2, every=2, denoiser=MeanFilter(), figure=figure,
-        progress=False,
+        fourier_constraint=fourier_constraint, progress=False,
     )  # fmt: skip
     assert [t.iterations for t in traces.values()] == [[2, 4], [2, 4], [2]]
     for trace in traces.values():

@@ -75,3 +75,12 @@ def test_the_probe_power_and_amplitude_bound_reach_the_solver_and_hold_over_epoc
     assert solver.epochs_run == 3
     assert float(np.sum(np.abs(solver.probe_modes) ** 2)) == pytest.approx(500.0, rel=1e-4)
     assert np.abs(solver.object).max() <= 0.9 + 1e-6
+
+
+def test_the_poisson_step_is_chosen_in_the_stages_config() -> None:
+    from phasestream.errors import ConfigError
+
+    stage = refine_stage(fourier_constraint="poisson", probe_search_epochs=0)
+    assert stage._new_solver(probe=None, canvas_shape_px=(48, 48))._poisson
+    with pytest.raises(ConfigError, match=r"fourier_constraint.*\(given 'gaussian'\)"):
+        refine_stage(fourier_constraint="gaussian")
