@@ -52,12 +52,16 @@ class ScaleConstraints:
         self.fix_probe_power = fix_probe_power
         self.max_object_amplitude = max_object_amplitude
         self._held_power = probe_power
+        self._holding = False
 
     def before_sweep(self, modes: torch.Tensor, obj: torch.Tensor, update_probe: bool) -> None:
-        if self.fix_probe_power and update_probe:
+        """At the first epoch that updates the probe: take its power, or put it at the given one. Later
+        epochs start where :meth:`after_sweep` left the power, so there is nothing to do."""
+        if self.fix_probe_power and update_probe and not self._holding:
             if self._held_power is None:
                 self._held_power = total_power(modes)
             keep_probe_power_(modes, obj, self._held_power)
+            self._holding = True
 
     def after_sweep(self, modes: torch.Tensor, obj: torch.Tensor, update_probe: bool) -> None:
         if self.fix_probe_power and update_probe:
