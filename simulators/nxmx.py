@@ -7,6 +7,7 @@ Layout (DECTRIS FileWriter "V1", NXmx; lengths in m unless a ``units`` attribute
         /entry/instrument/beam/incident_wavelength            Å (units "angstrom")
         /entry/instrument/detector/{x_pixel_size, y_pixel_size, detector_distance, beam_center_x,
                                     beam_center_y, count_time, frame_time, detectorSpecific/nimages}
+        /entry/instrument/detector/detectorSpecific/pixel_mask         uint32 (H, W), 0 = good pixel
         /entry/instrument/detector/module/{fast,slow}_pixel_direction   lab directions of columns, rows
         /entry/sample/transformations/{sample_x, sample_y}    per-frame sample translations
     <prefix>_data_000001.h5
@@ -14,7 +15,10 @@ Layout (DECTRIS FileWriter "V1", NXmx; lengths in m unless a ``units`` attribute
                           ``hdf5plugin``), attributes image_nr_low / image_nr_high (1-based, inclusive)
 
 The reader also takes ``/entry/data/data`` directly in the master file (``nimages_per_file`` 0, or the
-FileWriter V2 virtual dataset) and ``distance`` for ``detector_distance`` (NXmx 2022).
+FileWriter V2 virtual dataset) and ``distance`` for ``detector_distance`` (NXmx 2022). A pixel is bad
+when ``pixel_mask & 0xFFFF`` is non-zero (gap, dead, under- or over-responding, noisy, user mask); bad
+pixels travel as 0, whatever the detector wrote there. Frames are checked and converted as in CXI
+(``phasestream.simulators.cxi``, "Frame values").
 
 Positions: a detector file has none of its own. They are read from the NXtransformations translations
 under ``/entry/sample/transformations`` (every per-frame ``translation`` field, summed along its
@@ -40,11 +44,14 @@ from phasestream.simulators.cxi import (
     DEFAULT_COLUMN_DIRECTION,
     DEFAULT_ROW_DIRECTION,
     JOULES_PER_EV,
+    MASKED_PIXEL,
+    NXMX_MASK_DEFECTS,
     READ_CHUNK_FRAMES,
     FrameBlock,
     FrameCompression,
     RecordedScan,
     ScanFileError,
+    bad_pixels,
     check_geometry,
     check_position_scale,
     frame_chunks,
@@ -57,8 +64,9 @@ from phasestream.simulators.cxi import (
     required_dataset,
     sample_translation_from_positions,
     scalar_value,
-    stored_as_bslz4_per_frame,
+    sends_stored_bytes,
     text_attribute,
+    travel_dtype,
     write_frames,
 )
 from phasestream.simulators.scan_simulation import SimulatedScan
@@ -72,6 +80,7 @@ DETECTOR = "/entry/instrument/detector"
 WAVELENGTH = "/entry/instrument/beam/incident_wavelength"
 INCIDENT_ENERGY = "/entry/instrument/beam/incident_energy"
 TRANSFORMATIONS = "/entry/sample/transformations"
+PIXEL_MASK = "/entry/instrument/detector/detectorSpecific/pixel_mask"
 
 
 def data_file_name(master_path: Path, number: int) -> str:
@@ -129,7 +138,9 @@ def read_nxmx(master_path: Path | str, positions_m: np.ndarray | None = None) ->
             f"cannot open {master_path} as HDF5 ({error}); is it a DECTRIS master file?"
         ) from error
     with master:
-        blocks, shape, dtype, passthrough = _frame_blocks(master, master_path)
+        blocks, shape = _frame_blocks(master, master_path)
+        mask = _bad_pixel_mask(master, shape)
+        dtype, passthrough = _frames_travel(blocks, mask)
         n_frames = sum(block.count for block in blocks)
         energy_kev, energy_path = _energy_kev(master)
         distance_ds = _first_dataset(master, (f"{DETECTOR}/detector_distance", f"{DETECTOR}/distance"))
@@ -166,6 +177,7 @@ def read_nxmx(master_path: Path | str, positions_m: np.ndarray | None = None) ->
             probe=None,
             scan_shape=_scan_shape(master, n_frames),
             bslz4_passthrough=passthrough,
+            bad_pixel_mask=mask,
         )
 
 
@@ -224,6 +236,9 @@ def _write_instrument(
         ("y_pixels_in_detector", height),
     ):
         specific.create_dataset(name, data=np.uint32(value))
+    mask = scan.bad_pixel_mask if isinstance(scan, RecordedScan) else None
+    if mask is not None:
+        specific.create_dataset("pixel_mask", data=np.where(mask, MASKED_PIXEL, 0).astype(np.uint32))
     module = nx_group(detector, "module", "NXdetector_module")
     for name, direction in (
         ("fast_pixel_direction", DEFAULT_COLUMN_DIRECTION),
@@ -258,25 +273,22 @@ def _quantity(group: h5py.Group, name: str, value: object, units: str) -> None:
 # ---- reading --------------------------------------------------------------------------------------------
 
 
-def _frame_blocks(
-    master: h5py.File, master_path: Path
-) -> tuple[tuple[FrameBlock, ...], tuple[int, int], np.dtype, bool]:
-    """Where the frames are, in image order, with their common frame shape, dtype and storage."""
+def _frame_blocks(master: h5py.File, master_path: Path) -> tuple[tuple[FrameBlock, ...], tuple[int, int]]:
+    """Where the frames are, in image order, with their common frame shape (and one dtype)."""
     group = master.get(DATA)
     if not isinstance(group, h5py.Group):
         raise ScanFileError(f"{master_path} lacks the group {DATA}: is it a DECTRIS master file?")
     if "data" in group:
         dataset = required_dataset(master, f"{DATA}/data", "the frames (N, H, W)")
         n, height, width = frames_dataset_shape(dataset)
-        block = FrameBlock(master_path, dataset.name, n)
-        return (block,), (height, width), dataset.dtype, stored_as_bslz4_per_frame(dataset)
+        return (FrameBlock(master_path, dataset.name, n),), (height, width)
     names = sorted(name for name in group if _DATA_LINK.fullmatch(name))
     if not names:
         raise ScanFileError(
             f"{master_path}:{DATA} holds neither data nor data_000001…: {sorted(group)}; "
             "point replay at the master file of a complete series"
         )
-    blocks, layouts, passthrough, next_image = [], set(), True, None
+    blocks, layouts, next_image = [], set(), None
     for name in names:
         file_path, dataset_path = _resolve(group, name, master_path)
         with h5py.File(file_path, "r") as file:
@@ -292,14 +304,38 @@ def _frame_blocks(
                     )
                 next_image = int(high) + 1
             layouts.add(((height, width), dataset.dtype))
-            passthrough = passthrough and stored_as_bslz4_per_frame(dataset)
             blocks.append(FrameBlock(file_path, dataset_path, n))
     if len(layouts) != 1:
         raise ScanFileError(
             f"the data files of {master_path} differ in frame shape or dtype: {sorted(map(str, layouts))}"
         )
-    (shape, dtype) = layouts.pop()
-    return tuple(blocks), shape, dtype, passthrough
+    (shape, _) = layouts.pop()
+    return tuple(blocks), shape
+
+
+def _frames_travel(blocks: tuple[FrameBlock, ...], mask: np.ndarray | None) -> tuple[np.dtype, bool]:
+    """The dtype the frames travel as (decided on the first data file), and whether every data file's
+    stored chunks can be sent as they are."""
+    with h5py.File(blocks[0].file, "r") as file:
+        dtype = travel_dtype(file[blocks[0].dataset], mask)
+    return dtype, all(_sends_stored_bytes(block, mask) for block in blocks)
+
+
+def _sends_stored_bytes(block: FrameBlock, mask: np.ndarray | None) -> bool:
+    with h5py.File(block.file, "r") as file:
+        return sends_stored_bytes(file[block.dataset], mask)
+
+
+def _bad_pixel_mask(master: h5py.File, shape: tuple[int, int]) -> np.ndarray | None:
+    node = master.get(PIXEL_MASK)
+    if node is None:
+        return None
+    if not isinstance(node, h5py.Dataset):
+        raise ScanFileError(
+            f"{master.filename}:{PIXEL_MASK} is a {type(node).__name__}; expected the detector's uint32 "
+            "(H, W) pixel mask"
+        )
+    return bad_pixels(node, NXMX_MASK_DEFECTS, shape)
 
 
 def _resolve(group: h5py.Group, name: str, master_path: Path) -> tuple[Path, str]:

@@ -97,10 +97,24 @@ def start_fields(
     frame_time_s: float,
     user_data: Any,
     arm_date: datetime | None = None,
+    pixel_mask: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """A ``start`` message as a DCU with ``header_detail: basic`` sends it (no flatfield, mask or LUT)."""
+    """A ``start`` message as a DCU with ``header_detail: basic`` sends it (no flatfield or LUT).
+
+    ``pixel_mask`` (H, W), non-zero = pixel not measured, goes out as the DCU sends its mask with
+    ``header_detail: all``: ``{channel: uint32 array}`` with ``pixel_mask_enabled``; it is not checked
+    against ``shape_px``, so tests can send a wrong one. Float images have no saturation, so their start
+    carries no ``saturation_value`` (the field is optional).
+    """
     height, width = shape_px
     energy_ev = energy_kev * 1000.0
+    wire = np.dtype(dtype).newbyteorder("<")
+    saturation = {"saturation_value": int(np.iinfo(wire).max)} if wire.kind in "iu" else {}
+    masks = (
+        {}
+        if pixel_mask is None
+        else {"pixel_mask": {CHANNEL: channel_array(np.asarray(pixel_mask, np.uint32))}}
+    )
     return {
         "type": MessageType.START.value,
         "arm_date": arm_date or datetime.now(UTC),
@@ -115,16 +129,17 @@ def start_fields(
         "flatfield_enabled": False,
         "frame_time": frame_time_s,
         "goniometer": {},
-        "image_dtype": _DTYPE_NAME_BY_DTYPE[np.dtype(dtype).newbyteorder("<")],
+        "image_dtype": _DTYPE_NAME_BY_DTYPE[wire],
         "image_size_x": width,
         "image_size_y": height,
         "incident_energy": energy_ev,
         "incident_wavelength": 12.3984198 / energy_kev,  # ångström, as the spec says
         "number_of_images": number_of_images,
-        "pixel_mask_enabled": False,
+        **masks,
+        "pixel_mask_enabled": pixel_mask is not None,
         "pixel_size_x": pixel_size_m,
         "pixel_size_y": pixel_size_m,
-        "saturation_value": int(np.iinfo(np.dtype(dtype)).max),
+        **saturation,
         "sensor_material": "Si",
         "sensor_thickness": 450e-6,
         "series_id": series_id,

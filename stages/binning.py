@@ -34,12 +34,13 @@ def bin_positions(
 ) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
     """Sum groups of k consecutive frames; average their positions weighted by the frames they hold.
 
-    Returns summed frames (uint32, so sums of uint16 counts cannot wrap), positions, the index of the
-    first frame of each group (within the batch) and the detector frames each group holds.
+    Returns summed frames (uint32, so sums of uint16 counts cannot wrap; float32 for float intensities),
+    positions, the index of the first frame of each group (within the batch) and the detector frames
+    each group holds.
     """
     n = frames.shape[0]
     starts = np.arange(0, n, k)
-    summed = np.add.reduceat(frames, starts, axis=0, dtype=np.uint32)
+    summed = np.add.reduceat(frames, starts, axis=0, dtype=summed_dtype(frames.dtype))
     weights = np.asarray(detector_frames, dtype=np.float64)
     weighted = np.add.reduceat(positions_m * weights[:, None], starts, axis=0)
     per_group = np.add.reduceat(weights, starts)
@@ -50,7 +51,12 @@ def bin_pixels(frames: np.ndarray, factor: int) -> np.ndarray:
     """Sum factor×factor pixel blocks of (n, H, W) frames."""
     n, height, width = frames.shape
     blocks = frames.reshape(n, height // factor, factor, width // factor, factor)
-    return blocks.sum(axis=(2, 4), dtype=np.uint32)
+    return blocks.sum(axis=(2, 4), dtype=summed_dtype(frames.dtype))
+
+
+def summed_dtype(dtype: np.dtype | str) -> np.dtype:
+    """Counts sum as uint32; float intensities (a detector or file that sends float32) stay float32."""
+    return np.dtype(np.float32) if np.dtype(dtype).kind == "f" else np.dtype(np.uint32)
 
 
 class BinningStage(Stage):
@@ -69,13 +75,20 @@ class BinningStage(Stage):
         if self._is_passthrough():
             yield message
             return
+        mask = message.detector_mask()
+        binned_mask = (
+            mask.reshape(height // factor, factor, width // factor, factor).any(axis=(1, 3))
+            if mask is not None and factor > 1
+            else message.bad_pixel_mask
+        )  # a binned pixel with a bad one inside is not a measurement of the sum
         yield message.model_copy(
             update={
+                "bad_pixel_mask": binned_mask,
                 "geometry": geometry.model_copy(
                     update={
                         "pixel_size_m": geometry.pixel_size_m * factor,
                         "detector_shape_px": (height // factor, width // factor),
-                        "detector_dtype": "uint32",
+                        "detector_dtype": str(summed_dtype(geometry.detector_dtype)),
                     }
                 ),
                 "frames_per_position": message.frames_per_position * self.config.positions_per_bin,

@@ -20,7 +20,16 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream import metrics
-from phasestream.errors import DetectorMessageError, FrameValidationError
+from phasestream.errors import ConfigError, DetectorMessageError, FrameValidationError
+from phasestream.geometry import (
+    GeometryOverrides,
+    GeometrySettings,
+    ResolvedGeometry,
+    check_mask_shape,
+    per_scan_overrides,
+    read_mask_file,
+    resolve_geometry,
+)
 from phasestream.messages import FrameBatch, Geometry, Message, PositionSource, ScanEnd, ScanStart
 from phasestream.stage import RawInput, Stage
 from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
@@ -66,6 +75,11 @@ class IngestConfig(BaseModel):
         description="close a scan whose detector sent nothing for this long and no end message "
         "(a crashed DCU or a stopped acquisition); None waits for ever",
     )
+    geometry: GeometrySettings = Field(
+        default_factory=GeometrySettings,
+        description="energy, distance, pixel size, beam centre and window, and a bad-pixel mask file that "
+        "replace the detector's; a scan's start document may override them again",
+    )
 
 
 class Slab:
@@ -90,9 +104,11 @@ class Slab:
 class OpenScan:
     start: ScanStart
     series_id: int
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the detector's frame, before the crop
     dtype: np.dtype
     slab: Slab
+    crop: tuple[slice, slice] | None = None  # the window kept of each frame; None keeps all
+    mask: np.ndarray | None = None  # bad pixels of the cropped frame (True = not measured)
     # A frame waiting for its position: where it lies, and time.time() when it arrived.
     frames: dict[int, tuple[Slab, int, float]] = field(default_factory=dict)
     positions: dict[int, tuple[float, float]] = field(default_factory=dict)
@@ -115,6 +131,10 @@ class IngestStage(Stage):
     def setup(self) -> None:
         self._open: OpenScan | None = None
         self._pending_positions: dict[int, list[PositionBatch | PositionsEnd]] = {}
+        settings = self.config.geometry
+        self._mask_from_file = (
+            read_mask_file(settings.mask_file, settings.mask_nonzero_means) if settings.mask_file else None
+        )
 
     def raw_inputs(self) -> dict[str, RawInput]:
         detector = self.pipeline.detector
@@ -165,13 +185,15 @@ class IngestStage(Stage):
         user = start.user_data if isinstance(start.user_data, dict) else {}
         scan_uid = str(user.get("scan_uid") or start.series_unique_id)
         extent = user.get("scan_extent_m")
+        geometry = self._resolved_geometry(start, scan_uid)
+        mask = self._scan_mask(start, scan_uid, geometry)
         scan_start = ScanStart(
             scan_uid=scan_uid,
             geometry=Geometry(
-                energy_kev=start.energy_kev,
-                detector_distance_m=start.detector_distance_m,
-                pixel_size_m=start.pixel_size_m,
-                detector_shape_px=start.shape_px,
+                energy_kev=geometry.energy_kev,
+                detector_distance_m=geometry.detector_distance_m,
+                pixel_size_m=geometry.pixel_size_m,
+                detector_shape_px=geometry.shape_px,
                 detector_dtype=str(start.dtype),
             ),
             scan_shape=tuple(user.get("scan_shape") or ()),
@@ -179,6 +201,8 @@ class IngestStage(Stage):
             positions_source=_positions_source(user.get("positions_source")),
             scan_extent_m=tuple(extent) if extent else None,
             config_hash=self.pipeline.config_hash(),
+            geometry_overrides=geometry.sources,
+            bad_pixel_mask=mask if mask is not None else np.zeros((0, 0), dtype=bool),
         )
         shape, dtype = tuple(start.shape_px), np.dtype(start.dtype)
         self._open = OpenScan(
@@ -186,13 +210,67 @@ class IngestStage(Stage):
             series_id=start.series_id,
             shape=shape,
             dtype=dtype,
-            slab=Slab(self.config.batch_size, shape, dtype),
+            slab=Slab(self.config.batch_size, geometry.shape_px, dtype),
             last_frame_s=time.monotonic(),
+            crop=geometry.crop,
+            mask=mask,
         )
         self.scan(scan_uid).start = scan_start
         yield scan_start  # first: downstream must see the scan open before anything else of it
         for early in self._pending_positions.pop(start.series_id, []):
             yield from self._on_positions(early)
+
+    def _resolved_geometry(self, start: StartMessage, scan_uid: str) -> ResolvedGeometry:
+        """The detector's geometry with the pipeline's and the scan's overrides; a bad override is
+        reported and left out, so the scan still runs on the values below it."""
+        pipeline = self.config.geometry.overrides()
+        try:
+            scan = per_scan_overrides(start.user_data)
+        except ConfigError as error:
+            self.count(scan_uid, "geometry_override_rejected")
+            self.warn("geometry_override", f"scan {scan_uid}: {error}; the scan uses the pipeline's values")
+            scan = GeometryOverrides()
+        detector = (start.energy_kev, start.detector_distance_m, start.pixel_size_m, start.shape_px)
+        try:
+            geometry = resolve_geometry(*detector, pipeline, scan)
+        except ConfigError as error:
+            self.count(scan_uid, "geometry_override_rejected")
+            self.warn("geometry_override", f"scan {scan_uid}: {error}; the scan uses the detector's values")
+            geometry = resolve_geometry(*detector, GeometryOverrides(), GeometryOverrides())
+        if geometry.sources:
+            given = ", ".join(
+                f"{name} from the {source}" for name, source in sorted(geometry.sources.items())
+            )
+            self.note(
+                "geometry",
+                f"scan {scan_uid}: {given} (energy {geometry.energy_kev:g} keV, distance "
+                f"{geometry.detector_distance_m:g} m, pixel {geometry.pixel_size_m:g} m, frames "
+                f"{geometry.shape_px[0]}×{geometry.shape_px[1]})",
+            )
+        return geometry
+
+    def _scan_mask(self, start: StartMessage, scan_uid: str, geometry: ResolvedGeometry) -> np.ndarray | None:
+        """The detector's pixel mask joined with the mask file, cropped like the frames."""
+        masks = []
+        sent = getattr(start, "pixel_mask", None)
+        if sent is not None:
+            masks.append(("the start message's pixel_mask", np.asarray(sent) != 0))
+        if self._mask_from_file is not None:
+            masks.append((f"mask_file {self.config.geometry.mask_file}", self._mask_from_file))
+        joined: np.ndarray | None = None
+        for where, mask in masks:
+            try:
+                check_mask_shape(mask, start.shape_px, where)
+            except ConfigError as error:
+                self.count(scan_uid, "mask_rejected")
+                self.warn("mask_shape", f"scan {scan_uid}: {error}; the scan goes on without it")
+                continue
+            joined = mask if joined is None else joined | mask
+        if joined is None:
+            return None
+        if geometry.crop is not None:
+            joined = joined[geometry.crop]
+        return np.ascontiguousarray(joined)
 
     def _on_image(self, image: ImageMessage) -> list[FrameBatch]:
         scan = self._open
@@ -210,8 +288,11 @@ class IngestStage(Stage):
         self._validate_frame(scan, image)
         slab = scan.slab
         if slab.filled == len(slab.frames):
-            slab = scan.slab = Slab(self.config.batch_size, scan.shape, scan.dtype)
-        scan.frames[image.image_id] = (slab, slab.take(image.frame), time.time())
+            slab = scan.slab = Slab(self.config.batch_size, slab.frames.shape[1:], scan.dtype)
+        row = slab.take(image.frame if scan.crop is None else image.frame[scan.crop])
+        if scan.mask is not None:
+            slab.frames[row][scan.mask] = 0  # what a masked pixel reads is no measurement
+        scan.frames[image.image_id] = (slab, row, time.time())
         scan.last_frame_s = time.monotonic()
         self._join(scan, image.image_id)
         return self._batches(scan, force=False)
@@ -248,6 +329,10 @@ class IngestStage(Stage):
                 "check the detector's bit depth setting",
                 reason=Reject.WRONG_DTYPE,
             )
+        if scan.crop is not None:
+            frame = frame[scan.crop]
+        if scan.mask is not None and frame.dtype.kind in "if":
+            frame = np.where(scan.mask, 0, frame)  # a masked pixel may read NaN or a flag value
         if frame.dtype.kind == "f" and not np.isfinite(frame).all():
             self.reject_frames(uid, Reject.NOT_FINITE, 1)
             raise FrameValidationError(

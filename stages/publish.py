@@ -3,17 +3,23 @@
 The writer thread of ``TiledPublisher`` keeps only the latest pending array per node, so a slow or
 unreachable server costs intermediate previews, never frames or the solver's time. At the end of a
 scan the stage waits (bounded) for the final estimate to land and records the scan's accounting.
+
+Each completed scan is also written as one CXI result file (``phasestream.result_file``) in
+``results_dir``: object, probe modes, the positions used, pixel size and origin, geometry, the pipeline's
+stage settings, the error history and the frame accounting, for people to keep and open elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from phasestream.errors import ConfigError
+from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
+from phasestream.result_file import ResultGeometry, ScanResult, write_result_file
 from phasestream.stage import Stage
 from phasestream.tiled_publisher import TiledPublisher
 
@@ -22,6 +28,11 @@ class PublishConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     flush_timeout_s: float = Field(default=60.0, gt=0, description="wait for the final write at scan end")
+    results_dir: Path | None = Field(
+        default=None,
+        description="one CXI result file per completed scan goes here; default: results/ beside the "
+        "pipeline's run_dir",
+    )
 
 
 class PublishStage(Stage):
@@ -38,8 +49,12 @@ class PublishStage(Stage):
         self._publisher = TiledPublisher(tiled.uri, tiled.api_key, stage=self.stage_name, worker=self.worker)
         # The newest (final, iteration) published per scan and product: see _is_stale.
         self._latest: dict[tuple[str, Product], tuple[bool, int]] = {}
+        self._starts: dict[str, ScanStart] = {}
+        self._finals: dict[str, Reconstruction] = {}
+        self._results_dir = self.config.results_dir or self.pipeline.run_dir.absolute().parent / "results"
 
     def on_scan_start(self, message: ScanStart) -> Iterable[Message]:
+        self._starts[message.scan_uid] = message
         self._publisher.submit_metadata(
             message.scan_uid,
             {
@@ -75,6 +90,8 @@ class PublishStage(Stage):
         return False
 
     def _publish(self, rec: Reconstruction) -> None:
+        # Units travel with the first and the final arrays only: each costs one more request.
+        with_units = rec.final or (rec.scan_uid, rec.product) not in self._latest
         if self._is_stale(rec):
             return
         summary = {
@@ -86,11 +103,18 @@ class PublishStage(Stage):
             "final": rec.final,
             "quality": rec.quality,
         }
+        if rec.final and rec.error_history:
+            summary.update(epochs=len(rec.error_history), error_history=rec.error_history)
+            summary["stop_reason"] = rec.stop_reason
         if rec.product is Product.OBJECT:
-            self._publisher.submit_array(rec.scan_uid, "object", rec.object)
-            self._publisher.submit_array(rec.scan_uid, "probe", rec.probe)
+            if rec.final:
+                self._finals[rec.scan_uid] = rec
+            units = (_object_units(rec), _probe_units(rec), _POSITION_UNITS) if with_units else ({}, {}, {})
+            self._publisher.submit_array(rec.scan_uid, "object", rec.object, metadata=units[0])
+            self._publisher.submit_array(rec.scan_uid, "probe", rec.probe, metadata=units[1])
             if len(rec.positions_m):
-                self._publisher.submit_array(rec.scan_uid, "positions", np.ascontiguousarray(rec.positions_m))
+                positions = np.ascontiguousarray(rec.positions_m)
+                self._publisher.submit_array(rec.scan_uid, "positions", positions, metadata=units[2])
             self._publisher.submit_metadata(rec.scan_uid, summary)
         else:
             # A preview or a denoised copy sits beside the object; its figures are kept under its own
@@ -107,11 +131,70 @@ class PublishStage(Stage):
             message.scan_uid,
             {"status": "complete", "frames_sent": message.frames_sent, "accounting": message.accounting},
         )
+        self._write_result(message)
         landed = self._publisher.flush(self.config.flush_timeout_s)
         self.count(message.scan_uid, "publish_failures", self._publisher.failed)
         if not landed:
             self.count(message.scan_uid, "publish_flush_timeouts")
         return ()
 
+    def _write_result(self, end: ScanEnd) -> None:
+        """The scan's result file, from its final object; a scan without one (no frames) has none."""
+        start, final = self._starts.pop(end.scan_uid, None), self._finals.pop(end.scan_uid, None)
+        if start is None or final is None:
+            return
+        geometry = start.geometry
+        result = ScanResult(
+            scan_uid=end.scan_uid,
+            object=final.object,
+            probe=final.probe if final.probe.ndim == 3 else final.probe[None],
+            positions_m=final.positions_m,
+            object_pixel_size_m=final.object_pixel_size_m,
+            origin_m=final.origin_m,
+            geometry=ResultGeometry(
+                energy_kev=geometry.energy_kev,
+                detector_distance_m=geometry.detector_distance_m,
+                detector_pixel_size_m=geometry.pixel_size_m,
+                detector_shape_px=geometry.detector_shape_px,
+            ),
+            algorithm=final.algorithm,
+            settings={spec.name: spec.config for spec in self.pipeline.stages},
+            error_history=final.error_history,
+            epochs=len(final.error_history),
+            stop_reason=final.stop_reason,
+            accounting=end.accounting,
+            config_hash=start.config_hash,
+        )
+        path = self._results_dir / f"reconstruction-{end.scan_uid}.cxi"
+        try:
+            self._results_dir.mkdir(parents=True, exist_ok=True)
+            write_result_file(path, result)
+        except (OSError, PhasestreamError) as error:
+            self.count(end.scan_uid, "result_file_failures")
+            self.warn("result_file", f"scan {end.scan_uid}: cannot write {path} ({error}); check results_dir")
+            return
+        self._publisher.submit_metadata(end.scan_uid, {"result_file": str(path)})
+        self.note("result_file", f"scan {end.scan_uid}: result written to {path}")
+
     def close(self) -> None:
         self._publisher.close()
+
+
+_POSITION_UNITS = {"units": "m", "columns": ["y", "x"], "meaning": "probe centres on the sample"}
+
+
+def _object_units(rec: Reconstruction) -> dict[str, object]:
+    return {
+        "units": "complex transmission",
+        "pixel_size_m": rec.object_pixel_size_m,
+        "origin_m": list(rec.origin_m),
+        "axes": ["y", "x"],
+    }
+
+
+def _probe_units(rec: Reconstruction) -> dict[str, object]:
+    return {
+        "units": "sqrt(photons) per pixel",
+        "pixel_size_m": rec.object_pixel_size_m,
+        "axes": ["mode", "y", "x"] if np.ndim(rec.probe) == 3 else ["y", "x"],
+    }

@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from phasestream import metrics
 from phasestream.errors import FrameValidationError
@@ -49,7 +49,17 @@ class RefineConfig(BaseModel):
     min_positions: int = Field(
         default=32, ge=1, description="positions that must arrive before the first epoch"
     )
-    epochs_after_scan: int = Field(default=40, ge=0, description="epochs on the complete scan after ScanEnd")
+    epochs_after_scan: int = Field(
+        default=300, ge=0, description="most epochs on the complete scan after ScanEnd"
+    )
+    stop_tolerance: float | None = Field(
+        default=1e-3,
+        gt=0,
+        lt=1,
+        description="after ScanEnd, stop when the mean error of the last stop_window_epochs improved on the "
+        "window before by less than this fraction; None runs all epochs_after_scan",
+    )
+    stop_window_epochs: int = Field(default=10, ge=1, le=1000, description="epochs per convergence window")
     emit_every_epochs: int = Field(default=2, ge=1, description="a Reconstruction every this many epochs")
     object_step: float = Field(default=1.0, gt=0, le=2, description="ePIE α")
     probe_step: float = Field(default=1.0, gt=0, le=2, description="ePIE β")
@@ -84,11 +94,23 @@ class RefineConfig(BaseModel):
     initial_object: InitialObject = Field(
         default=InitialObject.FLAT, description="start object; mosaic needs an inversion stage upstream"
     )
+    initial_probe: str = Field(
+        default="auto",
+        description="auto (searched in the data), previous (the last scan's with this geometry), or a file: "
+        "probe.npy, scan.cxi::/entry_1/instrument_1/source_1/illumination, a CXI, .ptyr or result file",
+    )
     probe_search_epochs: int = Field(
-        default=6, ge=0, description="epochs per candidate in the defocus search for the first probe; 0: off"
+        default=6, ge=0, description="epochs per candidate in the automatic probe search; 0: off"
     )
     device: str | None = Field(default=None, description="torch device; default cuda when present, else cpu")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch (default: all)")
+
+    @field_validator("initial_probe")
+    @classmethod
+    def _probe_loads(cls, text: str) -> str:
+        from phasestream.stages.probe_start import parse_initial_probe
+
+        return parse_initial_probe(text)
 
 
 @dataclass
@@ -104,6 +126,8 @@ class ScanSolve:
     solver: EpieSolver | None = None
     mosaic: Reconstruction | None = None
     last_error: float = float("nan")
+    error_history: list[float] = field(default_factory=list)
+    epochs_at_scan_end: int | None = None
     seq: int = 0
 
     @property
@@ -119,9 +143,13 @@ class RefineStage(Stage):
     def setup(self) -> None:
         import torch
 
+        from phasestream.stages.probe_start import PreviousProbes, load_initial_probe
+
         torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
         self._solves: dict[str, ScanSolve] = {}
         self._denoiser = None  # PINE's, loaded once on first use
+        self._given_probe = load_initial_probe(self.config.initial_probe)
+        self._previous_probes = PreviousProbes(self.pipeline.run_dir / "probes" / self.stage_name)
 
     def has_open_scan(self) -> bool:
         return any(s.solver is not None for s in self._solves.values())
@@ -200,9 +228,10 @@ class RefineStage(Stage):
             origin_m=tuple(solve.origin_m),
         )  # fmt: skip
         if solve.solver is None:
-            probe = self._first_probe(patterns, pixels.top_left_px, pixels.canvas_shape_px)
+            probe = self._first_probe(solve, patterns, pixels.top_left_px, pixels.canvas_shape_px)
             start = self._start_object(solve, pixels.canvas_shape_px, patterns.shape[1:])
-            solve.solver = self._new_solver(probe, pixels.canvas_shape_px, start)
+            mask = solve.start.detector_mask()
+            solve.solver = self._new_solver(probe, pixels.canvas_shape_px, start, unmeasured=mask)
         solve.solver.add_patterns(patterns, pixels.top_left_px)
 
     def _keep_mosaic(self, message: Message) -> None:
@@ -242,6 +271,7 @@ class RefineStage(Stage):
         probe: np.ndarray | None,
         canvas_shape_px: tuple[int, int],
         object_guess: np.ndarray | None = None,
+        unmeasured: np.ndarray | None = None,
     ) -> EpieSolver:
         from phasestream.models.epie import EpieSolver, UpdateRule
 
@@ -270,31 +300,59 @@ class RefineStage(Stage):
             probe_modes=self.config.probe_modes,
             position_correction_start_epoch=self.config.position_correction_start_epoch,
             max_position_step_px=self.config.max_position_step_px,
+            unmeasured=unmeasured,
             canvas_shape_px=None if object_guess is not None else canvas_shape_px,
             object_guess=object_guess,
             device=self.config.device,
         )
 
     def _first_probe(
-        self, patterns: np.ndarray, corners_px: np.ndarray, canvas_shape_px: tuple[int, int]
+        self, solve: ScanSolve, patterns: np.ndarray, corners_px: np.ndarray, canvas_shape_px: tuple[int, int]
     ) -> np.ndarray | None:
-        """The candidate start probe whose fit to the first patterns is best (see models.probe_guess)."""
-        from phasestream.models.probe_guess import probe_candidates
+        """The probe this scan starts from (see ``stages.probe_start``), logged with why it was chosen."""
+        from phasestream.probe_source import ProbeStartKind
+        from phasestream.stages.probe_start import (
+            ProbeStart,
+            auto_start,
+            geometry_key,
+            loaded_start,
+            start_kind,
+        )
 
-        if self.config.probe_search_epochs == 0:
-            return None
-        scores = []
-        for label, probe in probe_candidates(patterns.mean(axis=0)):
-            trial = self._new_solver(probe, canvas_shape_px)
-            # With the probe free to adapt, the right curvature pulls ahead within a few epochs; with the
-            # probe fixed, or after one or two epochs, a tight in-focus start can look as good.
-            trial.probe_update_start_epoch = 0
-            trial.add_patterns(patterns, corners_px)
-            error = [trial.run_epoch() for _ in range(self.config.probe_search_epochs)][-1]
-            scores.append((error, label, probe))
-        error, label, probe = min(scores, key=lambda score: score[0])
-        self.report_status(probe_start=label, probe_start_error=error)
-        return probe
+        kind = start_kind(self.config.initial_probe)
+        uid = solve.start.scan_uid
+        mean_intensity = patterns.mean(axis=0)
+        window_px = (patterns.shape[1], patterns.shape[2])
+        start: ProbeStart | None = None
+        if kind is ProbeStartKind.FILE:
+            start = loaded_start(self._given_probe, solve.pixel_size_m, window_px, mean_intensity)
+        elif kind is ProbeStartKind.PREVIOUS:
+            previous = self._previous_probes.get(geometry_key(solve.start.geometry, window_px))
+            if previous is not None:
+                start = ProbeStart(
+                    previous, "previous", "the last completed scan's final probe, same geometry"
+                )
+            else:
+                self.note(
+                    "probe_start", f"scan {uid}: no previous probe for this geometry; searching instead"
+                )
+        if start is None and self.config.probe_search_epochs == 0:
+            start = ProbeStart(None, "mean pattern", "probe_search_epochs is 0: sqrt of the mean pattern")
+        if start is None:
+            unmeasured = solve.start.detector_mask()
+
+            def trial_error(probe: np.ndarray) -> float:
+                trial = self._new_solver(probe, canvas_shape_px, unmeasured=unmeasured)
+                # With the probe free to adapt, the right curvature pulls ahead within a few epochs; with
+                # the probe fixed, or after one or two epochs, a tight in-focus start can look as good.
+                trial.probe_update_start_epoch = 0
+                trial.add_patterns(patterns, corners_px)
+                return [trial.run_epoch() for _ in range(self.config.probe_search_epochs)][-1]
+
+            start = auto_start(patterns, unmeasured, trial_error)
+        self.note("probe_start", f"scan {uid}: probe from {start.label} ({start.reason})")
+        self.report_status(probe_start=start.label)
+        return start.probe
 
     def idle(self) -> Iterator[Message]:
         for solve in self._solves.values():
@@ -304,6 +362,7 @@ class RefineStage(Stage):
     def _epoch(self, solve: ScanSolve) -> Iterator[Message]:
         solver = solve.solver
         solve.last_error = solver.run_epoch()
+        solve.error_history.append(solve.last_error)
         metrics.ITERATIONS.labels(stage=self.stage_name, worker=self.worker).inc()
         self.report_status(
             scan_uid=solve.start.scan_uid,
@@ -314,7 +373,19 @@ class RefineStage(Stage):
         if solver.epochs_run % self.config.emit_every_epochs == 0:
             yield self._reconstruction(solve, final=False)
 
-    def _reconstruction(self, solve: ScanSolve, final: bool) -> Reconstruction:
+    def _converged(self, solve: ScanSolve) -> bool:
+        """Whether the error stopped improving since ScanEnd: the last window's mean error is within
+        ``stop_tolerance`` of the window before (means, because the random order makes each epoch's
+        error jitter)."""
+        tolerance, window = self.config.stop_tolerance, self.config.stop_window_epochs
+        after_end = solve.error_history[solve.epochs_at_scan_end or 0 :]
+        if tolerance is None or len(after_end) < 2 * window:
+            return False
+        before = float(np.mean(after_end[-2 * window : -window]))
+        last = float(np.mean(after_end[-window:]))
+        return before <= 0 or (before - last) / before < tolerance
+
+    def _reconstruction(self, solve: ScanSolve, final: bool, stop_reason: str = "") -> Reconstruction:
         solver = solve.solver
         probe_shape = np.array(solver.probe.shape)
         # Canvas pixel c holds the probe centre of position p when c = (p − origin)/dx + margin + corner
@@ -334,10 +405,43 @@ class RefineStage(Stage):
             object_pixel_size_m=solve.pixel_size_m,
             origin_m=(float(origin_m[0]), float(origin_m[1])),
             quality={"fourier_error": float(solve.last_error), "r_factor": r_factor},
+            error_history=list(solve.error_history) if final else [],
+            stop_reason=stop_reason,
             object=solver.object,
             probe=solver.probe,
-            positions_m=np.concatenate(solve.fed_positions_m),
+            positions_m=self._positions_used_m(solve),
         )
+
+    def _positions_used_m(self, solve: ScanSolve) -> np.ndarray:
+        """Probe centres (y, x) in metres as the solver uses them: corrected where correction ran."""
+        if self.config.position_correction_start_epoch is None:
+            return np.concatenate(solve.fed_positions_m)
+        # Corner c (the caller's frame) holds position p when c = (p − origin)/dx + margin (see _feed).
+        corners_px = solve.solver.positions_px
+        return (corners_px - self.config.margin_px) * solve.pixel_size_m + solve.origin_m
+
+    def _finish(self, solve: ScanSolve) -> Iterator[Message]:
+        """Epochs on the complete scan until the error stops improving (or the most allowed), then the
+        final estimate, whose probe the next scan with this geometry may start from."""
+        from phasestream.stages.probe_start import geometry_key
+
+        solve.epochs_at_scan_end = len(solve.error_history)
+        reason = "epochs_after_scan reached"
+        for _ in range(self.config.epochs_after_scan):
+            if self.stopping:
+                reason = "stopped"  # Ctrl-C: publish what there is now rather than finish the schedule
+                break
+            yield from self._epoch(solve)
+            if self._converged(solve):
+                reason = f"converged (error changed < {self.config.stop_tolerance:g} over the last window)"
+                break
+        epochs = len(solve.error_history) - solve.epochs_at_scan_end
+        self.note("refine_end", f"scan {solve.start.scan_uid}: {_stop_label(reason, epochs)}, error "
+                  f"{solve.last_error:.4g}")  # fmt: skip
+        final = self._reconstruction(solve, final=True, stop_reason=_stop_label(reason, epochs))
+        window_px = tuple(final.probe.shape[-2:])
+        self._previous_probes.put(geometry_key(solve.start.geometry, window_px), np.asarray(final.probe))
+        yield final
 
     def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:
         solve = self._solves.pop(message.scan_uid, None)
@@ -345,12 +449,12 @@ class RefineStage(Stage):
             if solve.pending_count:
                 self._feed(solve)  # fewer than min_positions in the whole scan: solve what there is
             if solve.solver is not None:
-                for _ in range(self.config.epochs_after_scan):
-                    if self.stopping:
-                        break  # Ctrl-C: publish what there is now rather than finish the schedule
-                    yield from self._epoch(solve)
-                yield self._reconstruction(solve, final=True)
+                yield from self._finish(solve)
         yield message
+
+
+def _stop_label(reason: str, epochs: int) -> str:
+    return f"{reason} after {epochs} epochs on the complete scan"
 
 
 def _per_detector_frame(batch: FrameBatch) -> np.ndarray:

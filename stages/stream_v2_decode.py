@@ -9,7 +9,10 @@ signature fails with "error decoding semantic tag"), returns tag contents as tup
 exception raised in a hook in ``CBORDecodeError`` with the original as ``__cause__``. The hook here only
 handles tag 40: the inner tags reach it undecoded, so the shape and dtype are known before decompression
 and the compressed header can be checked against them (``dectris.compression`` raises ``MemoryError`` when
-a garbage header claims a huge size).
+a garbage header claims a huge size). The hook checks the array's structure but leaves the bytes
+compressed (``EncodedArray``): only the message knows which shape an array may have (an image any, the
+start message's ``pixel_mask`` the image size), so each field decompresses its own array once that is
+checked, and an array anywhere else is never decompressed.
 
 The image path is the ingest hot path. On the 2-core machine a 192 × 192 low-dose frame costs about 33 µs:
 24 µs in ``dectris.compression`` (18 µs of it the bit-unshuffle), 4.5 µs in ``cbor2.loads``, the rest in
@@ -80,6 +83,8 @@ class StartMessage:
     count_time_s: float | None
     frame_time_s: float | None
     user_data: Any  # as sent; phasestream's emitter sends {scan_uid, scan_shape, positions_source}
+    # The detector's mask of the first channel, uint32 (H, W), 0 = good pixel (NXmx bits); None: not sent.
+    pixel_mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +137,50 @@ def decode_stream_v2(buf: bytes | bytearray | memoryview) -> StartMessage | Imag
 
 def _tag_hook(tag: cbor2.CBORTag, immutable: bool) -> Any:
     if tag.tag == MULTIDIM_ARRAY_TAG:
-        return _decode_multidim_array(tag.value)
+        return _encoded_array(tag.value)
     # Typed-array and compression tags are decoded by their enclosing tag 40; anything else stays a tag.
     return tag
 
 
-def _decode_multidim_array(value: Any) -> np.ndarray:
+class EncodedArray:
+    """A tag 40 array checked for structure, its bytes still as sent; ``decode()`` makes the ndarray."""
+
+    __slots__ = ("content", "dimensions", "dtype", "tag")
+
+    def __init__(self, dimensions: tuple[int, ...], dtype: np.dtype, tag: int, content: Any) -> None:
+        self.dimensions = dimensions
+        self.dtype = dtype
+        self.tag = tag
+        self.content = content  # bytes, or a compression tag
+
+    @property
+    def nbytes(self) -> int:
+        """The size the decoded array has: check it before ``decode()`` allocates it."""
+        return math.prod(self.dimensions) * self.dtype.itemsize
+
+    def decode(self) -> np.ndarray:
+        expected_bytes = self.nbytes
+        content = self.content
+        if type(content) is cbor2.CBORTag and content.tag == COMPRESSION_TAG:
+            raw = _decompress(content.value, self.dtype, self.dimensions, expected_bytes)
+        elif type(content) is bytes:
+            raw = content
+        else:
+            raise DetectorMessageError(
+                f"typed array tag {self.tag} holds {_summary(content)}: expected a byte string "
+                f"or a compression tag {COMPRESSION_TAG}"
+            )
+        if len(raw) != expected_bytes:
+            raise DetectorMessageError(
+                f"declared shape {list(self.dimensions)} of {self.dtype} needs {expected_bytes} bytes but "
+                f"the data holds {len(raw)} bytes: the dimensions or the typed-array tag do not match "
+                "the data"
+            )
+        # One constructor call instead of frombuffer().reshape(): about 0.3 µs less on the hot path.
+        return np.ndarray(self.dimensions, self.dtype, raw)
+
+
+def _encoded_array(value: Any) -> EncodedArray:
     try:
         dimensions, typed_array = value
     except (TypeError, ValueError):
@@ -151,25 +194,7 @@ def _decode_multidim_array(value: Any) -> np.ndarray:
             f"tag 40 holds {_summary(typed_array)}: expected a typed array of a detector dtype, "
             f"one of the tags { {tag: str(dtype) for tag, dtype in TYPED_ARRAY_DTYPES.items()} }"
         )
-    dtype = TYPED_ARRAY_DTYPES[typed_array.tag]
-    expected_bytes = math.prod(dimensions) * dtype.itemsize
-    content = typed_array.value
-    if type(content) is cbor2.CBORTag and content.tag == COMPRESSION_TAG:
-        raw = _decompress(content.value, dtype, dimensions, expected_bytes)
-    elif type(content) is bytes:
-        raw = content
-    else:
-        raise DetectorMessageError(
-            f"typed array tag {typed_array.tag} holds {_summary(content)}: expected a byte string "
-            f"or a compression tag {COMPRESSION_TAG}"
-        )
-    if len(raw) != expected_bytes:
-        raise DetectorMessageError(
-            f"declared shape {list(dimensions)} of {dtype} needs {expected_bytes} bytes but the data holds "
-            f"{len(raw)} bytes: the dimensions or the typed-array tag do not match the data"
-        )
-    # One constructor call instead of frombuffer().reshape(): about 0.3 µs less on the hot path.
-    return np.ndarray(dimensions, dtype, raw)
+    return EncodedArray(dimensions, TYPED_ARRAY_DTYPES[typed_array.tag], typed_array.tag, typed_array.value)
 
 
 def _decompress(value: Any, dtype: np.dtype, shape: tuple[int, ...], expected_bytes: int) -> bytes:
@@ -228,7 +253,7 @@ def _parse_image(message: dict[str, Any]) -> ImageMessage:
             f"image {image_id} 'data' is {_summary(data)}: expected a map of channel name to tag 40 array"
         )
     channel, frame = next(iter(data.items()))
-    if type(frame) is not np.ndarray:
+    if type(frame) is not EncodedArray:
         raise DetectorMessageError(
             f"image {image_id} channel {channel!r} holds {_summary(frame)}, "
             "not a tag 40 multi-dimensional array"
@@ -237,7 +262,7 @@ def _parse_image(message: dict[str, Any]) -> ImageMessage:
         series_id=series_id,
         series_unique_id=series_unique_id,
         image_id=image_id,
-        frame=frame,
+        frame=frame.decode(),
         channel=channel,
     )
 
@@ -290,7 +315,43 @@ def _parse_start(message: dict[str, Any]) -> StartMessage:
         count_time_s=_optional_float(message, "count_time"),
         frame_time_s=_optional_float(message, "frame_time"),
         user_data=message.get("user_data"),
+        pixel_mask=_pixel_mask(message, (size_y, size_x)),
     )
+
+
+def _pixel_mask(message: dict[str, Any], shape_px: tuple[int, int]) -> np.ndarray | None:
+    """The start's ``pixel_mask`` of the first channel as uint32 (H, W), checked before decompressing.
+
+    Stream V2 sends ``{channel: tag 40 array}`` with unsigned counts (bit field, 0 = good). The shape
+    must be the image size, so the decompressed size is bounded by H × W × 4 bytes whatever the
+    header claims.
+    """
+    masks = message.get("pixel_mask")
+    if masks is None:
+        return None
+    if type(masks) is not dict or not masks:
+        raise DetectorMessageError(
+            f"start pixel_mask is {_summary(masks)}: expected a map of channel name to a tag 40 array"
+        )
+    channels = message.get("channels")
+    first = channels[0] if isinstance(channels, list | tuple) and channels else None
+    channel = first if type(first) is str and first in masks else next(iter(masks))
+    mask = masks[channel]
+    if type(mask) is not EncodedArray:
+        raise DetectorMessageError(
+            f"start pixel_mask[{channel!r}] holds {_summary(mask)}, not a tag 40 multi-dimensional array"
+        )
+    if mask.dtype.kind != "u":
+        raise DetectorMessageError(
+            f"start pixel_mask[{channel!r}] is {mask.dtype}: a pixel mask is an unsigned bit field "
+            "(uint8, uint16 or uint32)"
+        )
+    if mask.dimensions != shape_px:
+        raise DetectorMessageError(
+            f"start pixel_mask[{channel!r}] has shape {list(mask.dimensions)}, but the images are "
+            f"{list(shape_px)} (image_size_y, image_size_x): the mask belongs to another detector or ROI"
+        )
+    return mask.decode().astype(np.uint32)
 
 
 def _parse_end(message: dict[str, Any]) -> EndMessage:

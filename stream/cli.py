@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from phasestream.errors import PhasestreamError
+from phasestream.scan_options import ScanOptions
 
 # Public datasets that ship with the tests (see tests/data/README.md for their origin and licence).
 TEST_DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -88,6 +89,48 @@ def _add_tiled_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiled-api-key", help="its API key (env PHASESTREAM_TILED__API_KEY)")
 
 
+def _add_scan_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "probe and geometry (override the topology and the detector's start message)"
+    )
+    group.add_argument(
+        "--probe",
+        metavar="SPEC",
+        help="first probe: auto (searched in the data), previous (the last scan's with this geometry), or "
+        "a file: probe.npy, scan.cxi::/entry_1/instrument_1/source_1/illumination, a CXI, .ptyr or "
+        "phasestream result file",
+    )
+    group.add_argument("--energy-kev", type=float, help="photon energy, keV")
+    group.add_argument("--detector-distance-m", type=float, help="sample–detector distance, m")
+    group.add_argument("--pixel-size-m", type=float, help="detector pixel, m")
+    group.add_argument(
+        "--beam-centre",
+        type=float,
+        nargs=2,
+        metavar=("ROW", "COLUMN"),
+        help="direct beam on the detector, px",
+    )
+    group.add_argument("--window-px", type=int, help="crop frames to this square window around the beam")
+    group.add_argument(
+        "--mask",
+        metavar="FILE",
+        help="bad pixels: .npy (non-zero = bad), file.h5::/dataset, or a CXI / NXmx file",
+    )
+
+
+def scan_options(args: argparse.Namespace) -> ScanOptions:
+    """The typed scan options of ``run`` and ``replay``."""
+    return ScanOptions(
+        initial_probe=args.probe,
+        energy_kev=args.energy_kev,
+        detector_distance_m=args.detector_distance_m,
+        pixel_size_m=args.pixel_size_m,
+        beam_centre_px=tuple(args.beam_centre) if args.beam_centre else None,
+        window_px=args.window_px,
+        mask_file=args.mask,
+    )
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -129,6 +172,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "here); see deploy/multihost.yaml",
     )
     _add_tiled_options(p)
+    _add_scan_options(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -158,7 +202,11 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
         "it also starts the demo pipeline and an embedded Tiled server and reconstructs the scan.",
     )
     parser.add_argument(
-        "file", type=Path, nargs="?", help="a CXI file or a DECTRIS NXmx master file (*_master.h5)"
+        "file",
+        type=Path,
+        nargs="?",
+        help="a CXI file (scan.cxi::/entry_1/data_2 picks one of several data groups) or a DECTRIS NXmx "
+        "master file (*_master.h5)",
     )
     tiled = parser.add_argument_group("a Bluesky run in Tiled (instead of FILE)")
     tiled.add_argument(
@@ -209,6 +257,7 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
         "--tiled-uri", help="with --pipeline: an existing Tiled server instead of an embedded one"
     )
     parser.add_argument("--tiled-api-key", help="its API key")
+    _add_scan_options(parser)
     parser.set_defaults(func=_cmd_replay)
 
 
@@ -558,7 +607,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from phasestream.serve import serve_pipeline
 
     return serve_pipeline(
-        args.pipeline, tiled_uri=args.tiled_uri, tiled_api_key=args.tiled_api_key, host=args.host
+        args.pipeline,
+        tiled_uri=args.tiled_uri,
+        tiled_api_key=args.tiled_api_key,
+        host=args.host,
+        options=scan_options(args),
     )
 
 
@@ -571,7 +624,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from phasestream.replay import run_replay
 
-    return run_replay(args)
+    return run_replay(args, scan_options(args))
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:

@@ -8,12 +8,21 @@ travels as one contiguous buffer in the same order. No pickle, no positional tup
 
 from __future__ import annotations
 
+import base64
 import json
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
 from phasestream.errors import WireFormatError
 
@@ -76,6 +85,11 @@ class Message(BaseModel):
 
 
 class ScanStart(Message):
+    """Opens a scan. ``bad_pixel_mask`` (bool, the detector's shape, True = not measured) is empty (0, 0)
+    when every pixel counts."""
+
+    array_fields: ClassVar[tuple[str, ...]] = ("bad_pixel_mask",)
+
     kind: Literal[MessageKind.SCAN_START] = MessageKind.SCAN_START
     geometry: Geometry
     scan_shape: tuple[int, ...] = ()
@@ -87,6 +101,29 @@ class ScanStart(Message):
     config_hash: str = ""
     # Each frame of this scan is the sum of this many detector frames (set by binning).
     frames_per_position: int = Field(default=1, ge=1)
+    # Where each geometry value came from when not from the detector (value name → source), for provenance.
+    geometry_overrides: dict[str, str] = Field(default_factory=dict)
+    bad_pixel_mask: np.ndarray = Field(default_factory=lambda: np.zeros((0, 0), dtype=bool))
+
+    @field_serializer("bad_pixel_mask", when_used="json")
+    def _packed_mask(self, mask: np.ndarray) -> dict[str, Any]:
+        """As JSON (the scan journal a restarted worker reads), the mask's bits packed, base64."""
+        packed = np.packbits(np.asarray(mask, dtype=bool).reshape(-1))
+        return {"shape": list(np.shape(mask)), "packed_bits": base64.b64encode(packed.tobytes()).decode()}
+
+    @field_validator("bad_pixel_mask", mode="before")
+    @classmethod
+    def _unpacked_mask(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "packed_bits" in value:
+            shape = tuple(int(n) for n in value["shape"])
+            bits = np.frombuffer(base64.b64decode(value["packed_bits"]), dtype=np.uint8)
+            return np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
+        return value
+
+    def detector_mask(self) -> np.ndarray | None:
+        """The bad-pixel mask as bool (H, W), or None when every pixel is measured."""
+        mask = np.asarray(self.bad_pixel_mask, dtype=bool)
+        return mask if mask.size and mask.any() else None
 
 
 class FrameBatch(Message):
@@ -130,6 +167,9 @@ class Reconstruction(Message):
     # Position (y, x) in metres of object pixel (0, 0), in the frame of the scan positions.
     origin_m: tuple[float, float] = (0.0, 0.0)
     quality: dict[str, float] = Field(default_factory=dict)
+    # The solver's error after each epoch so far, and why it stopped (final estimates only).
+    error_history: list[float] = Field(default_factory=list)
+    stop_reason: str = ""
     object: np.ndarray
     probe: np.ndarray
     # Probe centres (y, x) in metres of the positions used so far, for viewers; (0, 2) when not sent.

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import statistics
@@ -46,7 +45,15 @@ import numpy as np
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError, PhasestreamError
-from phasestream.simulators.cxi import FrameBlock, FrameCompression, RecordedScan, ScanFileError, read_cxi
+from phasestream.scan_options import ScanOptions, with_scan_options
+from phasestream.simulators.cxi import (
+    FrameBlock,
+    FrameCompression,
+    RecordedScan,
+    ScanFileError,
+    read_cxi,
+    split_dataset_spec,
+)
 from phasestream.simulators.nxmx import read_nxmx
 from phasestream.simulators.selun import (
     DEFAULT_DATA_ENDPOINT,
@@ -130,15 +137,20 @@ def source_label(scan: RecordedScan) -> str:
 
 
 def read_recorded_scan(path: Path | str, positions_m: np.ndarray | None = None) -> RecordedScan:
-    """Read a CXI or NXmx scan; ``positions_m`` (NXmx only) is the positions side channel."""
-    path = Path(path)
+    """Read a CXI or NXmx scan; ``positions_m`` (NXmx only) is the positions side channel.
+
+    ``scan.cxi::/entry_1/data_2`` picks one of several data groups of a CXI file.
+    """
+    path, data_group = split_dataset_spec(path)
     scan_format = detect_format(path)
     if scan_format is ScanFormat.CXI:
         if positions_m is not None:
             raise ConfigError(
                 f"{path} is CXI: its positions are in the file; drop the positions side channel"
             )
-        return read_cxi(path)
+        return read_cxi(path, data_group)
+    if data_group is not None:
+        raise ConfigError(f"{path} is an NXmx master file: it has one data group; drop ::{data_group}")
     return read_nxmx(path, positions_m)
 
 
@@ -163,7 +175,11 @@ def replay_rate_hz(rate: ReplayRate | str | float, scan: RecordedScan) -> float 
 
 
 def wire_dtype(dtype: np.dtype) -> np.dtype:
-    """The Stream V2 image dtype a frame travels as: its own where Stream V2 has it, else the nearest."""
+    """The Stream V2 image dtype a frame travels as: its own where Stream V2 has it, else the nearest.
+
+    ``dtype`` is a scan's ``frame_dtype``, which its reader already chose for float frames (whole counts
+    as uint32, intensities as float32).
+    """
     little = np.dtype(dtype).newbyteorder("<")
     if little in IMAGE_DTYPES.values():
         return little
@@ -274,6 +290,7 @@ def _start_message(
                 ],
                 "replay_of": source_label(scan),
             },
+            pixel_mask=None if scan.bad_pixel_mask is None else scan.bad_pixel_mask.astype(np.uint32),
         )
     )
 
@@ -329,8 +346,9 @@ def _send_paced(
 # ---- the command line ------------------------------------------------------------------------------------
 
 
-def run_replay(args: argparse.Namespace) -> int:
-    """What ``phasestream replay`` runs."""
+def run_replay(args: argparse.Namespace, scan_options: ScanOptions | None = None) -> int:
+    """What ``phasestream replay`` runs; ``scan_options`` (the first probe, geometry, a mask) apply with
+    ``--pipeline``."""
     rate: ReplayRate | float = (
         ReplayRate.MAX
         if args.as_fast_as_possible
@@ -341,7 +359,7 @@ def run_replay(args: argparse.Namespace) -> int:
     scan = read_scan_for(args)
     scan_uid = args.scan_uid or str(uuid.uuid4())
     if args.pipeline:
-        return _replay_into_demo_pipeline(args, rate, scan, scan_uid)
+        return _replay_into_demo_pipeline(args, rate, scan, scan_uid, scan_options or ScanOptions())
     report = replay(
         scan,
         rate,
@@ -396,10 +414,27 @@ def _load_side_channel(path: Path) -> np.ndarray:
         ) from error
 
 
+def probe_option_for(scan: RecordedScan, asked: str | None) -> str:
+    """The refine stage's first probe: what ``--probe`` asked, else the probe stored in the file."""
+    if asked is not None:
+        return asked
+    probe_path = getattr(scan, "probe_path", None)
+    if scan.probe is not None and probe_path and isinstance(scan.source, Path):
+        spec = f"{scan.source}::{probe_path}"
+        tqdm.write(f"replay: starting from the probe stored in {spec} (--probe auto searches instead)")
+        return spec
+    return "auto"
+
+
 def _replay_into_demo_pipeline(
-    args: argparse.Namespace, rate: ReplayRate | float, scan: RecordedScan, scan_uid: str
+    args: argparse.Namespace,
+    rate: ReplayRate | float,
+    scan: RecordedScan,
+    scan_uid: str,
+    scan_options: ScanOptions,
 ) -> int:
-    """deploy/replay.yaml with the replay as its detector: prints the accounting and saves the result."""
+    """deploy/replay.yaml with the replay as its detector: prints the accounting and where the result
+    file is."""
     from phasestream.accounting import unaccounted_frames
     from phasestream.config import DetectorSettings, TiledSettings, load_pipeline
     from phasestream.demo import REPO_DEPLOY
@@ -422,6 +457,9 @@ def _replay_into_demo_pipeline(
     pipeline = demo.model_copy(
         update={"run_dir": run_dir, "exit_after_scan": True, "tiled": tiled, "detector": detector}
     )
+    probe = probe_option_for(scan, scan_options.initial_probe)
+    options = dataclasses.replace(scan_options, initial_probe=probe)
+    pipeline = with_results_dir(with_scan_options(pipeline, options), args.out.absolute())
     failures: list[BaseException] = []
     with tiled_for(pipeline) as resolved, Launcher(resolved) as launcher:
         # A stage that dies mid-scan leaves the sender blocked: the timeout turns that into an error.
@@ -440,12 +478,15 @@ def _replay_into_demo_pipeline(
             sender.join(timeout=10)
             if not sender.is_alive():  # a socket belongs to one thread: never close it under a blocked send
                 emitter.close()
-        reconstruction = _save_result(resolved, scan_uid, args.out)
+        result_file = _result_file_in(args.out, scan_uid)
     missing = unaccounted_frames(final["frames_sent"], final["accounting"])
     for stage, counts in final["accounting"].items():
         print(f"  {stage:<10} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print("  every frame accounted for" if not missing else f"  UNACCOUNTED: {missing}")
-    print(f"reconstruction of scan {scan_uid}: {reconstruction}")
+    if result_file.is_file():
+        print(f"reconstruction of scan {scan_uid}: {result_file}")
+    else:
+        print(f"  NO RESULT FILE at {result_file}: see the publish stage's log in {args.out / 'run'}")
     return 0 if not missing else 1
 
 
@@ -481,14 +522,20 @@ def _wait_for_sink(launcher: Any, sink: str, failures: list[BaseException]) -> d
     raise PhasestreamError(f"the replay did not reach {sink} within an hour; see the logs in the run folder")
 
 
-def _save_result(pipeline: Any, scan_uid: str, out: Path) -> Path:
-    from tiled.client import from_uri
+def _result_file_in(out: Path, scan_uid: str) -> Path:
+    """Where the publish stage writes the scan's result file (see ``with_results_dir``)."""
+    return out.absolute() / f"reconstruction-{scan_uid}.cxi"
 
-    node = from_uri(pipeline.tiled.uri, api_key=pipeline.tiled.api_key)["reconstructions"][scan_uid]
-    path = out / f"replay-{scan_uid}.npz"
-    metadata = json.dumps(dict(node.metadata), default=str)  # iteration, quality figures, origin_m, ...
-    np.savez(path, object=node["object"].read(), probe=node["probe"].read(), metadata=np.array(metadata))
-    return path
+
+def with_results_dir(pipeline: Any, folder: Path) -> Any:
+    """The pipeline with its publish stages writing result files into ``folder``."""
+    stages = [
+        spec.model_copy(update={"config": {**spec.config, "results_dir": str(folder)}})
+        if spec.stage == "publish"
+        else spec
+        for spec in pipeline.stages
+    ]
+    return pipeline.model_copy(update={"stages": stages})
 
 
 # ---- benchmark -------------------------------------------------------------------------------------------

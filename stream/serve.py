@@ -9,6 +9,7 @@ from pathlib import Path
 from phasestream.config import PipelineConfig, TiledSettings, load_pipeline
 from phasestream.errors import ConfigError
 from phasestream.launcher import Launcher
+from phasestream.scan_options import ScanOptions, with_scan_options
 
 
 @contextlib.contextmanager
@@ -28,12 +29,17 @@ def tiled_for(pipeline: PipelineConfig) -> Iterator[PipelineConfig]:
 
 
 def serve_pipeline(
-    path: Path, tiled_uri: str | None, tiled_api_key: str | None, host: str | None = None
+    path: Path,
+    tiled_uri: str | None,
+    tiled_api_key: str | None,
+    host: str | None = None,
+    options: ScanOptions | None = None,
 ) -> int:
-    """Serve ``path``'s pipeline; with ``host``, only the stages placed on that host (``hosts:``)."""
+    """Serve ``path``'s pipeline; with ``host``, only the stages placed on that host (``hosts:``);
+    ``options`` sets the first probe, the geometry and the mask of every scan."""
     from phasestream.tiled_server import public_uri
 
-    pipeline = load_pipeline(path)
+    pipeline = with_scan_options(load_pipeline(path), options or ScanOptions())
     if tiled_uri or tiled_api_key:
         update = {"uri": tiled_uri or pipeline.tiled.uri, "api_key": tiled_api_key or pipeline.tiled.api_key}
         pipeline = pipeline.model_copy(update={"tiled": pipeline.tiled.model_copy(update=update)})

@@ -181,6 +181,12 @@ class Stage:
         if self._status is not None:
             self._status.report("log", level="warning", reason=reason, text=text)
 
+    def note(self, reason: str, text: str) -> None:
+        """Say what the stage decided (a start chosen, a value overridden): in the log and to the launcher."""
+        log.info("%s (%s): %s", self.placement.label, reason, text)
+        if self._status is not None:
+            self._status.report("log", level="info", reason=reason, text=text)
+
     def report_status(self, **fields: Any) -> None:
         if self._status is not None:
             self._status.report("status", **fields)
