@@ -47,8 +47,10 @@ DIAMETER_FACTORS = (0.7, 1.0, 1.4)
 # Diameters searched for the shadow shift, as fractions of the window: below 5 % the shift between
 # neighbours exceeds half the window; an estimate at the top means no shadow moved (a focus).
 SHIFT_SEARCH_FRACTIONS = tuple(np.geomspace(0.05, 0.85, 60))
-# Neighbours each frame is paired with for the shadow shift.
+# Neighbours each frame is paired with for the shadow shift, and the frames used (the first ones): a
+# few dozen pairs give the shift to a few per cent.
 SHIFT_NEIGHBOURS = 3
+SHIFT_MAX_FRAMES = 48
 # Below this mean correlation of the shifted shadows the estimate is noise.
 MIN_SHIFT_CORRELATION = 0.1
 # The background is this percentile of the measured pixels of the mean pattern: the darkest pixels hold
@@ -64,7 +66,7 @@ FILL_MAX_SWEEPS = 5000
 
 @dataclass(frozen=True)
 class ProbeCandidate:
-    """A start probe (complex64, centred on pixel N // 2, power = the mean pattern's counts) and why."""
+    """A start probe (complex64, centred on pixel N // 2, power = the mean counts less background) and why."""
 
     label: str
     probe: np.ndarray
@@ -144,8 +146,10 @@ def bright_field(mean_intensity: np.ndarray, unmeasured: np.ndarray | None = Non
     """The direct beam's amplitude and outer half-widths, measured from pixel N // 2 along y and x."""
     filled, background = filled_mean_pattern(mean_intensity, unmeasured)
     amplitude = np.sqrt(filled)
-    inside = amplitude >= BRIGHT_FIELD_THRESHOLD * amplitude.max()
-    rows, columns = np.nonzero(inside)
+    # The edge is where the intensity falls to half the bright field's typical (median) level: where
+    # the optic's aperture is, whatever blurs it.
+    level = np.median(amplitude[amplitude >= BRIGHT_FIELD_THRESHOLD * amplitude.max()])
+    rows, columns = np.nonzero(amplitude >= level / np.sqrt(2))
     n_y, n_x = amplitude.shape
     half_widths = (
         float(np.percentile(np.abs(rows - n_y // 2), BRIGHT_FIELD_EXTENT_PERCENTILE)) + 0.5,
@@ -188,12 +192,12 @@ def shadow_shift_diameter_px(
     bright fields at each shift, is read at g δ for every pair and averaged, and the g = ±2K / D with the
     highest mean wins.
     """
-    frames = np.asarray(patterns, dtype=np.float64)
-    positions = np.asarray(positions_px, dtype=np.float64)
+    frames = np.asarray(patterns, dtype=np.float64)[:SHIFT_MAX_FRAMES]
+    positions = np.asarray(positions_px, dtype=np.float64)[:SHIFT_MAX_FRAMES]
     if frames.ndim != 3 or positions.shape != (len(frames), 2) or len(frames) < 2:
         raise FrameValidationError(
-            f"patterns {frames.shape} and positions_px {positions.shape}: pass at least two frames "
-            "(n, ny, nx) and their (n, 2) positions (y, x) in object pixels"
+            f"patterns {np.shape(patterns)} and positions_px {np.shape(positions_px)}: pass at least two "
+            "frames (n, ny, nx) and their (n, 2) positions (y, x) in object pixels"
         )
     mean = frames.mean(axis=0)
     unmeasured = _unmeasured_or_none(unmeasured, mean.shape)
@@ -203,27 +207,27 @@ def shadow_shift_diameter_px(
     shadows = np.where(inside, frames / np.maximum(mean, np.finfo(float).tiny), 0.0)
     # Zero mean per frame: a frame's overall transmission is no shadow and would favour zero shift.
     shadows = np.where(inside, shadows - shadows.sum(axis=(1, 2), keepdims=True) / inside.sum(), 0.0)
-    first, second = _neighbour_pairs(positions)
     spectra = np.fft.fft2(shadows)
-    # correlation[p](u) = Σ_x shadow_first(x + u) shadow_second(x): peaks where u = g (x_second − x_first).
-    correlation = np.fft.ifft2(spectra[first] * np.conj(spectra[second])).real
-    norms = np.sqrt(np.sum(shadows[first] ** 2, axis=(1, 2)) * np.sum(shadows[second] ** 2, axis=(1, 2)))
+    norms = np.sqrt(np.sum(shadows**2, axis=(1, 2)))
     window = np.fft.fft2(inside.astype(np.float64))
     overlap = np.fft.ifft2(window * np.conj(window)).real
-    correlation *= (
-        overlap[0, 0] / np.maximum(overlap, 0.2 * overlap[0, 0]) / np.maximum(norms, 1e-30)[:, None, None]
-    )
-    steps = positions[second] - positions[first]
+    per_overlap = overlap[0, 0] / np.maximum(overlap, 0.2 * overlap[0, 0])
     width = frames.shape[-1]
-    best = ShadowShift(np.inf, 1, -np.inf, len(first))
-    for fraction in SHIFT_SEARCH_FRACTIONS:
-        for sign in (1, -1):
-            # Downstream of the focus (sign −1) the shadow moves with the probe: g > 0.
-            gain = -sign * 2 * field.outer_half_width_px / (fraction * width)
-            score = float(np.mean(_periodic_bilinear(correlation, gain * steps)))
-            if score > best.correlation:
-                best = ShadowShift(fraction * width, sign, score, len(first))
-    return best
+    signs = np.repeat([1, -1], len(SHIFT_SEARCH_FRACTIONS))
+    diameters_px = np.tile(SHIFT_SEARCH_FRACTIONS, 2) * width
+    # Downstream of the focus (sign −1) the shadow moves with the probe: g > 0.
+    gains = -signs * 2 * field.outer_half_width_px / diameters_px
+    first, second = _neighbour_pairs(positions)
+    scores = np.zeros(len(gains))
+    for one, other in zip(first, second, strict=True):
+        # correlation(u) = Σ_x shadow_one(x + u) shadow_other(x): peaks at u = g (other − one position).
+        correlation = np.fft.ifft2(spectra[one] * np.conj(spectra[other])).real * per_overlap
+        correlation /= max(norms[one] * norms[other], np.finfo(float).tiny)
+        scores += _periodic_bilinear(correlation, gains[:, None] * (positions[other] - positions[one]))
+    best = int(np.argmax(scores))
+    return ShadowShift(
+        float(diameters_px[best]), int(signs[best]), float(scores[best] / len(first)), len(first)
+    )
 
 
 def probe_candidates(
@@ -275,7 +279,7 @@ def _sizes_to_try(
         else:
             side = "converging" if shift.sign > 0 else "diverging"
             found = f"{found} (correlation {shift.correlation:.2f}, {side})"
-            return [
+            estimated = [
                 (
                     factor * shift.diameter_px,
                     sign,
@@ -284,10 +288,22 @@ def _sizes_to_try(
                 for sign in (shift.sign, -shift.sign)
                 for factor in DIAMETER_FACTORS
             ]
+            # A grid's first rows can fool the size (3 px for a 24 px probe was seen) while the side of
+            # the focus stays right: the spread on that side stays in the running, and the trials decide.
+            beside = "the spread over the window on the estimated side"
+            return estimated + _spread(width, beside, (shift.sign,), estimated)
+    return _spread(width, spread, (1, -1), [])
+
+
+def _spread(
+    width: int, why: str, signs: tuple[int, ...], already: list[tuple[float, int, str]]
+) -> list[tuple[float, int, str]]:
+    """Diameters over the window, leaving out those within 15 % of one already tried with that sign."""
     return [
-        (fraction * width, sign, f"{fraction:.0%} of the window: {spread}")
+        (fraction * width, sign, f"{fraction:.0%} of the window: {why}")
         for fraction in DIAMETER_FRACTIONS
-        for sign in (1, -1)
+        for sign in signs
+        if not any(s == sign and abs(d - fraction * width) < 0.15 * d for d, s, _ in already)
     ]
 
 
@@ -329,19 +345,18 @@ def _neighbour_pairs(positions_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0], pairs[:, 1]
 
 
-def _periodic_bilinear(images: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """images[p] at the fractional point points[p] = (y, x), bilinear, wrapping around the edges."""
-    n_y, n_x = images.shape[1:]
+def _periodic_bilinear(image: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``image`` at the fractional points (m, 2) (y, x), bilinear, wrapping around the edges."""
+    n_y, n_x = image.shape
     y, x = points[:, 0] % n_y, points[:, 1] % n_x
     y0, x0 = np.floor(y).astype(np.int64), np.floor(x).astype(np.int64)
     fy, fx = y - y0, x - x0
     y1, x1 = (y0 + 1) % n_y, (x0 + 1) % n_x
-    index = np.arange(len(images))
     return (
-        images[index, y0, x0] * (1 - fy) * (1 - fx)
-        + images[index, y1, x0] * fy * (1 - fx)
-        + images[index, y0, x1] * (1 - fy) * fx
-        + images[index, y1, x1] * fy * fx
+        image[y0, x0] * (1 - fy) * (1 - fx)
+        + image[y1, x0] * fy * (1 - fx)
+        + image[y0, x1] * (1 - fy) * fx
+        + image[y1, x1] * fy * fx
     )
 
 

@@ -10,9 +10,10 @@ diameter (70 % linear overlap).
 
 The cases (:class:`BeamlineCase`):
 
-- ``fzp_focus``: the zone plate in focus, a spot about 8 px across (95 % of its energy): small for a
-  64-px window, but a focused probe's wide bright field carries the most information per pattern.
-- ``fzp_defocus``: the zone plate 60 µm out of focus, a ring-shaped probe 19 px (30 %) across.
+- ``fzp_focus``: the zone plate in focus, a spot about 8 px across (95 % of its energy) scanned in steps
+  of 2 px: a small field of view for 64-px frames, but each pattern's wide bright field carries much
+  information, and it reconstructs as well as the defocused cases.
+- ``fzp_defocus``: the zone plate 60 µm downstream of its focus, a probe 19 px (30 %) across.
 - ``kb_focus``: a KB focus with 15 µm of astigmatism, a rectangular spot with sinc-like tails.
 - ``fill_30``: the KB pair defocused until its probe fills 30 % of the window vertically.
 - ``fill_70``: the zone plate defocused until its probe fills 70 % of the window (oversampling 1.4).

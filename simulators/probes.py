@@ -139,7 +139,8 @@ class ZonePlate:
 
     Defaults: a 150 µm plate with 30 nm outermost zones, a 60 µm central stop and a 30 µm OSA 5 mm
     upstream of the focus, a common nanoprobe set-up. The OSA sits in the central stop's shadow, so it
-    blocks the zeroth order, and passes the first order's converging cone (or clips its outer part).
+    blocks the zeroth order, and passes the first order's converging cone (or clips its outer part); the
+    other orders, which it mostly blocks too, are left out.
     """
 
     outer_diameter_m: float = 150e-6

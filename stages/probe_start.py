@@ -27,8 +27,9 @@ from phasestream.models.probe_guess import choose_probe, probe_candidates
 from phasestream.models.probe_resample import resample_probe
 from phasestream.probe_source import LoadedProbe, ProbeStartKind, load_probe, parse_probe_spec
 
-# Frames whose fluctuations estimate the probe's diameter: a few dozen suffice; more only cost time.
-AUTOCORRELATION_PATTERNS = 64
+# Frames whose bright-field shadows, moving with the scan, give the probe's diameter and the side of the
+# focus: a few dozen suffice; more only cost time.
+SHADOW_PATTERNS = 64
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,17 @@ def loaded_start(
 
 def auto_start(
     patterns: np.ndarray,
+    corners_px: np.ndarray,
     unmeasured: np.ndarray | None,
     trial_error: Callable[[np.ndarray], float],
 ) -> ProbeStart:
     """The candidate whose first epochs fit best; the reason lists every candidate's error."""
-    sample = patterns[:AUTOCORRELATION_PATTERNS]
-    candidates = probe_candidates(patterns.mean(axis=0), unmeasured, patterns=sample)
+    candidates = probe_candidates(
+        patterns.mean(axis=0),
+        unmeasured,
+        patterns=patterns[:SHADOW_PATTERNS],
+        positions_px=np.asarray(corners_px[:SHADOW_PATTERNS], dtype=np.float64),
+    )
     chosen, scores = choose_probe(candidates, trial_error)
     ranked = ", ".join(f"{label} {error:.3g}" for label, error in sorted(scores, key=lambda s: s[1]))
     return ProbeStart(

@@ -349,7 +349,7 @@ class RefineStage(Stage):
                 trial.add_patterns(patterns, corners_px)
                 return [trial.run_epoch() for _ in range(self.config.probe_search_epochs)][-1]
 
-            start = auto_start(patterns, unmeasured, trial_error)
+            start = auto_start(patterns, corners_px, unmeasured, trial_error)
         self.note("probe_start", f"scan {uid}: probe from {start.label} ({start.reason})")
         self.report_status(probe_start=start.label)
         return start.probe

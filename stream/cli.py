@@ -539,6 +539,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--amplitude", default=str(TEST_DATA / "bcdi_amplitude_64.npy"), help="default %(default)s"
     )
     cdi.set_defaults(func=_cmd_bench_cdi)
+    beamline = bench.add_parser(
+        "beamline",
+        help="replay scans of real beamlines' probes and detector effects, with no probe given and with "
+        "the true one: start chosen, epochs, object error",
+    )
+    beamline.add_argument(
+        "--positions", type=int, default=150, help="positions per scan (default %(default)s)"
+    )
+    beamline.add_argument(
+        "--case", action="append", choices=[c.value for c in _beamline_cases()], help="only these cases"
+    )
+    beamline.add_argument(
+        "--out", type=Path, default=Path("phasestream-data/bench-beamline"), help="default %(default)s"
+    )
+    beamline.set_defaults(func=_cmd_bench_beamline)
     replay = bench.add_parser("replay", help="frames/s replaying CXI and NXmx files as fast as possible")
     replay.add_argument(
         "--frames", type=int, nargs="+", default=[420, 10_000], help="file sizes (default %(default)s)"
@@ -710,6 +725,21 @@ def _cmd_bench_epie(args: argparse.Namespace) -> int:
         runs = ", ".join(f"{s:.3f}" for s in result["seconds_per_epoch"])
         print(f"  {result['variant']:<10} median {result['median_s_per_epoch']:.3f} s/epoch  ({runs})")
     print(f"  batched / sequential time: {batched_s / sequential_s:.2f}")
+    return 0
+
+
+def _beamline_cases() -> list:
+    from phasestream.simulators.beamline_scans import BeamlineCase
+
+    return list(BeamlineCase)
+
+
+def _cmd_bench_beamline(args: argparse.Namespace) -> int:
+    from phasestream.bench_beamline import TABLE_HEADER, bench_beamline
+    from phasestream.simulators.beamline_scans import BeamlineCase
+
+    print(TABLE_HEADER)
+    bench_beamline(args.out, args.positions, tuple(BeamlineCase(c) for c in args.case or ()))
     return 0
 
 

@@ -120,6 +120,17 @@ class ScanStart(Message):
             return np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape)
         return value
 
+    def __eq__(self, other: object) -> bool:
+        # pydantic's == compares the mask array with ==, which has no single truth value.
+        if not isinstance(other, ScanStart):
+            return NotImplemented
+        header = {"bad_pixel_mask"}
+        return self.model_dump(exclude=header) == other.model_dump(exclude=header) and np.array_equal(
+            self.bad_pixel_mask, other.bad_pixel_mask
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every pydantic model that is not frozen
+
     def detector_mask(self) -> np.ndarray | None:
         """The bad-pixel mask as bool (H, W), or None when every pixel is measured."""
         mask = np.asarray(self.bad_pixel_mask, dtype=bool)

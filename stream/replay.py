@@ -359,6 +359,10 @@ def run_replay(args: argparse.Namespace, scan_options: ScanOptions | None = None
     scan = read_scan_for(args)
     scan_uid = args.scan_uid or str(uuid.uuid4())
     if args.pipeline:
+        if rate == ReplayRate.RECORDED and scan.frame_time_s is None:
+            # Into its own pipeline nothing waits on the detector's pace: a file without one still runs.
+            tqdm.write(f"replay: {source_label(scan)} records no frame time; sending as fast as possible")
+            rate = ReplayRate.MAX
         return _replay_into_demo_pipeline(args, rate, scan, scan_uid, scan_options or ScanOptions())
     report = replay(
         scan,
