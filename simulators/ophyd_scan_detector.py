@@ -14,6 +14,10 @@ from ophyd import Component, Device, Kind, Signal
 
 from phasestream.bluesky_bridge import LengthUnit
 
+# The start-document key a plan sets (``RE(plan, phasestream_geometry={"energy_kev": 9.1})``) to override
+# the geometry of one scan; ingest validates it (``phasestream.geometry``).
+GEOMETRY_KEY = "phasestream_geometry"
+
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -21,6 +25,9 @@ class RunInfo:
     plan_name: str
     num_points: int | None
     shape: list[int]
+    # ``phasestream_geometry`` of the start document (energy_kev, detector_distance_m, ...): this scan's
+    # geometry overrides, which the detector passes on in its start message's user_data.
+    geometry: dict[str, Any] | None = None
 
 
 class ScanDetector(Device):
@@ -62,6 +69,7 @@ class ScanDetector(Device):
                 plan_name=str(doc.get("plan_name", "")),
                 num_points=num_points if isinstance(num_points, int) else None,
                 shape=list(doc.get("shape") or ([num_points] if isinstance(num_points, int) else [])),
+                geometry=doc.get(GEOMETRY_KEY),
             )
 
     def position_m(self) -> tuple[float, float]:

@@ -353,7 +353,12 @@ class SelunDetector(ScanDetector):
             pixel_size_m=source.pixel_size_m,
             count_time_s=self.frame_time_s,
             frame_time_s=self.frame_time_s,
-            user_data={"scan_uid": run.uid, "scan_shape": run.shape, "positions_source": "bluesky"},
+            user_data={
+                "scan_uid": run.uid,
+                "scan_shape": run.shape,
+                "positions_source": "bluesky",
+                **({"geometry": run.geometry} if run.geometry is not None else {}),
+            },
             arm_date=series.date,
         )
         self._send(encode_message(start))

@@ -340,6 +340,18 @@ def test_each_run_is_one_stream_v2_series_with_the_run_uid(session) -> None:
     assert {e["data"]["selun_series_id"] for e in events} == {1}
 
 
+def test_a_plans_start_document_overrides_the_scans_geometry(session) -> None:
+    RE, selun, (y, x, _), _, pull = session
+    overrides = {"energy_kev": 9.1, "detector_distance_m": 3.2}
+    (uid,) = RE(_grid(selun, y, x, points=2), phasestream_geometry=overrides)
+    (plain,) = RE(_grid(selun, y, x, points=2))
+    starts = [m for m in _detector_messages(pull, 2 * (2 + 4)) if isinstance(m, StartMessage)]
+    assert [s.user_data["scan_uid"] for s in starts] == [uid, plain]
+    # Ingest validates and applies it (tests/test_geometry_overrides.py); a scan without one has none.
+    assert starts[0].user_data["geometry"] == overrides
+    assert "geometry" not in starts[1].user_data
+
+
 def test_the_detector_needs_the_run_start(sample_scan) -> None:
     y, x = SynAxis(name="sample_y"), SynAxis(name="sample_x")
     selun = SelunDetector(
