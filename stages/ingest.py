@@ -5,6 +5,14 @@ It decodes and validates each image, joins frames and positions by image index, 
 shape or dtype, NaN or negative counts, duplicates, frames without a position and positions without a
 frame are each counted under their reason, and the ``ScanEnd`` it emits accounts for every image the
 detector announced.
+
+Nothing the detector stream says is trusted before it is checked: an image's declared shape, dtype and
+size are compared with its scan's start message before it is decompressed (a small bslz4 message can
+declare a 1 GiB frame); a start message that announces more than ``max_images_per_scan`` images is
+refused; a scan uid that is not a safe name (it names Tiled nodes and files downstream) is replaced
+(``phasestream.scan_uid``); ``user_data`` fields of the wrong type are left out with a warning; and
+positions of a series that never starts are held for ``orphan_positions_max_age_s`` at most, and never
+more than ``max_orphan_positions`` of them.
 """
 
 from __future__ import annotations
@@ -13,14 +21,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TypeVar
+from functools import partial
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import zmq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from phasestream import metrics
-from phasestream.errors import ConfigError, DetectorMessageError, FrameValidationError
+from phasestream.errors import ConfigError, DetectorMessageError, FrameValidationError, PhasestreamError
 from phasestream.geometry import (
     GeometryOverrides,
     GeometrySettings,
@@ -31,9 +40,18 @@ from phasestream.geometry import (
     resolve_geometry,
 )
 from phasestream.messages import FrameBatch, Geometry, Message, PositionSource, ScanEnd, ScanStart
+from phasestream.scan_uid import SAFE_SCAN_UID, UNSAFE_SCAN_UID, safe_scan_uid
 from phasestream.stage import RawInput, Stage
 from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
+from phasestream.stages.stream_v2_decode import (
+    FRAME_TOO_LARGE,
+    EncodedImage,
+    EndMessage,
+    ImageMessage,
+    StartMessage,
+    decode_stream_v2,
+    shown,
+)
 
 Decoded = TypeVar("Decoded")
 
@@ -51,6 +69,17 @@ class Reject(StrEnum):
     FRAME_WITHOUT_POSITION = "frame_without_position"
     POSITION_WITHOUT_FRAME = "position_without_frame"
     INDEX_OUT_OF_RANGE = "image_id_out_of_range"
+    FRAME_TOO_LARGE = FRAME_TOO_LARGE
+    UNDECODABLE_FRAME = "undecodable_frame"
+
+
+class Refuse(StrEnum):
+    """Why ingest refused or changed what a start message or the position channel said (the ``reason``)."""
+
+    TOO_MANY_IMAGES = "too_many_images"
+    UNSAFE_SCAN_UID = UNSAFE_SCAN_UID
+    BAD_USER_DATA = "bad_user_data"
+    ORPHAN_POSITIONS = "orphan_positions"
 
 
 class IngestConfig(BaseModel):
@@ -69,6 +98,30 @@ class IngestConfig(BaseModel):
         description="largest detector message accepted; a sender of a larger one is disconnected before "
         "anything is allocated for it (a 4096 x 4096 uint32 frame uncompressed is 64 MiB)",
     )
+    max_frame_bytes: int = Field(
+        default=2**27,
+        ge=1,
+        description="largest frame (image_size_y x image_size_x x bytes per pixel) accepted: a start message "
+        "with larger frames is refused, and an image declaring more is refused before it is decompressed "
+        "(an EIGER2 XE 16M frame of uint32 is 72 MB)",
+    )
+    max_images_per_scan: int = Field(
+        default=10_000_000,
+        ge=1,
+        description="a start message announcing more images (number_of_images) is refused with its scan",
+    )
+    orphan_positions_max_age_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="positions of a series whose start message has not come are held this long, then "
+        "dropped and counted (orphan_positions)",
+    )
+    max_orphan_positions: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="at most this many positions (each position message at least one) of series whose start "
+        "has not come are held; beyond it the oldest series' are dropped and counted (orphan_positions)",
+    )
     stalled_scan_timeout_s: float | None = Field(
         default=120.0,
         gt=0,
@@ -80,6 +133,74 @@ class IngestConfig(BaseModel):
         description="energy, distance, pixel size, beam centre and window, and a bad-pixel mask file that "
         "replace the detector's; a scan's start document may override them again",
     )
+
+
+# A scan extent beyond a metre is no sample stage's; downstream stages place canvases by it.
+_EXTENT_LIMIT_M = 1.0
+ExtentM = Annotated[float, Strict(), Field(ge=-_EXTENT_LIMIT_M, le=_EXTENT_LIMIT_M, allow_inf_nan=False)]
+# Strict: true is not 1, and 1e300 is not a row count. Files store scan_shape as int32.
+ScanAxis = Annotated[int, Strict(), Field(ge=1, le=2**31 - 1)]
+
+
+class ScanUserData(BaseModel):
+    """The fields of a start message's ``user_data`` that ingest reads, besides ``scan_uid``
+    (``phasestream.scan_uid``) and ``geometry`` (``per_scan_overrides``), which are checked on their own.
+
+    Each has a safe default, so a bad one is left out with a warning (``bad_user_data``) and the scan runs
+    without it rather than being refused: ``scan_shape`` only arranges positions for display and files,
+    ``scan_extent_m`` only places a mosaic's origin (without it the stages take it from the positions),
+    and ``positions_source`` only says where positions came from (ingest joins the position channel's
+    whatever it says). The descriptions say what to send instead.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    scan_shape: tuple[ScanAxis, ...] = Field(
+        default=(), max_length=3, description="a list of 1 to 3 positive integers, e.g. [20, 30]"
+    )
+    scan_extent_m: tuple[ExtentM, ExtentM, ExtentM, ExtentM] | None = Field(
+        default=None,
+        description="[y_min, y_max, x_min, x_max] of the probe centres: finite numbers in metres within "
+        f"±{_EXTENT_LIMIT_M:g} m, each min <= its max",
+    )
+    positions_source: Annotated[str, Strict()] | None = Field(
+        default=None, description=f"a string, one of {[source.value for source in PositionSource]}"
+    )
+
+    @field_validator("scan_extent_m")
+    @classmethod
+    def _ordered(cls, extent: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if extent is not None and (extent[0] > extent[1] or extent[2] > extent[3]):
+            raise ValueError("a minimum is above its maximum")
+        return extent
+
+
+def scan_user_data(user_data: Any) -> tuple[ScanUserData, dict[str, str]]:
+    """The fields ingest reads from a start message's ``user_data``, and what is wrong with each field
+    that was left out (field name → problem)."""
+    if not isinstance(user_data, dict):
+        # Stream V2 lets user_data be anything (DCUs often send ""): then it carries none of these fields.
+        return ScanUserData(), {}
+    given = {name: user_data[name] for name in ScanUserData.model_fields if user_data.get(name) is not None}
+    try:
+        return ScanUserData.model_validate(given), {}
+    except ValidationError as error:
+        problems: dict[str, list[str]] = {}
+        for problem in error.errors(include_url=False, include_input=False):
+            name, *inner = problem["loc"]
+            where = f"[{']['.join(map(str, inner))}]: " if inner else ""
+            problems.setdefault(str(name), []).append(f"{where}{problem['msg']}")
+    kept = {name: value for name, value in given.items() if name not in problems}
+    return ScanUserData.model_validate(kept), {name: "; ".join(texts) for name, texts in problems.items()}
+
+
+@dataclass
+class HeldPositions:
+    """Position messages of a series whose start message has not come (yet)."""
+
+    since_s: float  # time.monotonic() of the first
+    messages: list[PositionBatch | PositionsEnd] = field(default_factory=list)
+    weight: int = 0  # the positions in them, each message at least one: what max_orphan_positions bounds
 
 
 class Slab:
@@ -130,7 +251,12 @@ class IngestStage(Stage):
 
     def setup(self) -> None:
         self._open: OpenScan | None = None
-        self._pending_positions: dict[int, list[PositionBatch | PositionsEnd]] = {}
+        # By series id, oldest first: positions may overtake their series' start message.
+        self._pending_positions: dict[int, HeldPositions] = {}
+        self._held_weight = 0
+        self._decode_detector = partial(
+            decode_stream_v2, lazy_images=True, max_array_bytes=self.config.max_frame_bytes
+        )
         settings = self.config.geometry
         self._mask_from_file = (
             read_mask_file(settings.mask_file, settings.mask_nonzero_means) if settings.mask_file else None
@@ -145,7 +271,8 @@ class IngestStage(Stage):
         }
 
     def has_open_scan(self) -> bool:
-        return self._open is not None
+        # Held positions need idle() too: they expire.
+        return self._open is not None or bool(self._pending_positions)
 
     def handle_raw(self, port: str, frames: list[bytes]) -> Iterable[Message]:
         if len(frames) != 1:
@@ -156,7 +283,10 @@ class IngestStage(Stage):
             )
         if port == "positions":
             return self._on_positions(self._decoded(decode_positions, frames[0]))
-        return self._on_detector(self._decoded(decode_stream_v2, frames[0]))
+        return self._on_detector(self._decoded(self._decode_detector, frames[0]))
+
+    def raw_refused(self, port: str, error: PhasestreamError) -> None:
+        self._count_undecodable()
 
     def _decoded(self, decode: Callable[[bytes], Decoded], buffer: bytes) -> Decoded:
         try:
@@ -171,20 +301,23 @@ class IngestStage(Stage):
             self.count(self._open.start.scan_uid, "undecodable_messages")
 
     # ---- detector messages ----------------------------------------------------------------------
-    def _on_detector(self, message: StartMessage | ImageMessage | EndMessage) -> Iterable[Message]:
-        if type(message) is ImageMessage:
+    def _on_detector(
+        self, message: StartMessage | ImageMessage | EncodedImage | EndMessage
+    ) -> Iterable[Message]:
+        kind = type(message)
+        if kind is EncodedImage or kind is ImageMessage:
             return self._on_image(message)
         if isinstance(message, StartMessage):
             return self._on_start(message)
         return self._on_detector_end(message)
 
     def _on_start(self, start: StartMessage) -> Iterator[Message]:
+        self._check_planned_frames(start)  # a refused start leaves an open scan as it is
         if self._open is not None:
             # A new series while one is open: the old one's end was lost. Close it with what we have.
             yield from self._close_scan()
-        user = start.user_data if isinstance(start.user_data, dict) else {}
-        scan_uid = str(user.get("scan_uid") or start.series_unique_id)
-        extent = user.get("scan_extent_m")
+        scan_uid, uid_as_sent = self._scan_uid(start)
+        user = self._user_data(start, scan_uid)
         geometry = self._resolved_geometry(start, scan_uid)
         mask = self._scan_mask(start, scan_uid, geometry)
         scan_start = ScanStart(
@@ -196,12 +329,13 @@ class IngestStage(Stage):
                 detector_shape_px=geometry.shape_px,
                 detector_dtype=str(start.dtype),
             ),
-            scan_shape=tuple(user.get("scan_shape") or ()),
+            scan_shape=user.scan_shape,
             planned_frames=start.number_of_images,
-            positions_source=_positions_source(user.get("positions_source")),
-            scan_extent_m=tuple(extent) if extent else None,
+            positions_source=_positions_source(user.positions_source),
+            scan_extent_m=user.scan_extent_m,
             config_hash=self.pipeline.config_hash(),
             geometry_overrides=geometry.sources,
+            scan_uid_as_sent=uid_as_sent,
             bad_pixel_mask=mask if mask is not None else np.zeros((0, 0), dtype=bool),
         )
         shape, dtype = tuple(start.shape_px), np.dtype(start.dtype)
@@ -217,8 +351,66 @@ class IngestStage(Stage):
         )
         self.scan(scan_uid).start = scan_start
         yield scan_start  # first: downstream must see the scan open before anything else of it
-        for early in self._pending_positions.pop(start.series_id, []):
-            yield from self._on_positions(early)
+        held = self._pending_positions.pop(start.series_id, None)
+        if held is not None:
+            self._held_weight -= held.weight
+            for early in held.messages:
+                yield from self._on_positions(early)
+
+    def _check_planned_frames(self, start: StartMessage) -> None:
+        limit = self.config.max_images_per_scan
+        if start.number_of_images > limit:
+            raise DetectorMessageError(
+                f"start of series {start.series_id} announces number_of_images={start.number_of_images}, "
+                f"more than max_images_per_scan={limit}: the scan is refused and its images are discarded "
+                f"(no_open_scan). Split the acquisition into scans of at most {limit} images, or raise "
+                "ingest's max_images_per_scan",
+                reason=Refuse.TOO_MANY_IMAGES,
+            )
+
+    def _scan_uid(self, start: StartMessage) -> tuple[str, str | None]:
+        """The scan's uid (user_data's, else the detector's series uid), made safe, and the uid as sent
+        when it had to be replaced."""
+        user = start.user_data if isinstance(start.user_data, dict) else {}
+        sent, source = user.get("scan_uid"), "user_data scan_uid"
+        if sent is None or sent == "":
+            # No uid of the scan's own (an empty one counts as none): the detector's series uid is unique.
+            sent, source = start.series_unique_id, "series_unique_id"
+        uid, as_sent = safe_scan_uid(sent)
+        if as_sent is not None:
+            metrics.MESSAGES_REJECTED.labels(
+                reason=Refuse.UNSAFE_SCAN_UID, stage=self.stage_name, worker=self.worker
+            ).inc()
+            self.count(uid, Refuse.UNSAFE_SCAN_UID)
+            self.warn(
+                Refuse.UNSAFE_SCAN_UID,
+                f"start of series {start.series_id}: {source} {shown(sent, 80)} is not a safe scan uid (it "
+                f"names Tiled nodes and files, so it must match {SAFE_SCAN_UID.pattern}); the scan runs as "
+                f"{uid!r}, and its ScanStart keeps the uid as sent in scan_uid_as_sent. Send uids of "
+                "letters, digits, '.', '_' and '-' (at most 128, a letter or digit first)",
+            )
+        return uid, as_sent
+
+    def _user_data(self, start: StartMessage, scan_uid: str) -> ScanUserData:
+        """The start's user_data fields that ingest reads; a bad one is left out, named and counted."""
+        user, problems = scan_user_data(start.user_data)
+        if problems:
+            n = len(problems)
+            metrics.MESSAGES_REJECTED.labels(
+                reason=Refuse.BAD_USER_DATA, stage=self.stage_name, worker=self.worker
+            ).inc(n)
+            self.count(scan_uid, Refuse.BAD_USER_DATA, n)
+            fields = ScanUserData.model_fields
+            named = "; ".join(
+                f"{name}={shown(start.user_data[name])} ({problem}): send {fields[name].description}"
+                for name, problem in problems.items()
+            )
+            self.warn(
+                Refuse.BAD_USER_DATA,
+                f"scan {scan_uid}: start user_data {named}. The scan runs without "
+                f"{'it' if n == 1 else 'them'}",
+            )
+        return user
 
     def _resolved_geometry(self, start: StartMessage, scan_uid: str) -> ResolvedGeometry:
         """The detector's geometry with the pipeline's and the scan's overrides; a bad override is
@@ -229,6 +421,17 @@ class IngestStage(Stage):
         except ConfigError as error:
             self.count(scan_uid, "geometry_override_rejected")
             self.warn("geometry_override", f"scan {scan_uid}: {error}; the scan uses the pipeline's values")
+            scan = GeometryOverrides()
+        except (TypeError, ValueError) as error:
+            # per_scan_overrides checks values, not a mapping whose keys are not strings (TypeError) nor
+            # integers too long to print in its message (ValueError): both come only from a hostile sender.
+            self.count(scan_uid, "geometry_override_rejected")
+            self.warn(
+                "geometry_override",
+                f"scan {scan_uid}: start user_data geometry {shown(start.user_data.get('geometry'))} is not "
+                f"a mapping of override names to values ({type(error).__name__}: {str(error)[:120]}); "
+                "the scan uses the pipeline's values",
+            )
             scan = GeometryOverrides()
         detector = (start.energy_kev, start.detector_distance_m, start.pixel_size_m, start.shape_px)
         try:
@@ -272,7 +475,7 @@ class IngestStage(Stage):
             joined = joined[geometry.crop]
         return np.ascontiguousarray(joined)
 
-    def _on_image(self, image: ImageMessage) -> list[FrameBatch]:
+    def _on_image(self, image: ImageMessage | EncodedImage) -> list[FrameBatch]:
         scan = self._open
         if scan is None or image.series_id != scan.series_id:
             raise FrameValidationError(
@@ -285,11 +488,11 @@ class IngestStage(Stage):
         self._frames_received_metric.inc()  # the runtime's cached child: no per-frame label lookup
         self.count(uid, "frames_received")
         self.maybe_report_progress(uid)
-        self._validate_frame(scan, image)
+        frame = self._checked_frame(scan, image)
         slab = scan.slab
         if slab.filled == len(slab.frames):
             slab = scan.slab = Slab(self.config.batch_size, slab.frames.shape[1:], scan.dtype)
-        row = slab.take(image.frame if scan.crop is None else image.frame[scan.crop])
+        row = slab.take(frame if scan.crop is None else frame[scan.crop])
         if scan.mask is not None:
             slab.frames[row][scan.mask] = 0  # what a masked pixel reads is no measurement
         scan.frames[image.image_id] = (slab, row, time.time())
@@ -297,9 +500,23 @@ class IngestStage(Stage):
         self._join(scan, image.image_id)
         return self._batches(scan, force=False)
 
-    def _validate_frame(self, scan: OpenScan, image: ImageMessage) -> None:
-        uid, frame = scan.start.scan_uid, image.frame
-        where = f"image {image.image_id} of scan {uid}"
+    def _checked_frame(self, scan: OpenScan, image: ImageMessage | EncodedImage) -> np.ndarray:
+        """The image's frame once its id, its declared shape, dtype and size, and then its counts passed;
+        an encoded frame is decompressed only after the declared checks."""
+        where = f"image {image.image_id} of scan {scan.start.scan_uid}"
+        self._check_image_id(scan, image, where)
+        if type(image) is EncodedImage:
+            data = image.data
+            self._check_declared(scan, where, data.dimensions, data.dtype, data.nbytes)
+            frame = self._decompressed(scan, where, image)
+        else:
+            frame = image.frame
+            self._check_declared(scan, where, frame.shape, frame.dtype, frame.nbytes)
+        self._check_counts(scan, where, frame)
+        return frame
+
+    def _check_image_id(self, scan: OpenScan, image: ImageMessage | EncodedImage, where: str) -> None:
+        uid = scan.start.scan_uid
         if image.image_id in scan.seen_frames:
             self.reject_frames(uid, Reject.DUPLICATE_FRAME, 1)
             raise FrameValidationError(
@@ -315,20 +532,48 @@ class IngestStage(Stage):
                 "start message announced; check the detector's nimages/ntrigger settings",
                 reason=Reject.INDEX_OUT_OF_RANGE,
             )
-        if frame.shape != scan.shape:
+
+    def _check_declared(
+        self, scan: OpenScan, where: str, shape: tuple[int, ...], dtype: np.dtype, nbytes: int
+    ) -> None:
+        """The frame's shape, dtype and size as the image declares them, before any decompression."""
+        uid, limit = scan.start.scan_uid, self.config.max_frame_bytes
+        if nbytes > limit:
+            self.reject_frames(uid, Reject.FRAME_TOO_LARGE, 1)
+            raise FrameValidationError(
+                f"{where} declares a frame of {list(shape)} {dtype} ({nbytes} bytes), above "
+                f"max_frame_bytes={limit}; the start message announced {scan.shape}. It is discarded "
+                "without being decompressed (a decompression bomb, or a detector ROI that changed "
+                "mid-scan): check the detector's ROI mode",
+                reason=Reject.FRAME_TOO_LARGE,
+            )
+        if shape != scan.shape:
             self.reject_frames(uid, Reject.WRONG_SHAPE, 1)
             raise FrameValidationError(
-                f"{where} has shape {frame.shape}, the start message announced "
+                f"{where} has shape {shape}, the start message announced "
                 f"{scan.shape}; check the detector's ROI mode",
                 reason=Reject.WRONG_SHAPE,
             )
-        if frame.dtype != scan.dtype:
+        if dtype != scan.dtype:
             self.reject_frames(uid, Reject.WRONG_DTYPE, 1)
             raise FrameValidationError(
-                f"{where} has dtype {frame.dtype}, the start message announced {scan.dtype}; "
+                f"{where} has dtype {dtype}, the start message announced {scan.dtype}; "
                 "check the detector's bit depth setting",
                 reason=Reject.WRONG_DTYPE,
             )
+
+    def _decompressed(self, scan: OpenScan, where: str, image: EncodedImage) -> np.ndarray:
+        try:
+            return image.data.decode()
+        except DetectorMessageError as error:
+            self.reject_frames(scan.start.scan_uid, Reject.UNDECODABLE_FRAME, 1)
+            raise FrameValidationError(
+                f"{where} cannot be decoded: {error}", reason=Reject.UNDECODABLE_FRAME
+            ) from None
+
+    def _check_counts(self, scan: OpenScan, where: str, frame: np.ndarray) -> None:
+        """No NaN and no negative counts in the pixels kept (cropped, unmasked)."""
+        uid = scan.start.scan_uid
         if scan.crop is not None:
             frame = frame[scan.crop]
         if scan.mask is not None and frame.dtype.kind in "if":
@@ -362,8 +607,8 @@ class IngestStage(Stage):
     def _on_positions(self, message: PositionBatch | PositionsEnd) -> Iterator[Message]:
         scan = self._open
         if scan is None or message.series_id != scan.series_id:
-            # Positions may overtake the detector's start message: keep them for that series.
-            self._pending_positions.setdefault(message.series_id, []).append(message)
+            # Positions may overtake the detector's start message: keep them for that series, a while.
+            self._hold(message)
             return
         if isinstance(message, PositionsEnd):
             scan.positions_ended = True
@@ -395,16 +640,58 @@ class IngestStage(Stage):
                 "the first value is kept (check the position channel's source)",
             )
 
+    def _hold(self, message: PositionBatch | PositionsEnd) -> None:
+        now = time.monotonic()
+        held = self._pending_positions.get(message.series_id)
+        if held is None:
+            held = self._pending_positions[message.series_id] = HeldPositions(since_s=now)
+        weight = max(1, len(message.image_ids)) if isinstance(message, PositionBatch) else 1
+        held.messages.append(message)
+        held.weight += weight
+        self._held_weight += weight
+        self._drop_orphans(now)
+
+    def _drop_orphans(self, now_s: float) -> None:
+        """Drop held positions older than ``orphan_positions_max_age_s``, then the oldest series' while
+        more than ``max_orphan_positions`` are held."""
+        max_age_s, limit = self.config.orphan_positions_max_age_s, self.config.max_orphan_positions
+        while self._pending_positions:
+            series_id, held = next(iter(self._pending_positions.items()))  # the oldest series first
+            age_s = now_s - held.since_s
+            if age_s > max_age_s:
+                why = f"they were held {age_s:.1f} s, longer than orphan_positions_max_age_s={max_age_s:g}"
+            elif self._held_weight > limit:
+                why = f"positions of series not started exceeded max_orphan_positions={limit}"
+            else:
+                return
+            del self._pending_positions[series_id]
+            self._held_weight -= held.weight
+            self._orphans_dropped(series_id, held, why)
+
+    def _orphans_dropped(self, series_id: int, held: HeldPositions, why: str) -> None:
+        positions = sum(len(m.image_ids) for m in held.messages if isinstance(m, PositionBatch))
+        metrics.MESSAGES_REJECTED.labels(
+            reason=Refuse.ORPHAN_POSITIONS, stage=self.stage_name, worker=self.worker
+        ).inc(len(held.messages))
+        self.warn(
+            Refuse.ORPHAN_POSITIONS,
+            f"{len(held.messages)} position messages ({positions} positions) of series {series_id} are "
+            f"dropped: {why}, and no start message of that series came (it was refused or lost, or the "
+            "position channel numbers series differently from the detector: check its series_id)",
+        )
+
     def _join(self, scan: OpenScan, index: int) -> None:
         if index in scan.frames and index in scan.positions:
             scan.ready.append(index)
 
     # ---- batching and closing ---------------------------------------------------------------------
     def idle(self) -> Iterable[Message]:
+        now = time.monotonic()
+        if self._pending_positions:
+            self._drop_orphans(now)
         scan = self._open
         if scan is None:
             return
-        now = time.monotonic()
         if scan.ready and now - scan.last_frame_s > self.config.batch_timeout_s:
             yield from self._batches(scan, force=True)
         if scan.detector_ended_s is not None and now - scan.detector_ended_s > self.config.position_grace_s:
@@ -469,7 +756,8 @@ class IngestStage(Stage):
                 "and are discarded; the warnings above say why frames were rejected, and missing_frames "
                 "in the ScanEnd counts those that never arrived",
             )
-        missing = planned - len(scan.seen_frames & set(range(planned)))
+        # Counted, not set(range(planned)): a start may announce millions of images.
+        missing = planned - sum(1 for index in scan.seen_frames if 0 <= index < planned)
         if missing:
             self.count(uid, "missing_frames", missing)
         self.count(uid, "frames_forwarded", scan.forwarded)

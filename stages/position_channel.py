@@ -22,6 +22,7 @@ import cbor2
 import numpy as np
 
 from phasestream.errors import DetectorMessageError, PositionError
+from phasestream.stages.stream_v2_decode import INTEGER_LIMIT, shown
 
 POSITIONS_BATCH_SIZE = 64
 
@@ -95,11 +96,13 @@ def decode_positions(buf: bytes | bytearray | memoryview) -> PositionBatch | Pos
     series_id = message.get("series_id")
     if kind not in tuple(PositionMessageType):
         raise DetectorMessageError(
-            f"unknown position message type {kind!r}: "
+            f"unknown position message type {shown(kind)}: "
             f"known types are {[t.value for t in PositionMessageType]}"
         )
-    if type(series_id) is not int:
-        raise DetectorMessageError(f"position message series_id={series_id!r}: expected an integer")
+    if type(series_id) is not int or abs(series_id) >= INTEGER_LIMIT:
+        raise DetectorMessageError(
+            f"position message series_id={shown(series_id)}: expected an integer of at most 64 bits"
+        )
     if kind == PositionMessageType.END:
         return PositionsEnd(series_id=series_id)
     return PositionBatch(series_id=series_id, **_batch_arrays(message))
@@ -124,6 +127,13 @@ def _batch_arrays(message: dict[str, Any]) -> dict[str, np.ndarray]:
         raise DetectorMessageError(
             f"positions image_id {_head(columns['image_id'])}: expected non-negative integers"
         )
+    for name in ("y_m", "x_m"):
+        # Numbers only: NumPy would read the string "1e-6" (or b"1e-6") as a position.
+        if not all(type(value) is float or type(value) is int for value in columns[name]):
+            raise DetectorMessageError(
+                f"positions {name} {_head(columns[name])} holds a value that is not a number: send numbers "
+                "in metres"
+            )
     try:
         ids = np.array(columns["image_id"], dtype=np.int64)
         positions = np.ascontiguousarray(np.array([columns["y_m"], columns["x_m"]], dtype=np.float64).T)
@@ -152,4 +162,4 @@ def _check_finite(ids: np.ndarray, positions: np.ndarray) -> None:
 
 
 def _head(values: list[Any]) -> str:
-    return f"{values[:8]}{'…' if len(values) > 8 else ''}"
+    return f"{shown(values[:8], limit=200)}{'…' if len(values) > 8 else ''}"

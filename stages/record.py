@@ -6,6 +6,10 @@ replayed later through the same pipeline. Frames are appended as they arrive (on
 bitshuffle-LZ4 by default, as the detector streams them), so a scan of any length streams to disk
 rather than to memory; ``entry_1/data_1/frame_index`` keeps each frame's detector image id, and the file
 is closed and complete at the scan's ``ScanEnd``.
+
+A scan uid that is not a safe file name (``phasestream.scan_uid``), or whose file would resolve outside
+``directory`` (a symbolic link in its place), is refused: the scan is not recorded (``unsafe_scan_uid``,
+counted and said), and its frames still go on.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream import metrics
-from phasestream.errors import ConfigError
+from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart
+from phasestream.scan_uid import UNSAFE_SCAN_UID, check_scan_uid
 from phasestream.simulators.cxi import (
     CXI_VERSION,
     DEFAULT_COLUMN_DIRECTION,
@@ -114,14 +119,36 @@ class RecordStage(Stage):
     def setup(self) -> None:
         self.config.directory.mkdir(parents=True, exist_ok=True)
         self._recordings: dict[str, CxiRecording] = {}
+        self._refused: set[str] = set()  # scans not recorded for their uid, until their end
 
     def on_scan_start(self, message: ScanStart) -> Iterable[Message]:
-        path = self.config.directory / f"{message.scan_uid}.cxi"
-        self._recordings[message.scan_uid] = CxiRecording(path, message, self.config.compression)
-        self.report_status(recording=str(path))
+        try:
+            path = self._recording_path(message.scan_uid)
+        except PhasestreamError as error:
+            self._refused.add(message.scan_uid)
+            metrics.MESSAGES_REJECTED.labels(reason=error.reason, **self._labels).inc()
+            self.count(message.scan_uid, "scans_not_recorded")
+            self.warn(error.reason, f"{error}; the scan is not recorded, its frames go on")
+        else:
+            self._recordings[message.scan_uid] = CxiRecording(path, message, self.config.compression)
+            self.report_status(recording=str(path))
         yield message
 
+    def _recording_path(self, scan_uid: str) -> Path:
+        """``<directory>/<scan_uid>.cxi``, once it is sure to be a file directly in ``directory``."""
+        where = f"the ScanStart that reached {self.placement.label}"
+        path = self.config.directory / f"{check_scan_uid(scan_uid, where)}.cxi"
+        if path.resolve().parent != self.config.directory.resolve():
+            raise PhasestreamError(
+                f"scan {scan_uid}: {path} resolves to {path.resolve()}, outside {self.config.directory}: "
+                "remove that link from the recording directory",
+                reason=UNSAFE_SCAN_UID,
+            )
+        return path
+
     def process(self, message: Message) -> Iterable[Message]:
+        if isinstance(message, FrameBatch) and message.scan_uid in self._refused:
+            self.count(message.scan_uid, "frames_not_recorded", len(message.frame_indices))
         if isinstance(message, FrameBatch) and message.scan_uid in self._recordings:
             recording = self._recordings[message.scan_uid]
             n_frames = len(message.frame_indices)
@@ -145,6 +172,7 @@ class RecordStage(Stage):
         yield message
 
     def on_scan_end(self, message: ScanEnd) -> Iterable[Message]:
+        self._refused.discard(message.scan_uid)
         recording = self._recordings.pop(message.scan_uid, None)
         if recording is not None:
             recording.close()

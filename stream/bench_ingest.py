@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,6 +187,28 @@ def _start_message(n_frames: int, scan_uid: str) -> bytes:
     )
 
 
+@dataclass(frozen=True)
+class RawMessage:
+    """A message as any sender may send it: any number of parts, on the data or the position socket."""
+
+    parts: tuple[bytes, ...]
+    on_positions: bool = False
+
+
+@dataclass(frozen=True)
+class Interleave:
+    """What one scan's stream carries besides its start, images, positions and ends.
+
+    ``announced_frames`` is the start's ``number_of_images``: the real frames plus any image ids that the
+    mixed-in messages use. ``before_start`` goes out before the scan's start message; ``after_chunk[k]``
+    right after chunk ``k`` (its ``POSITIONS_PER_MESSAGE`` images and their positions), in order.
+    """
+
+    announced_frames: int
+    before_start: tuple[RawMessage, ...] = ()
+    after_chunk: Mapping[int, tuple[RawMessage, ...]] = field(default_factory=dict)
+
+
 def _emitter_main(
     images: list[bytes],
     data_endpoint: str,
@@ -194,22 +216,24 @@ def _emitter_main(
     commands: Any,
     results: Any,
 ) -> None:
-    """Serve scans on command: ``(scan_uid, n_frames, frames_per_s)`` sends one, as fast as ZeroMQ takes
-    the frames when ``frames_per_s`` is None, else paced to that rate; ``None`` ends the process."""
-    from phasestream.simulators.selun import SelunEmitter
+    """Serve scans on command: ``(scan_uid, n_frames, frames_per_s, interleave)`` sends one, as fast as
+    ZeroMQ takes the frames when ``frames_per_s`` is None, else paced to that rate, with the messages of
+    ``interleave`` (an ``Interleave`` or None) mixed in; ``None`` ends the process."""
     from phasestream.simulators.stream_v2_encode import encode_message, end_fields
     from phasestream.stages.position_channel import encode_positions_end, position_messages
 
     end = encode_message(end_fields(series_id=SERIES_ID, series_unique_id=SERIES_UNIQUE_ID))
-    with SelunEmitter(data_endpoint, positions_endpoint) as emitter:
+    with _interleaving_emitter(data_endpoint, positions_endpoint) as emitter:
         results.put(("ready",))
         while (command := commands.get()) is not None:
-            scan_uid, n_frames, frames_per_s = command
+            scan_uid, n_frames, frames_per_s, interleave = command
+            interleave = interleave or Interleave(n_frames)
             # A raster of 100 nm steps; everything is encoded before the clock starts.
             index = np.arange(n_frames)
             positions_m = np.stack([index // 256, index % 256], axis=1) * 1e-7
             positions = list(position_messages(SERIES_ID, positions_m, POSITIONS_PER_MESSAGE))
-            emitter.emit_messages([_start_message(n_frames, scan_uid)])
+            emitter.send_raw(interleave.before_start)
+            emitter.emit_messages([_start_message(interleave.announced_frames, scan_uid)])
             first_sent = time.monotonic()
             for k, batch in enumerate(positions):
                 if frames_per_s is not None:
@@ -219,9 +243,24 @@ def _emitter_main(
                         time.sleep(delay_s)
                 chunk = images[k * POSITIONS_PER_MESSAGE : min((k + 1) * POSITIONS_PER_MESSAGE, n_frames)]
                 emitter.emit_messages(chunk, [batch])
+                emitter.send_raw(interleave.after_chunk.get(k, ()))
             last_sent = time.monotonic()
             emitter.emit_messages([end], [encode_positions_end(SERIES_ID)])
             results.put(("sent", scan_uid, first_sent, last_sent))
+
+
+def _interleaving_emitter(data_endpoint: str, positions_endpoint: str) -> Any:
+    """A ``SelunEmitter`` that also sends ``RawMessage``s (``send_raw``), of any number of parts (a DCU
+    sends one) on either socket. Its class is made here: only the emitter's own process needs it."""
+    from phasestream.simulators.selun import SelunEmitter
+
+    class InterleavingEmitter(SelunEmitter):
+        def send_raw(self, messages: Iterable[RawMessage]) -> None:
+            for message in messages:
+                socket = self._positions_socket if message.on_positions else self._data_socket
+                socket.send_multipart(message.parts)
+
+    return InterleavingEmitter(data_endpoint, positions_endpoint)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------
@@ -263,7 +302,7 @@ class _Session:
 
         scan_uid = f"bench-{uuid.uuid4().hex[:12]}"
         cpu_before, window_started = self._cpu_seconds(), time.monotonic()
-        self.commands.put((scan_uid, n_frames, None))
+        self.commands.put((scan_uid, n_frames, None, None))
         shown = bar.n
         ended_at, event = self._wait_for_scan_end(scan_uid, bar, shown)
         cpu_after, window_s = self._cpu_seconds(), time.monotonic() - window_started

@@ -86,7 +86,23 @@ def _add_tiled_options(parser: argparse.ArgumentParser) -> None:
         "--tiled-uri",
         help="an existing Tiled server (default: start an embedded one; env PHASESTREAM_TILED__URI)",
     )
-    parser.add_argument("--tiled-api-key", help="its API key (env PHASESTREAM_TILED__API_KEY)")
+    _add_tiled_key_file_option(parser, parser)
+
+
+def _add_tiled_key_file_option(
+    parser: argparse.ArgumentParser, group: argparse.ArgumentParser | argparse._ArgumentGroup
+) -> None:
+    """``--tiled-api-key-file``: the key comes from a private file or the environment, never a value on the
+    command line, which every user of the host can read (``ps``)."""
+    group.add_argument(
+        "--tiled-api-key-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the Tiled API key, readable only by you (chmod 600); default: "
+        "$PHASESTREAM_TILED__API_KEY",
+    )
+    # Else argparse would take `--tiled-api-key KEY` as this option abbreviated, and KEY as a path.
+    parser.allow_abbrev = False
 
 
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
@@ -212,11 +228,7 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     tiled.add_argument(
         "--tiled-run", metavar="URI/RUN_UID", help="replay a Bluesky run from Tiled: http://host:port/RUN_UID"
     )
-    tiled.add_argument(
-        "--tiled-api-key-file",
-        type=Path,
-        help="file holding that server's API key (default: $PHASESTREAM_TILED__API_KEY, else $TILED_API_KEY)",
-    )
+    _add_tiled_key_file_option(parser, tiled)
     tiled.add_argument(
         "--y-motor", help="the run's y motor (default: as the detector's configuration in the run names it)"
     )
@@ -254,9 +266,10 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
         help="data folder with --pipeline (default %(default)s)",
     )
     parser.add_argument(
-        "--tiled-uri", help="with --pipeline: an existing Tiled server instead of an embedded one"
+        "--tiled-uri",
+        help="with --pipeline: an existing Tiled server instead of an embedded one (its key: "
+        "--tiled-api-key-file)",
     )
-    parser.add_argument("--tiled-api-key", help="its API key")
     _add_scan_options(parser)
     parser.set_defaults(func=_cmd_replay)
 
@@ -270,9 +283,7 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
         "the iteration, the R-factor and frames/s per stage. The API key never reaches the browser.",
     )
     p.add_argument("--tiled-uri", help="the Tiled server (env PHASESTREAM_TILED__URI)")
-    p.add_argument(
-        "--api-key-file", type=Path, help="file holding its API key (default: env PHASESTREAM_TILED__API_KEY)"
-    )
+    _add_tiled_key_file_option(p, p)
     p.add_argument(
         "--metrics",
         nargs="+",
@@ -519,6 +530,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--load", type=float, default=0.9, help="fraction of the sustained rate to hold (default %(default)s)"
     )
     soak.add_argument("--rate", type=float, help="frames/s to hold instead of --load × the sustained rate")
+    soak.add_argument(
+        "--hostile-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of each scan's messages that are hostile (garbage, truncated CBOR, decompression "
+        "bombs, wrong shapes and image ids, multipart floods, bad positions), plus one series with an "
+        "unsafe scan uid before each scan (default %(default)s)",
+    )
     soak.set_defaults(func=_cmd_bench_soak)
     epie = bench.add_parser("epie", help="seconds per ePIE epoch, sequential and batched")
     epie.add_argument("--positions", type=int, default=516, help="default %(default)s")
@@ -624,7 +643,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return serve_pipeline(
         args.pipeline,
         tiled_uri=args.tiled_uri,
-        tiled_api_key=args.tiled_api_key,
+        tiled_api_key_file=args.tiled_api_key_file,
         host=args.host,
         options=scan_options(args),
     )
@@ -638,7 +657,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from phasestream.replay import run_replay
+    from phasestream.tiled_server import read_api_key_file
 
+    # replay.py takes the key of --tiled-uri as args.tiled_api_key (None: the pipeline's, from the
+    # environment); a key file must be private to the user.
+    key_file = args.tiled_api_key_file
+    args.tiled_api_key = read_api_key_file(key_file) if key_file is not None else None
     return run_replay(args, scan_options(args))
 
 
@@ -695,8 +719,14 @@ def _cmd_bench_flyscan(args: argparse.Namespace) -> int:
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
     from phasestream.bench_soak import bench_soak
 
-    result = bench_soak(args.duration_s, scan_frames=args.scan_frames, load=args.load, frames_per_s=args.rate)
-    return 1 if result.problems else 0
+    result = bench_soak(
+        args.duration_s,
+        scan_frames=args.scan_frames,
+        load=args.load,
+        frames_per_s=args.rate,
+        hostile_fraction=args.hostile_fraction,
+    )
+    return 1 if result.problems or result.hostile_problems() else 0
 
 
 def _cmd_bench_epie(args: argparse.Namespace) -> int:

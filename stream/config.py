@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,32 @@ class RestartSettings(StrictModel):
     max_backoff_s: float = Field(default=30.0, ge=0, description="longest wait between restarts")
 
 
+def user_run_root() -> Path:
+    """Where this user's pipelines keep their run directories by default: private to the user.
+
+    ``$XDG_RUNTIME_DIR/phasestream`` when that directory is this user's own and private (as systemd makes
+    it), else ``<tmp>/phasestream-<uid>``. The launcher creates it with mode 0700 and refuses one that
+    another user owns.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and _private_to_user(Path(runtime)):
+        return Path(runtime) / "phasestream"
+    return Path(tempfile.gettempdir()) / f"phasestream-{os.getuid()}"
+
+
+def _private_to_user(directory: Path) -> bool:
+    try:
+        info = directory.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+
+
+def default_run_dir(name: str) -> Path:
+    """The run directory of pipeline ``name`` when its YAML gives none: one per user and pipeline name."""
+    return user_run_root() / name
+
+
 class PipelineConfig(BaseSettings):
     """A whole topology. The stages form a chain in the order given."""
 
@@ -186,7 +214,11 @@ class PipelineConfig(BaseSettings):
     )
 
     name: str = Field(default="pipeline", pattern=r"^[A-Za-z0-9_.-]+$")
-    run_dir: Path = Field(default=Path("phasestream-data/run"), description="ipc sockets and logs")
+    run_dir: Path = Field(
+        # Per user: a fixed path such as /tmp/phasestream-live would be shared by every user of the host.
+        default_factory=lambda data: default_run_dir(data.get("name", "pipeline")),
+        description="ipc sockets, logs and the launcher's lock; default <user_run_root()>/<name>",
+    )
     high_water_mark: int = Field(default=16, ge=1, description="messages queued per socket before blocking")
     exit_after_scan: bool = Field(default=False, description="stages exit after one scan (demo, tests)")
     scan_end_timeout_s: float = Field(

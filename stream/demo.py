@@ -24,6 +24,7 @@ from phasestream.config import DetectorSettings, PipelineConfig, TiledSettings, 
 from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.launcher import Launcher
 from phasestream.serve import tiled_for
+from phasestream.tiled_server import read_api_key_file
 
 REPO_DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -133,9 +134,10 @@ def _demo_pipeline(args: argparse.Namespace, out: Path) -> PipelineConfig:
                 config["epochs_after_scan"] = 2 * config.get("epochs_after_scan", 40)
             spec = spec.model_copy(update={"config": config})
         stages.append(spec)
+    key_file = args.tiled_api_key_file  # a private file; else the pipeline's key, from the environment
     tiled = TiledSettings(
         uri=args.tiled_uri or pipeline.tiled.uri,
-        api_key=args.tiled_api_key or pipeline.tiled.api_key,
+        api_key=read_api_key_file(key_file) if key_file is not None else pipeline.tiled.api_key,
         data_dir=out / "tiled",
     )
     detector = DetectorSettings(

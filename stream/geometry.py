@@ -104,9 +104,9 @@ def per_scan_overrides(user_data: Any) -> GeometryOverrides:
     raw = user_data.get("geometry") if isinstance(user_data, dict) else None
     if raw is None:
         return GeometryOverrides()
-    if not isinstance(raw, dict):
+    if not isinstance(raw, dict) or not all(isinstance(key, str) for key in raw):
         raise ConfigError(
-            f"start user_data geometry={raw!r}: expected a mapping such as "
+            f"start user_data geometry={_short(raw)}: expected a mapping of names to numbers such as "
             "{'energy_kev': 8.8, 'detector_distance_m': 2.0}"
         )
     try:
@@ -114,8 +114,22 @@ def per_scan_overrides(user_data: Any) -> GeometryOverrides:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ConfigError(
-            f"start user_data geometry {raw!r} is invalid ({problems}); fix the scan's start document"
+            f"start user_data geometry {_short(raw)} is invalid ({problems}); fix the scan's start document"
         ) from None
+    except (ValueError, OverflowError) as error:  # an integer too large to convert, say
+        raise ConfigError(
+            f"start user_data geometry {_short(raw)}: {type(error).__name__}; fix the scan's start document"
+        ) from None
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """A repr for a message, cut short; a value that cannot even be printed (a 5,000-digit integer) is
+    named by its type."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} that cannot be printed>"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def resolve_geometry(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
 from phasestream.errors import WireFormatError
@@ -50,14 +52,73 @@ class PositionSource(StrEnum):
     FILE = "file"
 
 
+# What an array on the wire may be: bool, signed and unsigned integers, floats, complex. Object, string,
+# datetime, void and structured dtypes are refused (an object dtype cannot come from raw bytes at all).
+WIRE_DTYPE_KINDS = "biufc"
+# numpy's own limit on dimensions; more is a hostile header, not an array.
+MAX_ARRAY_DIMS = 32
+# No array needs 2**62 bytes; a shape (or its non-zero part) beyond it would overflow numpy's sizes.
+MAX_ARRAY_BYTES = 2**62
+
+
 class ArraySpec(BaseModel):
-    """How one raw buffer after the header is to be read."""
+    """How one raw buffer after the header is to be read.
+
+    The description comes from the network: its dtype must be a plain numeric one and its shape
+    non-negative, of at most ``MAX_ARRAY_DIMS`` dimensions and below ``MAX_ARRAY_BYTES``, so that the
+    size it claims is exact Python arithmetic, never an overflowed int64 that a short buffer would match.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+
+    @field_validator("dtype")
+    @classmethod
+    def _numeric_dtype(cls, text: str) -> str:
+        _wire_dtype(text)
+        return text
+
+    @field_validator("shape")
+    @classmethod
+    def _sane_shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(shape) > MAX_ARRAY_DIMS:
+            raise ValueError(f"{len(shape)} dimensions, more than numpy's {MAX_ARRAY_DIMS}")
+        if any(n < 0 for n in shape):
+            raise ValueError(f"shape {_shown(shape)} has a negative dimension")
+        return shape
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> ArraySpec:
+        # Zero-length dimensions make the product 0, yet numpy still multiplies the others: bound both.
+        span = _wire_dtype(self.dtype).itemsize * math.prod(max(n, 1) for n in self.shape)
+        if span >= MAX_ARRAY_BYTES:
+            raise ValueError(f"shape {_shown(self.shape)} of {self.dtype} spans 2**62 bytes or more")
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """The exact size of the buffer this description claims."""
+        return _wire_dtype(self.dtype).itemsize * math.prod(self.shape)
+
+
+def _shown(shape: tuple[int, ...]) -> str:
+    """A shape for a message, cut short: a hostile one may hold thousands of digits."""
+    text = str(list(shape))
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _wire_dtype(text: str) -> np.dtype:
+    """``text`` as a numpy dtype of a kind in ``WIRE_DTYPE_KINDS``; ValueError (for pydantic) otherwise."""
+    try:
+        dtype = np.dtype(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"dtype {text[:40]!r} is not a numpy dtype ({exc})") from exc
+    if dtype.kind not in WIRE_DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"dtype {text[:40]!r} ({dtype}) is not bool, integer, float or complex")
+    return dtype
 
 
 class Geometry(BaseModel):
@@ -103,6 +164,9 @@ class ScanStart(Message):
     frames_per_position: int = Field(default=1, ge=1)
     # Where each geometry value came from when not from the detector (value name → source), for provenance.
     geometry_overrides: dict[str, str] = Field(default_factory=dict)
+    # The scan uid as the detector sent it, when that was not a safe name and ``scan_uid`` replaces it
+    # (phasestream.scan_uid); None when it was used as sent.
+    scan_uid_as_sent: str | None = None
     bad_pixel_mask: np.ndarray = Field(default_factory=lambda: np.zeros((0, 0), dtype=bool))
 
     @field_serializer("bad_pixel_mask", when_used="json")
@@ -201,6 +265,9 @@ class ScanEnd(Message):
 
 AnyMessage = Annotated[ScanStart | FrameBatch | Reconstruction | ScanEnd, Field(discriminator="kind")]
 _HEADER_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyMessage)
+_ARRAY_FIELDS = frozenset(
+    name for kind in (ScanStart, FrameBatch, Reconstruction, ScanEnd) for name in kind.array_fields
+)
 
 
 def encode(message: Message) -> list[Any]:
@@ -215,16 +282,22 @@ def encode(message: Message) -> list[Any]:
 
 
 def decode(frames: list[Any]) -> Message:
-    """Parse multipart frames (bytes or zmq.Frame) back into a message; raise ``WireFormatError``."""
+    """Parse multipart frames (bytes or zmq.Frame) back into a message; raise ``WireFormatError``.
+
+    Anything the header gets wrong (not JSON, not an object, a foreign version, array descriptions that
+    are not a list of objects, a dtype or shape that no buffer can honour, an array in the JSON) is a
+    ``WireFormatError`` that names the field; no other exception leaves for a malformed message.
+    """
     if not frames:
         raise WireFormatError("empty multipart message: a phasestream message starts with a JSON header")
     raw = _frame_bytes(frames[0])
     try:
         header = _loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the parser's stack, a few kB of '[' suffice.
         raise WireFormatError(
-            f"header is not JSON ({exc}); first bytes {bytes(raw[:40])!r}: is a detector or a foreign "
-            "program connected to a phasestream stage's input?"
+            f"header is not JSON ({type(exc).__name__}: {str(exc)[:200]}); first bytes {bytes(raw[:40])!r}: "
+            "is a detector or a foreign program connected to a phasestream stage's input?"
         ) from exc
     if not isinstance(header, dict):
         raise WireFormatError(f"header must be a JSON object, got {type(header).__name__}")
@@ -234,7 +307,12 @@ def decode(frames: list[Any]) -> Message:
             f"schema_version {version!r} is not {SCHEMA_VERSION}: run the same phasestream version "
             "on every stage"
         )
-    specs = [ArraySpec.model_validate(s) for s in header.pop("arrays", [])]
+    inline = sorted(_ARRAY_FIELDS.intersection(header))
+    if inline:
+        raise WireFormatError(
+            f"header field(s) {inline} are arrays, which travel as buffers after the header, not in its JSON"
+        )
+    specs = _array_specs(header.pop("arrays", []))
     if len(specs) != len(frames) - 1:
         raise WireFormatError(
             f"header describes {len(specs)} arrays but {len(frames) - 1} buffers followed it"
@@ -244,20 +322,55 @@ def decode(frames: list[Any]) -> Message:
     try:
         return _HEADER_ADAPTER.validate_python(header)
     except ValidationError as exc:
-        raise WireFormatError(f"invalid {header.get('kind')!r} message: {exc}") from exc
+        raise WireFormatError(f"invalid {str(header.get('kind'))[:40]!r} message: {exc}") from exc
+
+
+def _array_specs(arrays: Any) -> list[ArraySpec]:
+    """The header's ``arrays`` field as descriptions of array fields, each named once."""
+    if not isinstance(arrays, list):
+        raise WireFormatError(
+            "header field 'arrays' must be a list of {name, dtype, shape} objects, "
+            f"got {type(arrays).__name__}"
+        )
+    specs = []
+    for index, raw in enumerate(arrays):
+        if not isinstance(raw, dict):
+            raise WireFormatError(
+                f"header field arrays[{index}] must be a {{name, dtype, shape}} object, "
+                f"got {type(raw).__name__}"
+            )
+        try:
+            spec = ArraySpec.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise WireFormatError(
+                f"header field arrays[{index}] is not a valid array description: {problems}"
+            ) from exc
+        if spec.name not in _ARRAY_FIELDS:
+            raise WireFormatError(
+                f"header field arrays[{index}].name {spec.name[:40]!r} is none of the array fields "
+                f"{sorted(_ARRAY_FIELDS)}"
+            )
+        if any(spec.name == other.name for other in specs):
+            raise WireFormatError(f"header field arrays[{index}].name {spec.name!r} describes an array twice")
+        specs.append(spec)
+    return specs
 
 
 def _array_from_frame(spec: ArraySpec, frame: Any) -> np.ndarray:
+    """The buffer as the array its (validated) description claims, zero-copy; its size must match exactly."""
     buffer = frame.buffer if hasattr(frame, "buffer") else frame
-    dtype = np.dtype(spec.dtype)
-    expected = dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64))
+    expected = spec.nbytes
     received = memoryview(buffer).nbytes
     if received != expected:
         raise WireFormatError(
             f"array {spec.name!r}: {received} bytes received, "
             f"{expected} expected for {spec.dtype}{list(spec.shape)}"
         )
-    return np.frombuffer(buffer, dtype=dtype).reshape(spec.shape)
+    return np.frombuffer(buffer, dtype=np.dtype(spec.dtype)).reshape(spec.shape)
 
 
 def _frame_bytes(frame: Any) -> bytes:

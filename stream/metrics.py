@@ -54,6 +54,14 @@ PUBLISH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
 
+# Final scan results (object, probe, positions, metadata) that Tiled has not acknowledged yet: kept on disk
+# in the run directory and re-sent until it does; 0 once everything reached Tiled.
+RESULTS_PENDING = Gauge(
+    "phasestream_results_pending",
+    "Final scan results kept on disk until Tiled acknowledges them",
+    ["stage", "worker"],
+)
+
 # The latest value, not a histogram: one number per solver worker, falling as the fit improves. No scan uid
 # label (unbounded cardinality); the scan it belongs to is in the Tiled metadata beside the same figure.
 FOURIER_R_FACTOR = Gauge(

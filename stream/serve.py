@@ -8,8 +8,11 @@ from pathlib import Path
 
 from phasestream.config import PipelineConfig, TiledSettings, load_pipeline
 from phasestream.errors import ConfigError
-from phasestream.launcher import Launcher
+from phasestream.launcher import Launcher, RunDirLock
 from phasestream.scan_options import ScanOptions, with_scan_options
+
+# Where ``phasestream run`` keeps the embedded Tiled server's key, in the run directory.
+EMBEDDED_API_KEY_FILE = "tiled-api-key"
 
 
 @contextlib.contextmanager
@@ -31,26 +34,47 @@ def tiled_for(pipeline: PipelineConfig) -> Iterator[PipelineConfig]:
 def serve_pipeline(
     path: Path,
     tiled_uri: str | None,
-    tiled_api_key: str | None,
+    tiled_api_key_file: Path | None,
     host: str | None = None,
     options: ScanOptions | None = None,
 ) -> int:
     """Serve ``path``'s pipeline; with ``host``, only the stages placed on that host (``hosts:``);
-    ``options`` sets the first probe, the geometry and the mask of every scan."""
-    from phasestream.tiled_server import public_uri
+    ``options`` sets the first probe, the geometry and the mask of every scan.
+
+    The run directory is locked before anything starts (``RunDirLock``): a second ``run`` on it fails at
+    once. An embedded Tiled server's key goes to ``<run_dir>/tiled-api-key`` (mode 0600), whose path is
+    printed, never the key.
+    """
+    from phasestream.tiled_server import public_uri, read_api_key_file, write_api_key_file
 
     pipeline = with_scan_options(load_pipeline(path), options or ScanOptions())
-    if tiled_uri or tiled_api_key:
-        update = {"uri": tiled_uri or pipeline.tiled.uri, "api_key": tiled_api_key or pipeline.tiled.api_key}
+    api_key = read_api_key_file(tiled_api_key_file) if tiled_api_key_file is not None else None
+    if tiled_uri or api_key:
+        # The file given here replaces the YAML's key and key file, which a worker would read again.
+        update = {
+            "uri": tiled_uri or pipeline.tiled.uri,
+            "api_key": api_key or pipeline.tiled.api_key,
+            "api_key_file": None if api_key else pipeline.tiled.api_key_file,
+        }
         pipeline = pipeline.model_copy(update={"tiled": pipeline.tiled.model_copy(update=update)})
     if host is not None and not pipeline.tiled.uri:
         raise ConfigError(
             f"--host {host}: a pipeline across hosts publishes to one Tiled server, and each host's launcher "
             "would start its own embedded one; set tiled.uri in the YAML or pass --tiled-uri"
         )
-    with tiled_for(pipeline) as resolved, Launcher(resolved, host=host) as launcher:
+    run_dir_lock = RunDirLock.for_launcher(pipeline, host)
+    with (
+        run_dir_lock,
+        tiled_for(pipeline) as resolved,
+        Launcher(resolved, host=host, run_dir_lock=run_dir_lock) as launcher,
+    ):
         tiled_uri = public_uri(resolved.tiled.uri)  # never the key, even when it came in the URI
         print(f"phasestream: pipeline {resolved.name!r} is up; results in Tiled at {tiled_uri}")
+        if not pipeline.tiled.uri and resolved.tiled.api_key:
+            key_file = write_api_key_file(resolved.run_dir / EMBEDDED_API_KEY_FILE, resolved.tiled.api_key)
+            print(f"  the embedded Tiled server's API key is in {key_file} (mode 0600); watch with:")
+            print(f"    phasestream view --tiled-uri {tiled_uri} --tiled-api-key-file {key_file}")
+        print(f"  run directory {resolved.run_dir} (logs, sockets), locked while this runs")
         detector = resolved.detector
         print(f"  detector: data {detector.data_endpoint}, positions {detector.positions_endpoint}")
         for label, worker in launcher.workers.items():

@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +48,7 @@ from phasestream.accounting import (
 )
 from phasestream.config import PipelineConfig, format_validation_error
 from phasestream.curve import StageCurve
-from phasestream.errors import ConfigError, PhasestreamError
+from phasestream.errors import ConfigError, DetectorMessageError, PhasestreamError
 from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart, decode
 from phasestream.topology import WorkerPlacement
 from phasestream.transport import Outlet, StatusChannel, StopRequestedError
@@ -58,6 +58,12 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_MS = 100
 _DRAIN_LIMIT = 64
 _STATUS_INTERVAL_S = 0.25
+# Warnings and rejections of one reason: at most _LOG_BURST lines per _LOG_INTERVAL_S, then one line that
+# says how many were left out. A flood of bad messages must not fill the worker's log (the metrics count
+# every one).
+_LOG_INTERVAL_S = 5.0
+_LOG_BURST = 10
+TOO_MANY_PARTS = "too_many_parts"  # the reason of a raw message refused for its number of parts
 # Set by the launcher for a restarted worker: how many times it restarted this worker so far.
 RESTARTS_ENV = "PHASESTREAM_WORKER_RESTARTS"
 
@@ -75,6 +81,55 @@ class RawInput:
     bind: bool = False
     # Larger messages drop the sender's connection before anything is allocated for them (ZMQ_MAXMSGSIZE).
     max_message_bytes: int | None = None
+    # ZMQ_MAXMSGSIZE bounds each part, not their number: a message of more parts is refused, and its parts
+    # are received and dropped one at a time, never kept together.
+    max_parts: int = 16
+
+
+@dataclass
+class _LogWindow:
+    start_s: float
+    lines: int = 0
+    suppressed: int = 0
+
+
+class LogLimiter:
+    """Decides which lines of each reason reach the log: ``burst`` per ``interval_s``, then none until the
+    interval is over, when one line says how many were left out."""
+
+    def __init__(self, interval_s: float = _LOG_INTERVAL_S, burst: int = _LOG_BURST) -> None:
+        self.interval_s = interval_s
+        self.burst = burst
+        self._windows: dict[str, _LogWindow] = {}
+        self._suppressing = False  # any window with lines left out: only then is there anything to flush
+
+    def admit(self, reason: str, now_s: float) -> int | None:
+        """None: leave this line out. Else how many lines of ``reason`` were left out before it."""
+        window = self._windows.get(reason)
+        if window is None or now_s - window.start_s >= self.interval_s:
+            left_out = window.suppressed if window is not None else 0
+            self._windows[reason] = _LogWindow(now_s, lines=1)
+            return left_out
+        if window.lines < self.burst:
+            window.lines += 1
+            return 0
+        window.suppressed += 1
+        self._suppressing = True
+        return None
+
+    def overdue(self, now_s: float, force: bool = False) -> list[tuple[str, int]]:
+        """(reason, lines left out) of each interval that is over (all, with ``force``), forgetting them."""
+        if not self._suppressing:
+            return []
+        due = [
+            (reason, window.suppressed)
+            for reason, window in self._windows.items()
+            if window.suppressed and (force or now_s - window.start_s >= self.interval_s)
+        ]
+        for reason, _ in due:
+            del self._windows[reason]
+        self._suppressing = any(window.suppressed for window in self._windows.values())
+        return due
 
 
 @dataclass
@@ -120,6 +175,7 @@ class Stage:
         self._scans_completed = 0
         self._last_status_s = 0.0
         self._status: StatusChannel | None = None
+        self._log_limiter = LogLimiter()
         self.setup()
 
     # ---- construction -------------------------------------------------------------------------
@@ -143,6 +199,10 @@ class Stage:
 
     def handle_raw(self, port: str, frames: list[bytes]) -> Iterable[Message]:
         raise NotImplementedError(f"{type(self).__name__} declares raw inputs but no handle_raw()")
+
+    def raw_refused(self, port: str, error: PhasestreamError) -> None:
+        """A raw message the runtime refused before ``handle_raw`` (too many parts); the runtime counts
+        and logs it. Count it in the stage's own accounting here."""
 
     def on_scan_start(self, message: ScanStart) -> Iterable[Message]:
         yield message
@@ -176,7 +236,12 @@ class Stage:
         self.count(scan_uid, f"rejected_{reason}", n)
 
     def warn(self, reason: str, text: str) -> None:
-        """Say what was discarded and the fix without raising: in the log and to the launcher."""
+        """Say what was discarded and the fix without raising: in the log and to the launcher, at most
+        ``_LOG_BURST`` lines of one reason per ``_LOG_INTERVAL_S`` (``LogLimiter``)."""
+        left_out = self._log_limiter.admit(reason, time.monotonic())
+        if left_out is None:
+            return
+        text += _left_out_note(left_out, self._log_limiter.interval_s)
         log.warning("%s (%s): %s", self.placement.label, reason, text)
         if self._status is not None:
             self._status.report("log", level="warning", reason=reason, text=text)
@@ -214,7 +279,8 @@ class Stage:
                 curve.serve(inbox)
             inbox.bind(self.placement.input_endpoint)
             ports[inbox] = "in"
-        for port, raw in self.raw_inputs().items():
+        raw_inputs = self.raw_inputs()
+        for port, raw in raw_inputs.items():
             sock = context.socket(raw.socket_type)
             sock.setsockopt(zmq.RCVHWM, max(self.pipeline.high_water_mark, 1000))
             if raw.max_message_bytes is not None:
@@ -240,10 +306,11 @@ class Stage:
         log.info("%s ready; /metrics on %s:%d", self.placement.label, address, metrics_port)
         try:
             self._recover_open_scans()
-            self._loop(poller, ports)
+            self._loop(poller, ports, raw_inputs)
         except StopRequestedError:
             log.info("%s stopped while waiting for downstream room", self.placement.label)
         finally:
+            self._log_left_out(force=True)
             self.close()
             self._status.report("stopped")
             self._outlet.close(linger_ms=5000)
@@ -270,7 +337,9 @@ class Stage:
         peers = [downstream] if downstream is not None and _is_tcp(*self.placement.output_endpoints) else []
         return StageCurve(self.pipeline.curve, context, self.stage_name, peers)
 
-    def _loop(self, poller: zmq.Poller, ports: dict[zmq.Socket, str]) -> None:
+    def _loop(
+        self, poller: zmq.Poller, ports: dict[zmq.Socket, str], raw_inputs: dict[str, RawInput]
+    ) -> None:
         while not self._stop.is_set():
             wants_idle = self.idle_poll_ms is not None and self.has_open_scan()
             timeout = self.idle_poll_ms if wants_idle else _IDLE_POLL_MS
@@ -279,7 +348,7 @@ class Stage:
             for sock, port in ports.items():
                 if not ready.get(sock, 0) & zmq.POLLIN:
                     continue
-                group = _drain(sock, copy=port != "in")
+                group = _drain(sock) if port == "in" else _drain_raw(sock, port, raw_inputs[port])
                 handled += len(group)
                 self._handle_group(port, group)
             self._queue_depth.set(handled)
@@ -287,6 +356,7 @@ class Stage:
                 with self._errors_counted():
                     self._send_all(self.idle())
             self._close_overdue_scans()
+            self._log_left_out()
             if self.pipeline.exit_after_scan and self._scans_completed:
                 return
 
@@ -296,7 +366,7 @@ class Stage:
             s.start is not None and s.ends_received == 0 and not s.finished for s in self._scans.values()
         )
 
-    def _handle_group(self, port: str, group: list[list[Any]]) -> None:
+    def _handle_group(self, port: str, group: Sequence[list[Any] | PhasestreamError]) -> None:
         """Handle what one drain took from a socket, timed as a whole: at tens of thousands of detector
         messages a second, a histogram observation and an error context per message cost ingest µs a frame."""
         started = time.perf_counter()
@@ -310,7 +380,10 @@ class Stage:
                 self._count_error(exc)
         self._process_seconds.observe(time.perf_counter() - started)
 
-    def _handle(self, port: str, frames: list[Any]) -> None:
+    def _handle(self, port: str, frames: list[Any] | PhasestreamError) -> None:
+        if isinstance(frames, PhasestreamError):  # what _drain_raw refused in place of the message
+            self.raw_refused(port, frames)
+            raise frames
         if port == "in":
             self._current = decode(frames)
             self._send_all(self._dispatch_message(self._current))
@@ -340,16 +413,34 @@ class Stage:
             self._reject(exc.reason, str(exc))
             return
         # A bug in one stage must not end a beamline scan.
-        log.exception("%s: internal error", self.placement.label)
-        self._reject("internal_error", f"{type(exc).__name__}: {exc}")
+        self._reject("internal_error", f"{type(exc).__name__}: {exc}", with_traceback=True)
 
-    def _reject(self, reason: str, text: str) -> None:
+    def _reject(self, reason: str, text: str, with_traceback: bool = False) -> None:
+        """Count a refused message in the metrics (every one) and log it (``LogLimiter`` decides)."""
         metrics.MESSAGES_REJECTED.labels(reason=reason, **self._labels).inc()
         if isinstance(self._current, FrameBatch):
             self.reject_frames(self._current.scan_uid, reason, len(self._current.frame_indices))
-        log.warning("%s rejected a message (%s): %s", self.placement.label, reason, text)
+        left_out = self._log_limiter.admit(reason, time.monotonic())
+        if left_out is None:
+            return
+        text += _left_out_note(left_out, self._log_limiter.interval_s)
+        log.warning(
+            "%s rejected a message (%s): %s", self.placement.label, reason, text, exc_info=with_traceback
+        )
         if self._status is not None:
             self._status.report("log", level="warning", reason=reason, text=text)
+
+    def _log_left_out(self, force: bool = False) -> None:
+        """One line for each reason whose lines ``LogLimiter`` left out in an interval that is over."""
+        interval_s = self._log_limiter.interval_s
+        for reason, n in self._log_limiter.overdue(time.monotonic(), force):
+            text = (
+                f"{n} more lines of this reason were left out of the log in the last {interval_s:g} s; "
+                "the metrics (phasestream_messages_rejected_total, ...) count every one"
+            )
+            log.warning("%s (%s): %s", self.placement.label, reason, text)
+            if self._status is not None:
+                self._status.report("log", level="warning", reason=reason, text=text)
 
     def _dispatch_message(self, message: Message) -> Iterable[Message]:
         state = self.scan(message.scan_uid)
@@ -559,16 +650,56 @@ def _is_tcp(*endpoints: str) -> bool:
     return bool(endpoints) and all(e.startswith("tcp://") for e in endpoints)
 
 
-def _drain(sock: zmq.Socket, copy: bool) -> list[list[Any]]:
+def _left_out_note(left_out: int, interval_s: float) -> str:
+    """What a line adds when lines of its reason were left out before it."""
+    if not left_out:
+        return ""
+    return f" ({left_out} more lines of this reason were left out of the log in the last {interval_s:g} s)"
+
+
+def _drain(sock: zmq.Socket) -> list[list[Any]]:
     """The messages waiting on a socket, at most ``_DRAIN_LIMIT`` so that no socket starves the others.
 
-    Detector messages (a few kB) come as ``bytes`` (``copy``): for small messages that is cheaper than a
-    ``zmq.Frame``; phasestream's own messages carry arrays and stay zero-copy frames.
+    phasestream's own messages carry arrays: they stay zero-copy frames.
     """
     group = []
     for _ in range(_DRAIN_LIMIT):
         try:
-            group.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=copy))
+            group.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
         except zmq.Again:
             break
     return group
+
+
+def _drain_raw(sock: zmq.Socket, port: str, raw: RawInput) -> list[list[bytes] | PhasestreamError]:
+    """Like ``_drain`` for a detector-facing socket: each message as ``bytes`` parts (for small detector
+    messages cheaper than a ``zmq.Frame``), or, for one of more than ``raw.max_parts`` parts, the error
+    that refuses it."""
+    group: list[list[bytes] | PhasestreamError] = []
+    for _ in range(_DRAIN_LIMIT):
+        try:
+            parts = [sock.recv(flags=zmq.NOBLOCK)]
+        except zmq.Again:
+            break
+        # ZeroMQ delivers a message whole: once its first part is here, the rest are too.
+        while sock.getsockopt(zmq.RCVMORE):
+            if len(parts) == raw.max_parts:
+                parts = _too_many_parts(sock, port, raw, len(parts))
+                break
+            parts.append(sock.recv(flags=zmq.NOBLOCK))
+        group.append(parts)
+    return group
+
+
+def _too_many_parts(sock: zmq.Socket, port: str, raw: RawInput, kept: int) -> DetectorMessageError:
+    """Drop the rest of a message of too many parts, one part at a time, and say what was refused."""
+    dropped = 0
+    while sock.getsockopt(zmq.RCVMORE):
+        sock.recv(flags=zmq.NOBLOCK)
+        dropped += 1
+    return DetectorMessageError(
+        f"a message on the {port} socket ({raw.endpoint}) has {kept + dropped} parts, more than the "
+        f"{raw.max_parts} its raw input allows (max_parts); it is dropped unread. Is something other than "
+        "the detector sending to this endpoint?",
+        reason=TOO_MANY_PARTS,
+    )

@@ -17,17 +17,32 @@ Failures: connection errors, timeouts, 5xx and 429 are retried with exponential 
 ``phasestream_messages_rejected_total{reason="tiled_unreachable"}``; a newer submission for the node
 takes over the failing one and its backoff. 4xx answers (bad key, conflict, invalid data) are not
 retried: ``reason="tiled_rejected"``. Either way the error names the URI, the node and the fix, and
-the writer goes on with the next update.
+the writer goes on with the next update. A 404 means the server lost the node (a restart on an empty
+catalog): it is retried like a network error, and the scan's container is created again with every metadata
+update submitted for that scan so far (geometry, planned frames, config hash...), not with the update at hand.
+
+Final results: ``submit_result`` files a scan's final arrays and its complete metadata as one delivery,
+kept in ``pending_dir`` (``<scan_uid>.npz``, written atomically) until Tiled has acknowledged every part.
+Its updates are never given up for a network error, 5xx, 429 or 404: after ``max_retries`` they are re-sent
+on a slower schedule (at most ``result_retry_s`` apart, at once when another write succeeds) for as long as
+the process runs, and a later publisher with the same ``pending_dir`` (the worker started again) re-sends
+what is left there. Meanwhile they count in ``phasestream_results_pending`` and a warning says so at most
+every ``PENDING_LOG_INTERVAL_S``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -38,8 +53,9 @@ from tiled.client import from_uri
 from tiled.client.array import ArrayClient
 from tiled.client.container import Container
 
-from phasestream.errors import ConfigError, PublishError
-from phasestream.metrics import MESSAGES_REJECTED, PUBLISH_SECONDS
+from phasestream.errors import ConfigError, PhasestreamError, PublishError
+from phasestream.metrics import MESSAGES_REJECTED, PUBLISH_SECONDS, RESULTS_PENDING
+from phasestream.scan_uid import check_scan_uid
 from phasestream.tiled_server import API_KEY_FIX, URI_FIX, public_uri, validate_api_key
 
 logger = logging.getLogger(__name__)
@@ -47,6 +63,12 @@ logger = logging.getLogger(__name__)
 RECONSTRUCTIONS_KEY = "reconstructions"
 # bool, signed and unsigned integers, floats, complex: what Tiled stores as a plain array.
 PUBLISHABLE_DTYPE_KINDS = "biufc"
+# At most one warning this often about final results that still wait for Tiled.
+PENDING_LOG_INTERVAL_S = 30.0
+# The scans whose submitted metadata is remembered, to create their container again after a 404.
+_REMEMBERED_SCANS = 64
+# Back-off doubles up to its limit; beyond this many doublings it is at the limit anyway.
+_MAX_DOUBLINGS = 30
 
 # What the tiled 0.2.20 client raises while writing:
 #   httpx.TransportError   connection refused (ConnectError), timeouts (TimeoutException and its
@@ -70,12 +92,19 @@ class FailureReason(StrEnum):
 
     UNREACHABLE = "tiled_unreachable"
     REJECTED = "tiled_rejected"
+    NOT_FOUND = "tiled_not_found"  # the server no longer has the node: restarted on an empty catalog?
+
+
+# What may work on a retry: the network, 5xx and 429; a lost node, which the retry creates again.
+RETRYABLE = frozenset({FailureReason.UNREACHABLE, FailureReason.NOT_FOUND})
 
 
 def classify_failure(exc: BaseException) -> FailureReason:
-    """UNREACHABLE for what may work on a retry (network, 5xx, 429), REJECTED for what would fail again."""
+    """UNREACHABLE for the network, 5xx and 429, NOT_FOUND for a 404, REJECTED for what would fail again."""
     if isinstance(exc, httpx.HTTPStatusError):
         status = exc.response.status_code
+        if status == httpx.codes.NOT_FOUND:
+            return FailureReason.NOT_FOUND
         retryable = status >= httpx.codes.INTERNAL_SERVER_ERROR or status == httpx.codes.TOO_MANY_REQUESTS
         return FailureReason.UNREACHABLE if retryable else FailureReason.REJECTED
     if isinstance(exc, httpx.TransportError):
@@ -94,12 +123,46 @@ class _Node(NamedTuple):
 
 
 @dataclass
+class FinalResult:
+    """A scan's final result as Tiled must end up holding it: the container's complete metadata, and its
+    arrays by node name, each with the metadata of its node."""
+
+    scan_uid: str
+    metadata: dict[str, Any]
+    arrays: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
+
+
+@dataclass
+class _Delivery:
+    """The parts (node names; None: the container's metadata) of one final result Tiled has not taken yet."""
+
+    scan_uid: str
+    unsent: set[str | None]
+
+
+@dataclass
 class _Update:
     node: _Node
     array: np.ndarray | None
     metadata: dict[str, Any]
     failed_attempts: int = 0
     not_before_s: float = 0.0  # time.monotonic() before which a retry must not start
+    delivery: _Delivery | None = None  # set for a part of a final result: never given up while retryable
+
+
+def _combine(older: _Update, newer: _Update) -> _Update:
+    """One update for a node from an unsent (or failing) one and a newer one: latest wins, metadata merged.
+
+    The node's failure streak and backoff go on: a steady stream of submissions to a stopped server must
+    still end in counted failures, not in endless fresh first tries. A final result's array is never
+    replaced by a later snapshot (a straggler from another upstream worker).
+    """
+    if older.delivery is not None and newer.delivery is None and newer.array is not None:
+        return older
+    newer.metadata = _merge_metadata(older.metadata, newer.metadata)
+    newer.failed_attempts, newer.not_before_s = older.failed_attempts, older.not_before_s
+    newer.delivery = newer.delivery or older.delivery
+    return newer
 
 
 def _merge_metadata(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
@@ -128,12 +191,78 @@ def _child_container(parent: Container, key: str, metadata: dict[str, Any]) -> t
         return parent[key], False
 
 
+class PendingResults:
+    """Final results on disk until Tiled has them: ``<directory>/<scan_uid>.npz``.
+
+    Each file holds the container's metadata (JSON, key ``metadata``), and per node ``array.<name>`` and
+    ``metadata.<name>``; it is written beside its place and renamed into it, so a crash leaves the old
+    file or the new one, never half of one. Read without pickle.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def path(self, scan_uid: str) -> Path:
+        return self.directory / f"{check_scan_uid(scan_uid, f'a result kept in {self.directory}')}.npz"
+
+    def save(self, result: FinalResult) -> Path:
+        """Keep ``result`` (replacing an earlier one of the scan); OSError when the disk refuses."""
+        path = self.path(result.scan_uid)
+        contents: dict[str, np.ndarray] = {
+            "scan_uid": np.array(result.scan_uid),
+            "metadata": np.array(json.dumps(result.metadata)),
+        }
+        for name, (array, metadata) in result.arrays.items():
+            contents[f"array.{name}"] = np.ascontiguousarray(array)
+            contents[f"metadata.{name}"] = np.array(json.dumps(metadata))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        with partial.open("wb") as file:
+            np.savez(file, **contents)
+            file.flush()
+            os.fsync(file.fileno())
+        partial.replace(path)
+        return path
+
+    def load(self) -> list[FinalResult]:
+        """Every result kept here; a file that cannot be read is logged and left for a person."""
+        results = []
+        for path in sorted(self.directory.glob("*.npz")) if self.directory.is_dir() else ():
+            try:
+                results.append(self._read(path))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, PhasestreamError) as exc:
+                logger.error(
+                    "cannot read the pending result %s (%s: %s): it is not re-sent to Tiled; open it with "
+                    "numpy.load, or delete it", path, type(exc).__name__, exc,
+                )  # fmt: skip
+        return results
+
+    def _read(self, path: Path) -> FinalResult:
+        with np.load(path, allow_pickle=False) as stored:
+            scan_uid = str(stored["scan_uid"])
+            if self.path(scan_uid) != path:
+                raise ValueError(f"it holds scan {scan_uid!r}, not the one its name says")
+            arrays = {}
+            for key in stored.files:
+                name = key.removeprefix("array.")
+                if name == key:
+                    continue
+                if not name.isidentifier():
+                    raise ValueError(f"it names a node {name!r}, which is no plain name")
+                arrays[name] = (stored[key], json.loads(str(stored[f"metadata.{name}"])))
+            return FinalResult(scan_uid, json.loads(str(stored["metadata"])), arrays)
+
+    def discard(self, scan_uid: str) -> None:
+        self.path(scan_uid).unlink(missing_ok=True)
+
+
 class TiledPublisher:
     """Writes the latest array and metadata per node to ``/reconstructions/<scan_uid>/`` in a thread.
 
-    ``submit_array`` / ``submit_metadata`` return at once and never raise on a server problem; ``flush``
-    waits (bounded) until everything submitted so far is written or given up. Counters: ``written``,
-    ``superseded``, ``retried``, ``failed`` and ``last_error``.
+    ``submit_array`` / ``submit_metadata`` / ``submit_result`` return at once and never raise on a server
+    problem; ``flush`` waits (bounded) until everything submitted so far is written, given up, or (a final
+    result's part) past ``max_retries`` and kept pending. Counters: ``written``, ``superseded``,
+    ``retried``, ``failed`` (and per scan ``take_failures``), ``pending_results`` and ``last_error``.
 
     tiled's client retries failed requests itself (stamina, up to 10 attempts or 45 s per call), which
     would stall the writer about 25 s per update against a stopped server and make ``max_retries``
@@ -153,6 +282,8 @@ class TiledPublisher:
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
         request_timeout_s: float = 10.0,
+        pending_dir: Path | None = None,
+        result_retry_s: float = 30.0,
     ) -> None:
         try:
             httpx.URL(uri)
@@ -168,6 +299,9 @@ class TiledPublisher:
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._request_timeout_s = request_timeout_s
+        self._result_retry_s = result_retry_s
+        self._store = PendingResults(pending_dir) if pending_dir is not None else None
+        self._pending_gauge = RESULTS_PENDING.labels(**self._labels)
 
         # Shared between submitters and the writer; guarded by _cond, never held during I/O.
         self._cond = threading.Condition()
@@ -178,7 +312,13 @@ class TiledPublisher:
         self._superseded = 0
         self._retried = 0
         self._failed = 0
+        self._failed_by_scan: dict[str, int] = {}
         self._last_error: str | None = None
+        # Every metadata update submitted per scan, merged: what a container created again must hold.
+        self._scan_metadata: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # The final results Tiled has not taken yet, by scan.
+        self._deliveries: dict[str, _Delivery] = {}
+        self._pending_logged_s = float("-inf")
 
         # Confined to the writer thread: the tiled client and the nodes it has resolved.
         self._client: Container | None = None
@@ -190,6 +330,7 @@ class TiledPublisher:
             target=self._run, name=f"tiled-publisher-{stage}-{worker}", daemon=True
         )
         self._thread.start()
+        self._resume_pending()
 
     # -- submitting (any thread) -------------------------------------------------------------------
 
@@ -197,59 +338,139 @@ class TiledPublisher:
         self, scan_uid: str, name: str, array: np.ndarray, metadata: dict[str, Any] | None = None
     ) -> None:
         """File ``array`` (and metadata for its node) for ``/reconstructions/<scan_uid>/<name>``."""
-        node = _Node(scan_uid, name)
+        node = self._node(scan_uid, name)
         array = np.asarray(array)
+        self._check_dtype(node, array)
+        # A copy, because solvers go on updating their estimate in place while this one waits.
+        snapshot = np.array(array, order="C", copy=True)
+        self._file([_Update(node, snapshot, copy.deepcopy(metadata or {}))])
+
+    def submit_metadata(self, scan_uid: str, metadata: dict[str, Any]) -> None:
+        """File a metadata update (``dict.update``-like, nested dicts merge) for the scan's container."""
+        self._file([_Update(self._node(scan_uid, None), None, copy.deepcopy(metadata))])
+
+    def submit_result(self, result: FinalResult) -> None:
+        """File a scan's final result: kept in ``pending_dir`` and re-sent until Tiled has every part.
+
+        A disk that refuses the file costs durability, not the result: it is logged and sent from memory.
+        """
+        updates = self._result_updates(result)
+        if self._store is not None:
+            try:
+                self._store.save(result)
+            except (OSError, TypeError, ValueError) as exc:  # TypeError, ValueError: metadata not JSON
+                logger.error(
+                    "cannot keep the final result of scan %s in %s (%s): it is sent from memory only, and "
+                    "lost if this worker stops before Tiled takes it; free disk space or check run_dir",
+                    result.scan_uid, self._store.directory, exc,
+                )  # fmt: skip
+        self._file(updates)
+
+    def _result_updates(self, result: FinalResult) -> list[_Update]:
+        """The container's metadata first (it creates the container with all of it), then each array."""
+        delivery = _Delivery(result.scan_uid, {None, *result.arrays})
+        container = self._node(result.scan_uid, None)
+        updates = [_Update(container, None, copy.deepcopy(result.metadata), delivery=delivery)]
+        for name, (array, metadata) in result.arrays.items():
+            node = self._node(result.scan_uid, name)
+            snapshot = np.array(array, order="C", copy=True)
+            self._check_dtype(node, snapshot)
+            updates.append(_Update(node, snapshot, copy.deepcopy(metadata), delivery=delivery))
+        return updates
+
+    def _node(self, scan_uid: str, name: str | None) -> _Node:
+        """The node, once the scan uid is known to name one under ``/reconstructions/`` and nothing else."""
+        return _Node(check_scan_uid(scan_uid, f"a write to Tiled at {self.uri}"), name)
+
+    @staticmethod
+    def _check_dtype(node: _Node, array: np.ndarray) -> None:
         if array.dtype.kind not in PUBLISHABLE_DTYPE_KINDS:
             raise PublishError(
                 f"cannot publish {node.path}: dtype {array.dtype} is not bool, integer, float or complex",
                 reason=FailureReason.REJECTED,
             )
-        # A copy, because solvers go on updating their estimate in place while this one waits.
-        snapshot = np.array(array, order="C", copy=True)
-        self._file(_Update(node, snapshot, copy.deepcopy(metadata or {})))
 
-    def submit_metadata(self, scan_uid: str, metadata: dict[str, Any]) -> None:
-        """File a metadata update (``dict.update``-like, nested dicts merge) for the scan's container."""
-        self._file(_Update(_Node(scan_uid, None), None, copy.deepcopy(metadata)))
+    def _resume_pending(self) -> None:
+        """File the final results an earlier run left in ``pending_dir``."""
+        results = self._store.load() if self._store is not None else []
+        if not results:
+            return
+        logger.warning(
+            "%d final result(s) of an earlier run wait in %s (scans %s): re-sending them to Tiled at %s",
+            len(results), self._store.directory, ", ".join(r.scan_uid for r in results[:5]), self.uri,
+        )  # fmt: skip
+        for result in results:
+            try:
+                self._file(self._result_updates(result))
+            except PhasestreamError as exc:
+                logger.error(
+                    "the pending result of scan %s is not re-sent (%s): delete it", result.scan_uid, exc
+                )
 
-    def _file(self, update: _Update) -> None:
+    def _file(self, updates: list[_Update]) -> None:
         with self._cond:
             if self._closing:
                 raise PublishError(
-                    f"the Tiled publisher for {self.uri} is closed; {update.node.path} not sent"
+                    f"the Tiled publisher for {self.uri} is closed; {updates[0].node.path} not sent"
                 )
             if not self._thread.is_alive():
                 raise PublishError(f"the Tiled writer thread for {self.uri} has died: see the log above")
-            older = self._pending.get(update.node)
-            if older is not None:
-                self._superseded += 1
-                update.metadata = _merge_metadata(older.metadata, update.metadata)
-                # The node's failure streak and backoff go on: a steady stream of submissions to a
-                # stopped server must still end in counted failures, not in endless fresh first tries.
-                update.failed_attempts, update.not_before_s = older.failed_attempts, older.not_before_s
-            self._pending[update.node] = update  # an existing key keeps its place in the queue
+            for update in updates:
+                if update.delivery is not None and update.node.name is None:
+                    self._deliveries[update.node.scan_uid] = update.delivery
+                if update.array is None:
+                    self._remember_metadata(update.node.scan_uid, update.metadata)
+                older = self._pending.get(update.node)
+                if older is not None:
+                    self._superseded += 1
+                    update = _combine(older, update)
+                self._pending[update.node] = update  # an existing key keeps its place in the queue
+            self._pending_gauge.set(len(self._deliveries))
             self._cond.notify_all()
+
+    def _remember_metadata(self, scan_uid: str, metadata: dict[str, Any]) -> None:
+        known = self._scan_metadata.pop(scan_uid, {})
+        self._scan_metadata[scan_uid] = _merge_metadata(known, metadata)
+        while len(self._scan_metadata) > _REMEMBERED_SCANS:
+            self._scan_metadata.popitem(last=False)
 
     # -- waiting and stopping ---------------------------------------------------------------------
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until all updates submitted so far are written or given up; False on timeout."""
+        """Wait until all updates submitted so far are written, given up or, for a final result's parts,
+        kept pending after ``max_retries``; False on timeout."""
         with self._cond:
             return self._cond.wait_for(
-                lambda: not self._pending and self._in_flight is None, timeout=timeout_s
+                lambda: (
+                    all(self._parked(u) for u in self._pending.values())
+                    and (self._in_flight is None or self._parked(self._in_flight))
+                ),
+                timeout=timeout_s,
             )
 
+    def _parked(self, update: _Update) -> bool:
+        """A final result's part that failed more than ``max_retries`` times: re-sent on the slow schedule."""
+        return update.delivery is not None and update.failed_attempts > self._max_retries
+
     def close(self, timeout_s: float = 10.0) -> None:
-        """Flush for up to ``timeout_s``, then stop the writer; what is still pending is logged, dropped."""
+        """Flush for up to ``timeout_s``, then stop the writer; what is still pending is logged, dropped
+        (final results stay in ``pending_dir`` for the next start)."""
         self.flush(timeout_s)
         with self._cond:
             self._closing = True
-            dropped = [update.node.path for update in self._pending.values()]
+            dropped = [update.node.path for update in self._pending.values() if update.delivery is None]
+            kept = sorted(self._deliveries)
             self._pending.clear()
             self._cond.notify_all()
         self._thread.join(timeout=self._request_timeout_s)
         if dropped:
             logger.warning("closed the Tiled publisher for %s with unsent updates: %s", self.uri, dropped)
+        if kept:
+            where = self._store.directory if self._store is not None else "memory only (no pending_dir)"
+            logger.warning(
+                "closed the Tiled publisher for %s before Tiled took the final results of scans %s: they "
+                "stay in %s and are re-sent at the next start", self.uri, kept, where,
+            )  # fmt: skip
         if self._client is not None and not self._thread.is_alive():
             self._client.context.close()
             self._client = None
@@ -291,6 +512,20 @@ class TiledPublisher:
     def last_error(self) -> str | None:
         return self._last_error
 
+    @property
+    def pending_results(self) -> int:
+        """Final results (one per scan) that Tiled has not acknowledged every part of."""
+        return len(self._deliveries)
+
+    def is_pending(self, scan_uid: str) -> bool:
+        """Whether the scan's final result still waits for Tiled."""
+        return scan_uid in self._deliveries
+
+    def take_failures(self, scan_uid: str) -> int:
+        """Updates of this scan given up since the last call for it (counted once, for its accounting)."""
+        with self._cond:
+            return self._failed_by_scan.pop(scan_uid, 0)
+
     # -- the writer thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -306,7 +541,21 @@ class TiledPublisher:
                 self._settle(update, exc)
             else:
                 PUBLISH_SECONDS.labels(**self._labels).observe(time.perf_counter() - started_s)
-                self._settle(update, None)
+                if (delivered := self._settle(update, None)) is not None:
+                    self._discard(delivered)
+
+    def _discard(self, delivered: str) -> None:
+        """Tiled has every part of the scan's final result: its file goes."""
+        logger.info("the final result of scan %s reached Tiled at %s", delivered, self.uri)
+        if self._store is None:
+            return
+        try:
+            self._store.discard(delivered)
+        except OSError as exc:
+            logger.error(
+                "cannot delete %s (%s), whose result reached Tiled: delete it, or it is sent again at the "
+                "next start", self._store.path(delivered), exc,
+            )  # fmt: skip
 
     def _take_next_due(self) -> _Update | None:
         with self._cond:
@@ -321,7 +570,9 @@ class TiledPublisher:
                 self._cond.wait(timeout=None if next_retry_s is None else next_retry_s - now_s)
             return None
 
-    def _settle(self, update: _Update, error: BaseException | None) -> None:
+    def _settle(self, update: _Update, error: BaseException | None) -> str | None:
+        """Count the outcome and retry, give up or keep pending; the scan whose result is now complete."""
+        delivered = None
         with self._cond:
             self._in_flight = None
             if error is None:
@@ -329,19 +580,55 @@ class TiledPublisher:
                 if self._failures_in_a_row:
                     logger.info("Tiled at %s takes writes again (%s)", self.uri, update.node.path)
                 self._failures_in_a_row = 0
-            elif (
-                classify_failure(error) is FailureReason.UNREACHABLE
-                and update.failed_attempts < self._max_retries
+                self._retry_results_now()
+                delivered = self._delivered(update)
+            elif classify_failure(error) in RETRYABLE and (
+                update.delivery is not None or update.failed_attempts < self._max_retries
             ):
                 self._schedule_retry(update)
+                if self._parked(update):
+                    self._log_pending(error)
             else:
                 self._give_up(update, error)
+            self._pending_gauge.set(len(self._deliveries))
             self._cond.notify_all()
+        return delivered
+
+    def _delivered(self, update: _Update) -> str | None:
+        """Tick off a written part of a final result; the scan uid when that was its last part."""
+        delivery = update.delivery
+        if delivery is None:
+            return None
+        delivery.unsent.discard(update.node.name)
+        if delivery.unsent or self._deliveries.get(delivery.scan_uid) is not delivery:
+            return None
+        del self._deliveries[delivery.scan_uid]
+        return delivery.scan_uid
+
+    def _retry_results_now(self) -> None:
+        """Tiled took a write: the final results waiting out a back-off need not wait longer."""
+        for pending in self._pending.values():
+            if pending.delivery is not None and pending.failed_attempts:
+                pending.not_before_s = 0.0
+
+    def _log_pending(self, error: BaseException) -> None:
+        now_s = time.monotonic()
+        if now_s - self._pending_logged_s < PENDING_LOG_INTERVAL_S:
+            return
+        self._pending_logged_s = now_s
+        where = self._store.directory if self._store is not None else "memory (no pending_dir)"
+        logger.warning(
+            "%d final scan result(s) (%s) wait for Tiled at %s (%s: %s): kept in %s and re-sent at most "
+            "%g s apart until Tiled takes them",
+            len(self._deliveries), ", ".join(sorted(self._deliveries)[:5]), self.uri, type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "", where, self._result_retry_s,
+        )  # fmt: skip
 
     def _schedule_retry(self, update: _Update) -> None:
         update.failed_attempts += 1
-        delay_s = min(self._backoff_s * 2 ** (update.failed_attempts - 1), self._max_backoff_s)
-        update.not_before_s = time.monotonic() + delay_s
+        limit_s = self._result_retry_s if self._parked(update) else self._max_backoff_s
+        doublings = min(update.failed_attempts - 1, _MAX_DOUBLINGS)
+        update.not_before_s = time.monotonic() + min(self._backoff_s * 2**doublings, limit_s)
         self._retried += 1
         newer = self._pending.get(update.node)
         if newer is None:
@@ -349,13 +636,17 @@ class TiledPublisher:
             return
         # The newer submission takes over: it is retried in place of this one, after the same backoff.
         self._superseded += 1
-        newer.metadata = _merge_metadata(update.metadata, newer.metadata)
-        newer.failed_attempts, newer.not_before_s = update.failed_attempts, update.not_before_s
+        self._pending[update.node] = _combine(update, newer)
 
     def _give_up(self, update: _Update, error: BaseException) -> None:
         reason = classify_failure(error)
         message = self._describe(update, error)
+        if update.delivery is not None:
+            where = self._store.path(update.node.scan_uid) if self._store is not None else "memory"
+            message += f"; the final result stays in {where} and is sent again at the next start"
         self._failed += 1
+        uid = update.node.scan_uid
+        self._failed_by_scan[uid] = self._failed_by_scan.get(uid, 0) + 1
         self._last_error = message
         MESSAGES_REJECTED.labels(**self._labels, reason=reason).inc()
         # One ERROR per outage or misconfiguration, not one per update at several updates a second.
@@ -369,6 +660,11 @@ class TiledPublisher:
         if isinstance(error, httpx.HTTPStatusError):
             status = error.response.status_code
             first_line = str(error).splitlines()[0]
+            if classify_failure(error) is FailureReason.NOT_FOUND:
+                return (
+                    f"gave up on {target} after {attempts} attempts: {status} ({first_line}); the server "
+                    "lost the node each time (restarted on an empty catalog, or a node deleted): check it"
+                )
             if classify_failure(error) is FailureReason.UNREACHABLE:
                 return (
                     f"gave up on {target} after {attempts} attempts: {status} ({first_line}); "
@@ -389,14 +685,14 @@ class TiledPublisher:
     def _write(self, update: _Update) -> None:
         node = update.node
         if update.array is None:
-            scan, created = self._scan(node.scan_uid, update.metadata)
+            scan, created = self._scan(node.scan_uid)
             if not created and update.metadata:
                 scan.update_metadata(update.metadata, drop_revision=True)
             return
         assert node.name is not None  # array updates always name their node
         array_node = self._nodes.get(node)
         if array_node is None:
-            scan, _ = self._scan(node.scan_uid, {})
+            scan, _ = self._scan(node.scan_uid)
             try:
                 array_node = scan[node.name]
             except KeyError:
@@ -405,7 +701,7 @@ class TiledPublisher:
         if not self._same_structure(array_node, update.array):
             # A PUT must match the stored shape and dtype (a mismatch gives a 500 or a reset
             # connection, not a 4xx), so a new probe size or dtype replaces the node instead.
-            scan, _ = self._scan(node.scan_uid, {})
+            scan, _ = self._scan(node.scan_uid)
             # external_only=False: our arrays are internally managed zarr, which the default refuses (409).
             scan.delete_contents(node.name, external_only=False)
             self._nodes[node] = scan.write_array(update.array, key=node.name, metadata=update.metadata)
@@ -423,12 +719,16 @@ class TiledPublisher:
             and np.dtype(array_node.dtype) == array.dtype
         )
 
-    def _scan(self, scan_uid: str, metadata: dict[str, Any]) -> tuple[Container, bool]:
-        """The scan's container, created with ``metadata`` if absent, and whether it was created."""
+    def _scan(self, scan_uid: str) -> tuple[Container, bool]:
+        """The scan's container and whether it was created now: then with every metadata update submitted
+        for the scan so far (the one being written included), so that a container the server lost comes
+        back whole, whichever update finds it missing."""
         key = _Node(scan_uid, None)
         cached = self._nodes.get(key)
         if isinstance(cached, Container):
             return cached, False
+        with self._cond:
+            metadata = copy.deepcopy(self._scan_metadata.get(scan_uid, {}))
         scan, created = _child_container(
             self._reconstructions_container(), scan_uid, {"scan_uid": scan_uid, **metadata}
         )

@@ -10,6 +10,10 @@ directory: SQLite catalog ``catalog.db``, arrays as zarr under ``data/``, logs i
 It turns on tiled's in-memory streaming cache, which websocket ``subscribe()`` needs (a server without it
 answers the websocket with HTTP 500 and ``start_in_thread()`` never returns).
 
+The catalog and the data are this user's alone: the directory is made mode 0700 (so nothing under it is
+reachable by other users), and the files the server creates as it starts (catalog, storage, logs) get
+mode 0600.
+
 ``readable_storage`` lists folders of files that the server may serve as external data, such as the
 detector files that Bluesky's TiledWriter registers for a raw run; tiled refuses (HTTP 500) to read an
 external asset outside them. None (the default) serves only the server's own data.
@@ -17,26 +21,37 @@ external asset outside them. None (the default) serves only the server's own dat
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import secrets
 import socket
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import httpx
 
+from phasestream.config import read_secret_file
 from phasestream.errors import ConfigError, PublishError
 
 if TYPE_CHECKING:
     from tiled.server import SimpleTiledServer
 
 LOOPBACK_HOST = "127.0.0.1"
-API_KEY_FIX = "pass --tiled-api-key or set PHASESTREAM_TILED__API_KEY"
+API_KEY_ENV = "PHASESTREAM_TILED__API_KEY"
+API_KEY_FIX = (
+    f"give it in a file only you can read (--tiled-api-key-file PATH, chmod 600) or in ${API_KEY_ENV}"
+)
 URI_FIX = "start one or drop --tiled-uri to use the embedded server"
-# tiled's client reads the key back from its header with this pattern and treats any other key as no
-# key at all, which then fails as "This server requires API key authentication".
-TILED_API_KEY_PATTERN = re.compile(r"\w+")
+# Tiled's own rule: its server refuses a single-user key that is not alphanumeric (tiled/server/app.py,
+# `single_user_api_key.isalnum()`; tiled/config.py, pattern [a-zA-Z0-9]+). ASCII only: the key travels in
+# an HTTP header, where a non-ASCII letter that isalnum() accepts cannot go.
+TILED_API_KEY_PATTERN = re.compile(r"[A-Za-z0-9]+")
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
 
 
 def generate_api_key() -> str:
@@ -45,12 +60,50 @@ def generate_api_key() -> str:
 
 
 def validate_api_key(api_key: str | None) -> None:
-    """Raise ``ConfigError`` for a key that the tiled client would silently drop."""
+    """Raise ``ConfigError`` for a key that Tiled would refuse; the message never quotes the key."""
     if api_key is not None and not TILED_API_KEY_PATTERN.fullmatch(api_key):
         raise ConfigError(
-            "the Tiled API key may hold only letters, digits and underscores (the tiled client "
-            f"ignores any other key): {API_KEY_FIX}"
+            "the Tiled API key may hold only letters and digits (A-Z, a-z, 0-9), as Tiled requires; "
+            f"{len(api_key)} characters given: {API_KEY_FIX}"
         )
+
+
+def read_api_key_file(path: Path) -> str:
+    """The Tiled API key on the first line of ``path``, a file that only its owner may read.
+
+    Raises ``ConfigError`` naming the file and the fix when it is readable by group or others, cannot be
+    read, is empty, or holds a key that Tiled would refuse.
+    """
+    try:
+        key = read_secret_file(Path(path), what="Tiled API key")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    validate_api_key(key)
+    return key
+
+
+def read_api_key(api_key_file: Path | None) -> str | None:
+    """The Tiled API key from ``api_key_file``, else from ``$PHASESTREAM_TILED__API_KEY``, else None.
+
+    A file or the environment, never a command-line value, which every user of the host sees in ``ps``.
+    An ``?api_key=`` inside a Tiled URI is honoured by the clients, and never shown.
+    """
+    if api_key_file is not None:
+        return read_api_key_file(api_key_file)
+    key = os.environ.get(API_KEY_ENV, "").strip() or None
+    validate_api_key(key)
+    return key
+
+
+def write_api_key_file(path: Path, api_key: str) -> Path:
+    """Write ``api_key`` to ``path`` with mode 0600 (also when the file existed with another mode)."""
+    # O_NOFOLLOW: a symlink planted at ``path`` cannot redirect the key elsewhere.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(path, flags, PRIVATE_FILE_MODE)
+    with os.fdopen(descriptor, "w") as key_file:
+        os.fchmod(key_file.fileno(), PRIVATE_FILE_MODE)
+        key_file.write(f"{api_key}\n")
+    return path
 
 
 def public_uri(uri: str) -> str:
@@ -114,6 +167,43 @@ def _ensure_port_free(port: int) -> None:
             ) from exc
 
 
+@contextlib.contextmanager
+def _private_umask() -> Iterator[None]:
+    """Files and folders created meanwhile are the user's alone (0600, 0700).
+
+    The umask is per process: for the second or so that tiled takes to create its catalog and logs,
+    other threads of this process create private files too, which errs on the safe side.
+    """
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _make_private(directory: Path) -> None:
+    """Mode 0700 on ``directory`` and the folders directly in it; no group or other bits on its files.
+
+    The directory's own mode is what protects everything below it: the data files that the server
+    writes later get the process umask, and other users cannot reach them all the same.
+    """
+    try:
+        directory.chmod(PRIVATE_DIR_MODE)
+    except PermissionError:
+        raise ConfigError(
+            f"the Tiled data directory {directory} belongs to another user (uid {directory.stat().st_uid}): "
+            "give a directory of your own (tiled.data_dir, or --out for demo and replay)"
+        ) from None
+    for entry in directory.iterdir():
+        info = entry.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            continue  # chmod would follow it to whatever it points at
+        if stat.S_ISDIR(info.st_mode):
+            entry.chmod(PRIVATE_DIR_MODE)
+        elif info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            entry.chmod(stat.S_IMODE(info.st_mode) & ~(stat.S_IRWXG | stat.S_IRWXO))
+
+
 class EmbeddedTiledServer:
     """A writable Tiled server in this process, for as long as the ``with`` block lasts.
 
@@ -156,19 +246,22 @@ class EmbeddedTiledServer:
         if self._port:
             _ensure_port_free(self._port)
         self.directory.mkdir(parents=True, exist_ok=True)
+        _make_private(self.directory)
         try:
-            server = SimpleTiledServer(
-                directory=self.directory,
-                api_key=self.api_key,
-                port=self._port,
-                readable_storage=list(self.readable_storage) or None,
-            )
+            with _private_umask():
+                server = SimpleTiledServer(
+                    directory=self.directory,
+                    api_key=self.api_key,
+                    port=self._port,
+                    readable_storage=list(self.readable_storage) or None,
+                )
         except (TimeoutError, RuntimeError) as exc:
             raise PublishError(
                 f"the embedded Tiled server in {self.directory} did not start ({exc}): "
                 f"see {self.directory / 'error.log'}"
             ) from exc
         self._server = server
+        _make_private(self.directory)  # what an earlier run, before these modes, left readable
         # SimpleTiledServer.uri embeds the key as a query parameter; keep host and port only.
         self._uri = f"http://{LOOPBACK_HOST}:{server.port}"
         try:

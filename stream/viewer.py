@@ -28,14 +28,13 @@ import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
 import httpx
 
 from phasestream.errors import ConfigError
-from phasestream.tiled_server import LOOPBACK_HOST, public_uri
+from phasestream.tiled_server import LOOPBACK_HOST, public_uri, read_api_key
 from phasestream.viewer_follow import RESYNC_S, TiledFollower
 from phasestream.viewer_metrics import MetricsScraper
 from phasestream.viewer_state import ImageName, LiveView
@@ -43,7 +42,6 @@ from phasestream.viewer_state import ImageName, LiveView
 logger = logging.getLogger(__name__)
 
 URI_ENV = "PHASESTREAM_TILED__URI"
-API_KEY_ENV = "PHASESTREAM_TILED__API_KEY"
 STATIC_PACKAGE_DIR = "viewer_static"
 # Route -> (file in viewer_static/, content type).
 STATIC_ROUTES = {
@@ -62,26 +60,6 @@ SECURITY_HEADERS = {
 HEARTBEAT_S = 15.0  # an idle event stream sends a comment this often, so a closed page is noticed
 SHUTDOWN_POLL_S = 0.1  # how often the serving loop looks for a shutdown request
 RECONNECT_MS = 1000  # how soon the browser reconnects its event stream after this server restarts
-
-
-def read_api_key(api_key_file: Path | None) -> str | None:
-    """The Tiled API key from ``api_key_file``, else from ``$PHASESTREAM_TILED__API_KEY``.
-
-    A file rather than an option, so that the key shows up in no process list; an ``?api_key=`` in the
-    Tiled URI is honoured too, and never shown.
-    """
-    if api_key_file is not None:
-        try:
-            key = Path(api_key_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read the API key file {api_key_file} ({exc.strerror}): "
-                f"give a readable file holding only the key, or set {API_KEY_ENV}"
-            ) from exc
-        if not key:
-            raise ConfigError(f"the API key file {api_key_file} is empty: write the key into it")
-        return key
-    return os.environ.get(API_KEY_ENV) or None
 
 
 def _load_static() -> dict[str, tuple[bytes, str]]:
@@ -247,7 +225,7 @@ def run_viewer(args: argparse.Namespace) -> int:
     tiled_uri = args.tiled_uri or os.environ.get(URI_ENV)
     if not tiled_uri:
         raise ConfigError(f"phasestream view needs --tiled-uri (or {URI_ENV}): e.g. http://127.0.0.1:8000")
-    api_key = read_api_key(args.api_key_file)
+    api_key = read_api_key(args.tiled_api_key_file)  # a private file, or the environment
     with Viewer(tiled_uri, api_key, metrics_urls=args.metrics, port=args.port, scan_uid=args.scan) as viewer:
         print(f"phasestream: viewer on {viewer.url} following Tiled at {public_uri(tiled_uri)}")
         if args.metrics:

@@ -274,6 +274,7 @@ def test_exposition_of_every_phasestream_metric_passes_promtool() -> None:
         collector.labels(**labels).observe(0.01)
     metrics.QUEUE_DEPTH.labels(**labels).set(3)
     metrics.FOURIER_R_FACTOR.labels(**labels).set(0.12)
+    metrics.RESULTS_PENDING.labels(**labels).set(1)
     metrics.WORKER_RESTARTS.labels(**labels).inc()
     metrics.SCANS_TIMED_OUT.labels(reason="test", **labels).inc()
     text = generate_latest()

@@ -201,20 +201,22 @@ def test_scan_summary_reads_the_publisher_metadata() -> None:
 
 def test_api_key_comes_from_a_file_or_the_environment(tmp_path: Path, monkeypatch) -> None:
     key_file = tmp_path / "key"
-    key_file.write_text("from_file\n")
-    monkeypatch.setenv("PHASESTREAM_TILED__API_KEY", "from_env")
-    assert read_api_key(key_file) == "from_file"
-    assert read_api_key(None) == "from_env"
-    with pytest.raises(ConfigError, match="cannot read the API key file"):
+    key_file.write_text("fromfile\n")
+    key_file.chmod(0o600)
+    monkeypatch.setenv("PHASESTREAM_TILED__API_KEY", "fromenv")
+    assert read_api_key(key_file) == "fromfile"
+    assert read_api_key(None) == "fromenv"
+    with pytest.raises(ConfigError, match="cannot read the Tiled API key file"):
         read_api_key(tmp_path / "missing")
     (tmp_path / "empty").write_text("\n")
+    (tmp_path / "empty").chmod(0o600)
     with pytest.raises(ConfigError, match="is empty"):
         read_api_key(tmp_path / "empty")
 
 
 def test_view_needs_a_valid_tiled_uri(monkeypatch) -> None:
     monkeypatch.delenv("PHASESTREAM_TILED__URI", raising=False)
-    args = argparse.Namespace(tiled_uri=None, api_key_file=None, metrics=[], port=0, scan=None)
+    args = argparse.Namespace(tiled_uri=None, tiled_api_key_file=None, metrics=[], port=0, scan=None)
     with pytest.raises(ConfigError, match="needs --tiled-uri"):
         run_viewer(args)
     with pytest.raises(ConfigError, match="not a valid URI"):

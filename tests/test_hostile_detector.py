@@ -1,0 +1,813 @@
+"""A hostile or broken sender on ingest's detector and position sockets.
+
+Each attack goes through real sockets into a real ingest process (the launcher, the SELUN emitter's PUSH
+sockets, ``test_ingest.FrameCollector`` behind it), and each test checks what it must cost: a warning that
+names the value and the fix, a counter under its own ``reason`` in ingest's ``/metrics`` and, where a scan
+is open, in that scan's accounting; ingest's memory stays bounded; and the next real scan still arrives
+whole. The last part fuzzes the decoders in process with Hypothesis: a Stream V2 start, image or end
+message, ``user_data`` included, and a position-channel message may be accepted or refused with the
+project's own error, never anything else, and never by allocating what a size field claims.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import bitshuffle
+import cbor2
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_ingest import (
+    BATCH_SIZE,
+    DROPPED,
+    INGEST,
+    REJECTED,
+    SHAPE_PX,
+    IngestPipeline,
+    ScanResult,
+    Series,
+    assert_forwarded,
+    assert_texts,
+    make_frames,
+    make_positions,
+)
+
+from phasestream.accounting import unaccounted_frames
+from phasestream.config import validate_pipeline
+from phasestream.errors import DetectorMessageError, PhasestreamError, PositionError
+from phasestream.launcher import Launcher
+from phasestream.messages import ScanEnd, ScanStart
+from phasestream.scan_uid import SAFE_SCAN_UID, check_scan_uid, safe_scan_uid
+from phasestream.simulators.selun import SelunEmitter
+from phasestream.simulators.stream_v2_encode import (
+    BSLZ4_BLOCK_BYTES,
+    channel_array,
+    encode_message,
+    image_fields,
+    start_fields,
+)
+from phasestream.stages.ingest import IngestStage
+from phasestream.stages.position_channel import PositionBatch, decode_positions
+from phasestream.stages.stream_v2_decode import (
+    COMPRESSION_TAG,
+    MULTIDIM_ARRAY_TAG,
+    EncodedImage,
+    EndMessage,
+    ImageMessage,
+    StartMessage,
+    decode_stream_v2,
+)
+from phasestream.topology import place
+
+TESTS_DIR = Path(__file__).resolve().parent
+ORPHAN_MAX_AGE_S = 1.5
+MAX_ORPHAN_POSITIONS = 100_000
+DEFAULT_MAX_FRAME_BYTES = 2**27  # IngestConfig's default, which the pipeline below keeps
+DEFAULT_MAX_IMAGES = 10_000_000
+WAIT_S = 30.0
+MIB = 2**20
+
+
+# ---- the pipeline under attack ----------------------------------------------------------------------------
+class HostileEmitter(SelunEmitter):
+    """The SELUN emitter, plus multipart messages of any number of parts (a DCU sends one part)."""
+
+    def send_parts(self, parts: Sequence[bytes], *, positions: bool = False) -> None:
+        socket = self._positions_socket if positions else self._data_socket
+        socket.send_multipart(parts)
+
+
+class HostilePipeline(IngestPipeline):
+    emitter: HostileEmitter
+
+    @property
+    def ingest_pid(self) -> int:
+        return self.launcher.workers[INGEST].process.pid
+
+    @property
+    def ingest_log(self) -> Path:
+        return self.launcher.workers[INGEST].log_path
+
+    def memory_kib(self, field: str) -> int:
+        """``VmRSS`` or ``VmHWM`` (peak) of the ingest process, from /proc."""
+        for line in Path(f"/proc/{self.ingest_pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} in /proc/{self.ingest_pid}/status")
+
+    def reset_peak_memory(self) -> None:
+        """Set ingest's VmHWM to its VmRSS now (Linux: ``clear_refs`` 5), so a test sees its own peak."""
+        Path(f"/proc/{self.ingest_pid}/clear_refs").write_text("5")
+
+    def metric(self, name: str, reason: str) -> float:
+        return self.metrics().get((name, reason), 0.0)
+
+    def wait_for_metric(self, name: str, reason: str, at_least: float) -> float:
+        deadline = time.monotonic() + WAIT_S
+        while (value := self.metric(name, reason)) < at_least:
+            assert time.monotonic() < deadline, f"{name}{{reason={reason}}} is {value}, not {at_least}"
+            time.sleep(0.05)
+        return value
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[HostilePipeline]:
+    run_dir = Path(tempfile.mkdtemp(prefix="ps-hostile-", dir="/tmp"))
+    config = validate_pipeline(
+        {
+            "name": "hostile-detector",
+            "run_dir": str(run_dir),
+            "exit_after_scan": False,
+            "detector": {
+                "data_endpoint": f"ipc://{run_dir}/det.sock",
+                "positions_endpoint": f"ipc://{run_dir}/pos.sock",
+            },
+            "stages": [
+                {
+                    "name": "ingest",
+                    "stage": "ingest",
+                    "config": {
+                        "batch_size": BATCH_SIZE,
+                        "position_grace_s": 1.0,
+                        "orphan_positions_max_age_s": ORPHAN_MAX_AGE_S,
+                        "max_orphan_positions": MAX_ORPHAN_POSITIONS,
+                    },
+                },
+                {
+                    "name": "collect",
+                    "stage": "test_ingest:FrameCollector",
+                    "config": {"out_dir": str(run_dir)},
+                },
+            ],
+        }
+    )
+    emitter = HostileEmitter(config.detector.data_endpoint, config.detector.positions_endpoint, linger_s=1.0)
+    launcher = Launcher(config)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            # The collector's process imports test_ingest; the launcher passes os.environ on.
+            paths = [str(TESTS_DIR), os.getenv("PYTHONPATH")]
+            patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
+            launcher.start(ready_timeout_s=60)
+        yield HostilePipeline(launcher, emitter, run_dir)
+    finally:
+        launcher.stop()
+        emitter.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ---- building hostile messages --------------------------------------------------------------------------
+def start_message(
+    series: Series,
+    n_images: int,
+    user_data: Any,
+    shape_px: tuple[int, int] = SHAPE_PX,
+    dtype: str = "uint16",
+    **extra: Any,
+) -> bytes:
+    fields = start_fields(
+        series_id=series.series_id,
+        series_unique_id=series.unique_id,
+        shape_px=shape_px,
+        dtype=dtype,
+        number_of_images=n_images,
+        energy_kev=8.8,
+        detector_distance_m=2.0,
+        pixel_size_m=75e-6,
+        count_time_s=1e-3,
+        frame_time_s=1e-3,
+        user_data=user_data,
+    )
+    return encode_message({**fields, **extra})
+
+
+def image_message(series: Series, image_id: int, data: cbor2.CBORTag) -> bytes:
+    fields = image_fields(
+        series_id=series.series_id,
+        series_unique_id=series.unique_id,
+        image_id=image_id,
+        data=data,
+        frame_time_s=1e-3,
+        count_time_s=1e-3,
+        series_date=datetime.now(UTC),
+    )
+    return encode_message(fields)
+
+
+def bslz4_zeros(shape: tuple[int, ...], dtype: Any) -> bytes:
+    """A genuine bslz4 stream (HDF5 framing) of an all-zero frame, built from one compressed block
+    repeated: a few MB that decompress to any size, without the frame ever existing here."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    assert nbytes % BSLZ4_BLOCK_BYTES == 0
+    elements = BSLZ4_BLOCK_BYTES // dtype.itemsize
+    block = bitshuffle.compress_lz4(np.zeros(elements, dtype), elements).tobytes()
+    return struct.pack(">QI", nbytes, BSLZ4_BLOCK_BYTES) + block * (nbytes // BSLZ4_BLOCK_BYTES)
+
+
+def bomb(shape: tuple[int, int], dtype: Any) -> cbor2.CBORTag:
+    """A tag 40 array of ``shape`` whose bytes are ``bslz4_zeros``."""
+    return channel_array(np.zeros((1, 1), dtype), compressed=bslz4_zeros(shape, dtype), declared_shape=shape)
+
+
+def a_scan(series: Series, n: int, seed: int) -> tuple[list[bytes], list[bytes], np.ndarray, np.ndarray]:
+    """A good scan of ``series``: its data and position messages, frames and positions."""
+    frames, positions = make_frames(n, seed=seed), make_positions(n)
+    data = [series.start(n), *(series.image(i, frames[i]) for i in range(n)), series.end()]
+    return data, [series.positions(range(n), positions), series.positions_end()], frames, positions
+
+
+def run_good_scan(hostile: HostilePipeline, name: str, before: Callable[[], None]) -> ScanResult:
+    """Call ``before`` (the attack), then send a good scan and check that it arrives whole."""
+    series, n = Series.new(name), 8
+    data, position_messages, frames, positions = a_scan(series, n, seed=11)
+
+    def send() -> None:
+        before()
+        hostile.emitter.emit_messages(data, position_messages)
+
+    result = hostile.run(series.scan_uid, send)
+    assert_forwarded(result, range(n), frames, positions)
+    assert result.accounting[INGEST]["frames_forwarded"] == n
+    assert unaccounted_frames(result.frames_sent, result.accounting) == []
+    return result
+
+
+# ---- 1. path traversal through the scan uid -------------------------------------------------------------
+UNSAFE_UIDS = {
+    "parent directory": "../victim",
+    "subdirectory": "a/b",
+    "absolute path": "/tmp/ps-hostile-absolute",
+    "10 kB": "x" * 10_000,
+    "dot-dot": "..",
+    "an integer": 5,
+    "a list": ["victim"],
+}
+
+
+@pytest.mark.parametrize("case", list(UNSAFE_UIDS))
+def test_an_unsafe_scan_uid_is_replaced_by_a_safe_one_and_kept_as_sent(hostile, case: str) -> None:
+    sent = UNSAFE_UIDS[case]
+    series, n = Series.new("unsafe-uid"), 6
+    frames, positions = make_frames(n, seed=21), make_positions(n)
+    uid, as_sent = safe_scan_uid(sent)
+    assert SAFE_SCAN_UID.fullmatch(uid) and uid not in (".", "..") and "/" not in uid
+    data = [
+        start_message(series, n, {"scan_uid": sent, "scan_shape": [n]}),
+        *(series.image(i, frames[i]) for i in range(n)),
+        series.end(),
+    ]
+    result = hostile.run_scan(uid, data, [series.positions(range(n), positions), series.positions_end()])
+
+    assert result.start is not None and result.start["scan_uid"] == uid
+    text = sent if isinstance(sent, str) else repr(sent)
+    assert result.start["scan_uid_as_sent"] == as_sent == text[:1024]
+    (warning,) = result.warnings_for("unsafe_scan_uid")
+    for fragment in (repr(sent)[:20], f"runs as {uid!r}", "scan_uid_as_sent", "letters, digits"):
+        assert fragment in warning, f"{fragment!r} not in {warning}"
+    assert result.metric(REJECTED, "unsafe_scan_uid") == 1
+    assert result.accounting[INGEST]["unsafe_scan_uid"] == 1
+    assert_forwarded(result, range(n), frames, positions)
+    assert unaccounted_frames(result.frames_sent, result.accounting) == []
+    # The collector names its file by the uid: nothing was written outside its folder.
+    assert not (hostile.run_dir.parent / "victim.npz").exists()
+    assert not Path("/tmp/ps-hostile-absolute.npz").exists()
+
+
+def test_an_empty_scan_uid_falls_back_to_the_detectors_series_uid(hostile) -> None:
+    series, n = Series.new("empty-uid"), 4
+    frames, positions = make_frames(n, seed=22), make_positions(n)
+    data = [
+        start_message(series, n, {"scan_uid": ""}),
+        *(series.image(i, frames[i]) for i in range(n)),
+        series.end(),
+    ]
+    result = hostile.run_scan(
+        series.unique_id, data, [series.positions(range(n), positions), series.positions_end()]
+    )
+    assert result.start["scan_uid"] == series.unique_id and result.start["scan_uid_as_sent"] is None
+    assert result.warnings_for("unsafe_scan_uid") == []
+    assert_forwarded(result, range(n), frames, positions)
+
+
+def test_check_scan_uid_names_the_uid_and_where_it_came_from() -> None:
+    assert check_scan_uid("scan-01_a.b", "a ScanStart") == "scan-01_a.b"
+    for unsafe in ("../victim", "a/b", "", ".", "..", "-rf", "x" * 129, 7, None):
+        with pytest.raises(PhasestreamError, match="from a ScanStart is not a safe name") as raised:
+            check_scan_uid(unsafe, "a ScanStart")
+        assert raised.value.reason == "unsafe_scan_uid"
+    # Different unsafe uids never share a safe one; the same one always maps alike.
+    assert safe_scan_uid("a/b")[0] != safe_scan_uid("a_b/")[0] != safe_scan_uid(["a/b"])[0]
+    assert safe_scan_uid("../victim") == safe_scan_uid("../victim")
+
+
+# ---- 2. a start announcing 10^9 images ----------------------------------------------------------------
+def test_a_start_announcing_a_billion_images_is_refused_and_the_next_scan_runs(hostile) -> None:
+    greedy = Series.new("billion")
+    frames = make_frames(3, seed=23)
+
+    def attack() -> None:
+        data = [
+            start_message(greedy, 10**9, {"scan_uid": greedy.scan_uid}),
+            *(greedy.image(i, frames[i]) for i in range(3)),
+            greedy.end(),
+        ]
+        hostile.emitter.emit_messages(data)
+
+    result = run_good_scan(hostile, "after-billion", attack)
+    assert_texts(
+        result.warnings_for("too_many_images"),
+        f"start of series {greedy.series_id}",
+        "number_of_images=1000000000",
+        f"max_images_per_scan={DEFAULT_MAX_IMAGES}",
+        "Split the acquisition",
+    )
+    assert result.metric(REJECTED, "too_many_images") == 1
+    assert result.metric(REJECTED, "no_open_scan") == 3  # its images: no scan was opened for them
+    # Had it opened, the next start would have closed it, and the collector would have written it.
+    assert not (hostile.run_dir / f"{greedy.scan_uid}.npz").exists()
+
+
+def test_a_scan_announcing_millions_of_images_closes_without_allocating_them(hostile) -> None:
+    series, n, sent = Series.new("millions"), DEFAULT_MAX_IMAGES, 4
+    frames, positions = make_frames(sent, seed=24), make_positions(sent)
+    data = [
+        start_message(series, n, {"scan_uid": series.scan_uid}),
+        *(series.image(i, frames[i]) for i in range(sent)),
+        series.end(),
+    ]
+    hostile.reset_peak_memory()
+    rss_kib = hostile.memory_kib("VmRSS")
+    result = hostile.run_scan(
+        series.scan_uid, data, [series.positions(range(sent), positions), series.positions_end()]
+    )
+    assert_forwarded(result, range(sent), frames, positions)
+    assert result.accounting[INGEST]["missing_frames"] == n - sent
+    assert unaccounted_frames(result.frames_sent, result.accounting) == []
+    # set(range(10**7)) alone is more than 500 MB.
+    assert hostile.memory_kib("VmHWM") - rss_kib < 64 * 1024
+
+
+# ---- 3. a decompression bomb ----------------------------------------------------------------------------
+def test_the_bomb_payload_is_a_genuine_bslz4_stream() -> None:
+    """The builder below is honest: a small bomb decompresses to the zeros it declares."""
+    image = decode_stream_v2(image_message(Series.new("bomb-check"), 0, bomb((64, 64), np.uint32)))
+    assert isinstance(image, ImageMessage) and image.frame.shape == (64, 64) and not image.frame.any()
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decompressed(hostile) -> None:
+    series, n = Series.new("bomb"), 6
+    frames, positions = make_frames(n, seed=25), make_positions(n)
+    gigabyte = image_message(series, 2, bomb((16384, 16384), np.uint32))  # 1 GiB of uint32
+    wrong_shape = image_message(series, 3, bomb((4096, 4096), np.uint16))  # 32 MiB: under the limit
+    assert len(gigabyte) < 8 * MIB
+    refused_start = Series.new("bomb-start")
+    huge_start = start_message(
+        refused_start,
+        4,
+        None,
+        shape_px=(16384, 16384),
+        dtype="uint32",
+        pixel_mask={"threshold_1": bomb((16384, 16384), np.uint32)},
+    )
+    data = [
+        huge_start,  # frames of 1 GiB, and a 1 GiB pixel mask: refused before the mask is touched
+        series.start(n),
+        *(series.image(i, frames[i]) for i in (0, 1)),
+        gigabyte,
+        wrong_shape,
+        *(series.image(i, frames[i]) for i in (4, 5)),
+        series.end(),
+    ]
+    hostile.reset_peak_memory()
+    rss_kib = hostile.memory_kib("VmRSS")
+    result = hostile.run_scan(
+        series.scan_uid, data, [series.positions(range(n), positions), series.positions_end()]
+    )
+
+    # 6 MB messages are copied a few times on the way in; a decompressed bomb would add 32 MiB or 1 GiB.
+    assert hostile.memory_kib("VmHWM") - rss_kib < 28 * 1024
+    where = f"of scan {series.scan_uid}"
+    start_text, image_text = result.warnings_for("frame_too_large")
+    for fragment in (
+        "image_size_y=16384 × image_size_x=16384 of uint32",
+        "1073741824 bytes",
+        "max_frame_bytes",
+    ):
+        assert fragment in start_text, f"{fragment!r} not in {start_text}"
+    assert_texts(
+        [image_text],
+        f"image 2 {where}",
+        "[16384, 16384] uint32 (1073741824 bytes)",
+        f"max_frame_bytes={DEFAULT_MAX_FRAME_BYTES}",
+        "(16, 16)",
+        "without being decompressed",
+    )
+    assert_texts(result.warnings_for("wrong_shape"), f"image 3 {where}", "(4096, 4096)", "(16, 16)", "ROI")
+    assert result.metric(REJECTED, "frame_too_large") == 2  # the start and image 2
+    assert result.metric(DROPPED, "frame_too_large") == 1
+    assert result.metric(DROPPED, "wrong_shape") == 1
+    assert result.accounting[INGEST]["rejected_frame_too_large"] == 1
+    assert result.accounting[INGEST]["rejected_wrong_shape"] == 1
+    assert_forwarded(result, [0, 1, 4, 5], frames, positions)
+    assert unaccounted_frames(result.frames_sent, result.accounting) == []
+
+
+# ---- 4. positions for a series that never starts ------------------------------------------------------
+def test_positions_of_a_series_that_never_starts_expire_by_age(hostile) -> None:
+    orphan = Series.new("orphan-age")
+    messages = [orphan.positions(range(10 * i, 10 * i + 10), make_positions(10)) for i in range(3)]
+    held_s: list[float] = []
+
+    def attack() -> None:
+        before = hostile.metric(REJECTED, "orphan_positions")
+        sent_s = time.monotonic()
+        hostile.emitter.emit_messages([], messages)
+        hostile.wait_for_metric(REJECTED, "orphan_positions", before + len(messages))
+        held_s.append(time.monotonic() - sent_s)
+
+    result = run_good_scan(hostile, "after-orphans", attack)
+    assert held_s[0] >= ORPHAN_MAX_AGE_S  # kept a while for a start that may still come
+    assert_texts(
+        result.warnings_for("orphan_positions"),
+        f"3 position messages (30 positions) of series {orphan.series_id}",
+        f"orphan_positions_max_age_s={ORPHAN_MAX_AGE_S:g}",
+        "check its series_id",
+    )
+    assert result.metric(REJECTED, "orphan_positions") == len(messages)
+
+
+def test_a_flood_of_orphan_positions_is_bounded_by_count(hostile) -> None:
+    orphan = Series.new("orphan-flood")
+    n_messages, per_message = 30, 50_000  # 1.5 million positions, 36 MB if all were held
+    message = orphan.positions(range(per_message), make_positions(per_message))
+    # At most MAX_ORPHAN_POSITIONS are held: two of these messages.
+    held_at_most = MAX_ORPHAN_POSITIONS // per_message
+    rss_kib: list[int] = []
+
+    def flood() -> None:
+        before = hostile.metric(REJECTED, "orphan_positions")
+        hostile.emitter.emit_messages([], [message] * n_messages)
+        hostile.wait_for_metric(REJECTED, "orphan_positions", before + n_messages - held_at_most)
+        rss_kib.append(hostile.memory_kib("VmRSS"))
+
+    def attack() -> None:
+        # The first flood leaves the allocator's arenas at their working size; a second must not add to it.
+        flood()
+        flood()
+        hostile.wait_for_metric(REJECTED, "orphan_positions", before + 2 * n_messages)  # the rest by age
+
+    before = hostile.metric(REJECTED, "orphan_positions")
+    result = run_good_scan(hostile, "after-orphan-flood", attack)
+    by_count = [text for text in result.warnings_for("orphan_positions") if "max_orphan_positions" in text]
+    assert by_count and f"of series {orphan.series_id}" in by_count[0]
+    assert f"exceeded max_orphan_positions={MAX_ORPHAN_POSITIONS}" in by_count[0]
+    assert result.metric(REJECTED, "orphan_positions") == 2 * n_messages
+    first, second = rss_kib
+    assert second - first < 12 * 1024, f"the second flood grew ingest by {second - first} KiB"
+
+
+# ---- 5. one message of a hundred thousand parts -----------------------------------------------------
+def test_a_message_of_a_hundred_thousand_parts_is_refused_without_keeping_its_parts(hostile) -> None:
+    series, n = Series.new("parts"), 4
+    frames, positions = make_frames(n, seed=26), make_positions(n)
+    parts = [b""] * 100_000
+
+    def send() -> None:
+        # On the position channel while no scan is open; on the detector's socket within the scan.
+        hostile.emitter.send_parts(parts, positions=True)
+        hostile.wait_for_metric(REJECTED, "too_many_parts", before + 1)
+        hostile.emitter.emit_messages([series.start(n), *(series.image(i, frames[i]) for i in (0, 1))])
+        hostile.emitter.send_parts(parts)
+        hostile.emitter.emit_messages(
+            [*(series.image(i, frames[i]) for i in (2, 3)), series.end()],
+            [series.positions(range(n), positions), series.positions_end()],
+        )
+
+    before = hostile.metric(REJECTED, "too_many_parts")
+    result = hostile.run(series.scan_uid, send)
+
+    texts = result.warnings_for("too_many_parts")
+    assert len(texts) == 2
+    for port, text in zip(("positions", "detector"), texts, strict=True):
+        for fragment in (f"on the {port} socket", "100000 parts", "more than the 16", "max_parts"):
+            assert fragment in text, f"{fragment!r} not in {text}"
+    assert result.metric(REJECTED, "too_many_parts") == 2
+    assert result.accounting[INGEST]["undecodable_messages"] == 1  # the one within the scan
+    assert_forwarded(result, range(n), frames, positions)
+    assert unaccounted_frames(result.frames_sent, result.accounting) == []
+
+
+# ---- 6. a flood of one-byte messages ------------------------------------------------------------------
+_LOGGED = re.compile(rb"rejected a message \(detector_message\)")
+_LEFT_OUT = re.compile(rb"\(detector_message\)[^\n]*?(\d+) more lines of this reason were left out")
+
+
+def _garbage_lines(log: bytes) -> tuple[int, int]:
+    """(lines logged, lines the log says it left out) of ``detector_message`` rejections in ``log``."""
+    return len(_LOGGED.findall(log)), sum(int(n) for n in _LEFT_OUT.findall(log))
+
+
+def test_a_flood_of_garbage_is_counted_in_full_and_logged_in_a_few_lines(hostile) -> None:
+    n = 5_000
+    log_before = hostile.ingest_log.stat().st_size
+
+    def attack() -> None:
+        before = hostile.metric(REJECTED, "detector_message")
+        hostile.emitter.emit_messages([b"\xff%d" % (i % 10) for i in range(n)])
+        hostile.wait_for_metric(REJECTED, "detector_message", before + n)
+
+    result = run_good_scan(hostile, "after-garbage", attack)
+    assert result.metric(REJECTED, "detector_message") == n
+
+    def grown() -> bytes:
+        with hostile.ingest_log.open("rb") as log:
+            log.seek(log_before)
+            return log.read()
+
+    # The lines left out are summed up once the log interval (5 s) of the first line is over.
+    deadline = time.monotonic() + 15
+    while sum(_garbage_lines(grown())) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    logged, left_out = _garbage_lines(grown())
+    assert logged + left_out == n and 0 < logged <= 10
+    assert len(grown()) < 20_000 and grown().count(b"\n") < 50
+
+
+# ---- 7. user_data of the wrong types --------------------------------------------------------------------
+GOOD_EXTENT_M = [-1e-6, 1e-6, -2e-6, 2e-6]
+BAD_USER_DATA = {
+    "scan_shape true": ({"scan_shape": True}, ["scan_shape=True", "positive integers"]),
+    "scan_shape 1e300": ({"scan_shape": [1e300]}, ["scan_shape=[1e+300]", "valid integer"]),
+    "scan_extent_m a string": ({"scan_extent_m": "0"}, ["scan_extent_m='0'", "y_min, y_max"]),
+    "scan_extent_m nan": ({"scan_extent_m": [math.nan, 1e-6, 0.0, 1e-6]}, ["scan_extent_m=[nan", "finite"]),
+    "scan_extent_m reversed": ({"scan_extent_m": [1e-6, -1e-6, 0.0, 1e-6]}, ["minimum is above"]),
+    "positions_source 5": ({"positions_source": 5}, ["positions_source=5", "'position_channel'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_USER_DATA))
+def test_a_user_data_field_of_the_wrong_type_is_named_and_left_out(hostile, case: str) -> None:
+    bad, fragments = BAD_USER_DATA[case]
+    (field,) = bad
+    series, n = Series.new("user-data"), 6
+    frames, positions = make_frames(n, seed=27), make_positions(n)
+    good = {"scan_uid": series.scan_uid, "scan_shape": [2, 3], "scan_extent_m": GOOD_EXTENT_M}
+    good["positions_source"] = "bluesky"
+    data = [
+        start_message(series, n, {**good, **bad}),
+        *(series.image(i, frames[i]) for i in range(n)),
+        series.end(),
+    ]
+    result = hostile.run_scan(
+        series.scan_uid, data, [series.positions(range(n), positions), series.positions_end()]
+    )
+    assert_texts(
+        result.warnings_for("bad_user_data"),
+        f"scan {series.scan_uid}: start user_data",
+        *fragments,
+        "The scan runs without it",
+    )
+    assert result.metric(REJECTED, "bad_user_data") == 1
+    assert result.metric(REJECTED, "internal_error") == 0
+    assert result.accounting[INGEST]["bad_user_data"] == 1
+    # The bad field takes its default; the good ones are kept.
+    defaults = {"scan_shape": [], "scan_extent_m": None, "positions_source": "position_channel"}
+    expected = {"scan_shape": [2, 3], "scan_extent_m": GOOD_EXTENT_M, "positions_source": "bluesky"}
+    assert {name: result.start[name] for name in expected} == {**expected, field: defaults[field]}
+    assert_forwarded(result, range(n), frames, positions)
+    assert unaccounted_frames(result.frames_sent, result.accounting) == []
+
+
+# ---- 8. property-based fuzzing of the decoders, in process ------------------------------------------------
+FUZZ = settings(
+    max_examples=2000,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def _more_digits_than_python_prints() -> int:
+    return 10**5000  # a CBOR bignum; str() refuses integers of more than 4300 digits
+
+
+# Tags cbor2 decodes itself (dates, bignums, decimals, references, sets, regexes, UUIDs, ...) and ours.
+CBOR_TAGS = [0, 1, 2, 3, 4, 5, 21, 24, 25, 28, 29, 30, 32, 35, 36, 37, 256, 258, 260, 261, 55799]
+LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.builds(_more_digits_than_python_prints),
+    st.floats(),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+)
+JSON_LIKE = st.recursive(
+    LEAVES,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=8), st.integers(-3, 3)), children, max_size=4),
+        st.builds(cbor2.CBORTag, st.sampled_from(CBOR_TAGS), children),
+    ),
+    max_leaves=6,
+)
+PHASESTREAM_USER_DATA = st.fixed_dictionaries(
+    {},
+    optional={
+        "scan_uid": st.one_of(JSON_LIKE, st.sampled_from(["../x", "a/b", "", ".", "ok-1"])),
+        "scan_shape": st.one_of(JSON_LIKE, st.lists(st.integers(-1, 2**40), max_size=4)),
+        "scan_extent_m": st.one_of(JSON_LIKE, st.lists(st.floats(), min_size=4, max_size=4)),
+        "positions_source": st.one_of(JSON_LIKE, st.sampled_from(["bluesky", "file", "position_channel"])),
+        "geometry": st.one_of(
+            JSON_LIKE, st.dictionaries(st.sampled_from(["energy_kev", "window_px", "beam_centre_px"]), LEAVES)
+        ),
+    },
+)
+USER_DATA = st.one_of(JSON_LIKE, PHASESTREAM_USER_DATA)
+# Where the decoders pass user_data by (images, ends, the position channel): flat, and quicker to draw.
+FLAT = st.one_of(LEAVES, st.dictionaries(st.text(max_size=6), LEAVES, max_size=3))
+ODD_NUMBERS = st.one_of(LEAVES, st.integers(0, 2**64 + 2), st.integers(2**20, 2**33))
+_SERIES = Series(7, "fuzz")
+
+
+def _start_fields() -> dict[str, Any]:
+    return cbor2.loads(start_message(_SERIES, 8, None))
+
+
+START_FIELDS = _start_fields()
+NUMBER_FIELDS = ["image_size_x", "image_size_y", "number_of_images", "series_id", "incident_energy"]
+NUMBER_FIELDS += ["pixel_size_x", "pixel_size_y", "count_time", "frame_time", "detector_translation"]
+
+
+@st.composite
+def start_messages(draw: st.DrawFn) -> bytes:
+    """A start message whose user_data is anything, with some numbers and sizes replaced by odd values."""
+    fields = {**START_FIELDS, "user_data": draw(USER_DATA)}
+    for name in draw(st.sets(st.sampled_from(NUMBER_FIELDS), max_size=3)):
+        fields[name] = draw(ODD_NUMBERS)
+    if draw(st.booleans()):
+        dimensions = draw(st.sampled_from([[16, 16], [2**20, 2**20], [16, 16, 16], [16]]))
+        fields["pixel_mask"] = {"threshold_1": _hostile_array(draw, dimensions)}
+    return cbor2.dumps(fields)
+
+
+def _hostile_array(draw: st.DrawFn, dimensions: object) -> cbor2.CBORTag:
+    """A tag 40 array whose bslz4 header declares the size its dimensions need: believing it allocates."""
+    typed_tag = draw(st.sampled_from([64, 69, 70, 78, 85, 72]))
+    itemsize = {64: 1, 69: 2, 70: 4, 78: 4, 85: 4}.get(typed_tag, 8)
+    sizes = dimensions if isinstance(dimensions, list) and all(type(n) is int for n in dimensions) else [1]
+    declared = min(math.prod(sizes) * itemsize, 2**64 - 1) if all(n >= 0 for n in sizes) else 0
+    header = struct.pack(">QI", declared, BSLZ4_BLOCK_BYTES) + draw(st.binary(max_size=48))
+    kind = draw(st.sampled_from(["bslz4", "lz4", "bytes", "anything"]))
+    if kind in ("bslz4", "lz4"):
+        content = cbor2.CBORTag(COMPRESSION_TAG, [kind, itemsize, header])
+    else:
+        content = draw(st.binary(max_size=64) if kind == "bytes" else FLAT)
+    return cbor2.CBORTag(MULTIDIM_ARRAY_TAG, [dimensions, cbor2.CBORTag(typed_tag, content)])
+
+
+@st.composite
+def image_messages(draw: st.DrawFn) -> bytes:
+    dimensions = draw(
+        st.one_of(
+            st.lists(st.integers(0, 2**64 + 1), max_size=3),
+            st.lists(st.integers(0, 2**12), min_size=2, max_size=2),
+            st.just([16384, 16384]),
+            LEAVES,
+        )
+    )
+    fields: dict[Any, Any] = {
+        "type": draw(st.sampled_from(["image", "image", "image", None, "calibration"])),
+        "series_id": draw(st.one_of(st.integers(-3, 8), ODD_NUMBERS)),
+        "series_unique_id": draw(st.one_of(st.just("fuzz"), LEAVES)),
+        "image_id": draw(st.one_of(st.integers(0, 8), ODD_NUMBERS)),
+        "data": {"threshold_1": _hostile_array(draw, dimensions)} if draw(st.integers(0, 5)) else draw(FLAT),
+        "user_data": draw(FLAT),
+    }
+    if draw(st.booleans()):
+        fields[draw(LEAVES)] = draw(FLAT)  # a key of any type: a bignum, bytes, a float
+    return cbor2.dumps(fields)
+
+
+@pytest.fixture(scope="module")
+def ingest_in_process() -> IngestStage:
+    """An ingest stage that is never run: its sockets open only in run(), so nothing is bound."""
+    run_dir = Path(tempfile.mkdtemp(prefix="ps-fuzz-", dir="/tmp"))
+    shutil.rmtree(run_dir)
+    config = validate_pipeline({"run_dir": str(run_dir), "stages": [{"name": "ingest", "stage": "ingest"}]})
+    return IngestStage.from_placement(place(config, "ingest", 0), config)
+
+
+@FUZZ
+@given(payload=start_messages())
+def test_any_start_message_opens_a_well_formed_scan_or_is_refused_by_name(ingest_in_process, payload) -> None:
+    try:
+        start = decode_stream_v2(payload, lazy_images=True, max_array_bytes=DEFAULT_MAX_FRAME_BYTES)
+    except DetectorMessageError as error:
+        assert str(error)
+        return
+    assert isinstance(start, StartMessage)
+    try:
+        out = list(ingest_in_process.handle_raw("detector", [payload]))
+    except PhasestreamError as error:  # a start refused by ingest (too many images) names why
+        assert error.reason == "too_many_images" and "number_of_images" in str(error)
+        return
+    (scan_start,) = [message for message in out if isinstance(message, ScanStart)]
+    assert SAFE_SCAN_UID.fullmatch(scan_start.scan_uid)
+    assert all(type(n) is int and n >= 1 for n in scan_start.scan_shape)
+    extent = scan_start.scan_extent_m
+    assert extent is None or all(math.isfinite(value) for value in extent)
+    # The journal a restarted worker reads back holds whatever came.
+    assert ScanStart.model_validate_json(scan_start.model_dump_json()) == scan_start
+    assert all(isinstance(message, ScanStart | ScanEnd) for message in out)
+
+
+FUZZ_MAX_ARRAY_BYTES = MIB
+
+
+@FUZZ
+@given(payload=image_messages())
+def test_any_image_message_is_decoded_or_refused_within_bounded_memory(payload: bytes) -> None:
+    tracemalloc.start()
+    try:
+        decoded = _only_named_errors(
+            lambda: decode_stream_v2(payload, max_array_bytes=FUZZ_MAX_ARRAY_BYTES), (DetectorMessageError,)
+        )
+        lazy = _only_named_errors(
+            lambda: decode_stream_v2(payload, lazy_images=True), (DetectorMessageError,)
+        )
+        if isinstance(lazy, EncodedImage) and lazy.data.nbytes <= FUZZ_MAX_ARRAY_BYTES:
+            _only_named_errors(lazy.data.decode, (DetectorMessageError,))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < FUZZ_MAX_ARRAY_BYTES + 8 * len(payload) + MIB, f"{peak} bytes traced"
+    if isinstance(decoded, ImageMessage):
+        frame = decoded.frame
+        assert frame.nbytes == math.prod(frame.shape) * frame.dtype.itemsize <= FUZZ_MAX_ARRAY_BYTES
+
+
+@FUZZ
+@given(
+    fields=st.fixed_dictionaries(
+        {"type": st.just("end")},
+        optional={"series_id": ODD_NUMBERS, "series_unique_id": LEAVES, "user_data": FLAT},
+    )
+)
+def test_any_end_message_is_decoded_or_refused_by_name(fields: dict[str, Any]) -> None:
+    end = _only_named_errors(lambda: decode_stream_v2(cbor2.dumps(fields)), (DetectorMessageError,))
+    assert end is None or (isinstance(end, EndMessage) and type(end.series_id) is int)
+
+
+@st.composite
+def position_messages(draw: st.DrawFn) -> bytes:
+    """Columns of one length (mostly) holding numbers, huge integers, NaN and anything JSON-like."""
+    n = draw(st.integers(0, 6))
+    ids = st.one_of(st.integers(0, 12), st.integers(-(2**70), 2**70), LEAVES)
+    metres = st.one_of(st.floats(-1e-3, 1e-3), st.floats(), st.integers(-(2**70), 2**70), LEAVES)
+    fields: dict[Any, Any] = {
+        "type": draw(st.sampled_from(["positions", "positions", "end", "velocity"])),
+        "series_id": draw(st.one_of(st.integers(0, 9), ODD_NUMBERS)),
+        "image_id": draw(st.lists(ids, min_size=n, max_size=n)),
+        "y_m": draw(st.lists(metres, min_size=n, max_size=n + draw(st.integers(0, 1)))),
+        "x_m": draw(st.lists(metres, min_size=n, max_size=n)),
+    }
+    for name in draw(st.sets(st.sampled_from(["series_id", "image_id", "y_m", "x_m"]), max_size=1)):
+        fields[name] = draw(FLAT)
+    if draw(st.booleans()):
+        fields[draw(st.text(max_size=6))] = draw(FLAT)  # a field the channel does not know
+    return cbor2.dumps(fields)
+
+
+@FUZZ
+@given(payload=position_messages())
+def test_any_position_message_is_decoded_to_valid_positions_or_refused_by_name(payload: bytes) -> None:
+    decoded = _only_named_errors(lambda: decode_positions(payload), (DetectorMessageError, PositionError))
+    if isinstance(decoded, PositionBatch):
+        ids, positions = decoded.image_ids, decoded.positions_m
+        assert ids.dtype == np.int64 and (ids >= 0).all() and len(np.unique(ids)) == len(ids)
+        assert positions.dtype == np.float64 and positions.shape == (len(ids), 2)
+        assert np.isfinite(positions).all()
+        assert type(decoded.series_id) is int
+
+
+def _only_named_errors(call: Callable[[], object], errors: tuple[type[Exception], ...]) -> object | None:
+    try:
+        return call()
+    except errors as error:
+        assert str(error), f"{type(error).__name__} without a message"
+        return None
