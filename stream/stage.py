@@ -63,6 +63,7 @@ _STATUS_INTERVAL_S = 0.25
 # every one).
 _LOG_INTERVAL_S = 5.0
 _LOG_BURST = 10
+_LOG_FLOOD_INTERVAL_S = 30.0
 TOO_MANY_PARTS = "too_many_parts"  # the reason of a raw message refused for its number of parts
 # Set by the launcher for a restarted worker: how many times it restarted this worker so far.
 RESTARTS_ENV = "PHASESTREAM_WORKER_RESTARTS"
@@ -91,26 +92,38 @@ class _LogWindow:
     start_s: float
     lines: int = 0
     suppressed: int = 0
+    flooding: bool = False  # the reason's previous window had lines left out
 
 
 class LogLimiter:
     """Decides which lines of each reason reach the log: ``burst`` per ``interval_s``, then none until the
-    interval is over, when one line says how many were left out."""
+    interval is over, when one line says how many were left out. A reason still flooding after that gets
+    one line per ``flood_interval_s``, so a sustained flood of several reasons costs tens of bytes a
+    second, not kilobytes (a 5-minute soak at 10 % hostile messages wrote 1.4 MB with bursts alone)."""
 
-    def __init__(self, interval_s: float = _LOG_INTERVAL_S, burst: int = _LOG_BURST) -> None:
+    def __init__(
+        self,
+        interval_s: float = _LOG_INTERVAL_S,
+        burst: int = _LOG_BURST,
+        flood_interval_s: float = _LOG_FLOOD_INTERVAL_S,
+    ) -> None:
         self.interval_s = interval_s
         self.burst = burst
+        self.flood_interval_s = flood_interval_s
         self._windows: dict[str, _LogWindow] = {}
         self._suppressing = False  # any window with lines left out: only then is there anything to flush
+
+    def _length_s(self, window: _LogWindow) -> float:
+        return self.flood_interval_s if window.flooding else self.interval_s
 
     def admit(self, reason: str, now_s: float) -> int | None:
         """None: leave this line out. Else how many lines of ``reason`` were left out before it."""
         window = self._windows.get(reason)
-        if window is None or now_s - window.start_s >= self.interval_s:
+        if window is None or now_s - window.start_s >= self._length_s(window):
             left_out = window.suppressed if window is not None else 0
-            self._windows[reason] = _LogWindow(now_s, lines=1)
+            self._windows[reason] = _LogWindow(now_s, lines=1, flooding=left_out > 0)
             return left_out
-        if window.lines < self.burst:
+        if window.lines < (1 if window.flooding else self.burst):
             window.lines += 1
             return 0
         window.suppressed += 1
@@ -124,10 +137,11 @@ class LogLimiter:
         due = [
             (reason, window.suppressed)
             for reason, window in self._windows.items()
-            if window.suppressed and (force or now_s - window.start_s >= self.interval_s)
+            if window.suppressed and (force or now_s - window.start_s >= self._length_s(window))
         ]
         for reason, _ in due:
-            del self._windows[reason]
+            # The reason stays in flood mode: its next line opens a window of flood_interval_s.
+            self._windows[reason] = _LogWindow(now_s, lines=1, flooding=True)
         self._suppressing = any(window.suppressed for window in self._windows.values())
         return due
 

@@ -811,3 +811,19 @@ def _only_named_errors(call: Callable[[], object], errors: tuple[type[Exception]
     except errors as error:
         assert str(error), f"{type(error).__name__} without a message"
         return None
+
+
+def test_a_sustained_flood_logs_one_line_per_flood_interval_per_reason() -> None:
+    from phasestream.stage import LogLimiter
+
+    limiter = LogLimiter(interval_s=5.0, burst=10, flood_interval_s=30.0)
+    admitted = 0
+    for tick in range(300 * 100):  # 300 s of 100 bad messages a second, one reason
+        now_s = tick / 100
+        if limiter.admit("garbage", now_s) is not None:
+            admitted += 1
+        admitted += len(limiter.overdue(now_s))
+    # The first burst, its summary, then one line (and one summary) per 30 s: about 30 lines, not 600.
+    assert admitted <= 10 + 1 + 2 * (300 // 30) + 2
+    # A reason that went quiet gets its full burst again.
+    assert all(limiter.admit("quiet", 1000.0 + i) is not None for i in range(3))
