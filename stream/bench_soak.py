@@ -6,7 +6,7 @@ that is the rate the machine sustains (backpressure holds the emitter back, so n
 bound). The soak then runs at ``load`` times that rate, paced by the emitter, because latency is only
 meaningful below saturation: at saturation every queue is full and latency measures the queue length.
 
-Reported, per the operations issue:
+Reported:
 
 - frames in = frames accounted: every scan's ``ScanEnd`` accounting must explain every frame the detector
   announced (``unaccounted_frames``), summed over the soak;
