@@ -40,7 +40,8 @@ import h5py
 import numpy as np
 
 from phasestream.errors import PositionError
-from phasestream.simulators.cxi import (
+from phasestream.simulators.cxi import nx_group
+from phasestream.simulators.recorded_scan import (
     DEFAULT_COLUMN_DIRECTION,
     DEFAULT_ROW_DIRECTION,
     JOULES_PER_EV,
@@ -58,7 +59,6 @@ from phasestream.simulators.cxi import (
     frame_layout,
     frames_dataset_shape,
     metres_per_unit,
-    nx_group,
     pixel_size_per_axis_m,
     positions_from_sample_translation,
     required_dataset,

@@ -47,9 +47,9 @@ from ophyd import DeviceStatus
 
 from phasestream.bluesky_bridge import LengthUnit
 from phasestream.errors import ConfigError, PositionError
-from phasestream.simulators.cxi import READ_CHUNK_FRAMES, FrameCompression, compression_options
 from phasestream.simulators.diffraction import ProbeShifter, expected_pattern, poisson_counts
 from phasestream.simulators.ophyd_scan_detector import RunInfo, ScanDetector
+from phasestream.simulators.recorded_scan import READ_CHUNK_FRAMES, FrameCompression, compression_options
 from phasestream.simulators.scan_simulation import SimulatedScan
 from phasestream.simulators.selun import DEFAULT_DATA_ENDPOINT, DEFAULT_SEND_HWM
 from phasestream.simulators.stream_v2_encode import (

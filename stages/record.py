@@ -26,17 +26,14 @@ from phasestream import metrics
 from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart
 from phasestream.scan_uid import UNSAFE_SCAN_UID, check_scan_uid
-from phasestream.simulators.cxi import (
-    CXI_VERSION,
+from phasestream.simulators.cxi import CXI_VERSION, CxiPath, nx_group, write_quantity
+from phasestream.simulators.recorded_scan import (
     DEFAULT_COLUMN_DIRECTION,
     DEFAULT_ROW_DIRECTION,
     JOULES_PER_EV,
-    CxiPath,
     FrameCompression,
     compression_options,
-    nx_group,
     sample_translation_from_positions,
-    write_quantity,
 )
 from phasestream.stage import Stage
 

@@ -46,15 +46,9 @@ from tqdm import tqdm
 
 from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.scan_options import ScanOptions, with_scan_options
-from phasestream.simulators.cxi import (
-    FrameBlock,
-    FrameCompression,
-    RecordedScan,
-    ScanFileError,
-    read_cxi,
-    split_dataset_spec,
-)
+from phasestream.simulators.cxi import read_cxi, split_dataset_spec
 from phasestream.simulators.nxmx import read_nxmx
+from phasestream.simulators.recorded_scan import FrameBlock, FrameCompression, RecordedScan, ScanFileError
 from phasestream.simulators.selun import (
     DEFAULT_DATA_ENDPOINT,
     DEFAULT_POSITIONS_ENDPOINT,

@@ -45,7 +45,7 @@ import numpy as np
 
 from phasestream.bluesky_bridge import LengthUnit, parse_length_unit
 from phasestream.errors import ConfigError, PositionError, PublishError
-from phasestream.simulators.cxi import (
+from phasestream.simulators.recorded_scan import (
     READ_CHUNK_FRAMES,
     RecordedScan,
     ScanFileError,

@@ -20,16 +20,9 @@ import pytest
 
 from phasestream.errors import DetectorMessageError
 from phasestream.replay import _image_batches, _start_message, wire_dtype
-from phasestream.simulators.cxi import (
-    COUNTS_DTYPE,
-    INTENSITIES_DTYPE,
-    JOULES_PER_EV,
-    CxiPath,
-    ScanFileError,
-    read_cxi,
-    split_dataset_spec,
-)
+from phasestream.simulators.cxi import CxiPath, read_cxi, split_dataset_spec
 from phasestream.simulators.nxmx import read_nxmx
+from phasestream.simulators.recorded_scan import COUNTS_DTYPE, INTENSITIES_DTYPE, JOULES_PER_EV, ScanFileError
 from phasestream.simulators.stream_v2_encode import channel_array, encode_message, start_fields
 from phasestream.stages.stream_v2_decode import ImageMessage, StartMessage, decode_stream_v2
 

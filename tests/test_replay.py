@@ -30,15 +30,9 @@ from phasestream.replay import (
     replay_rate_hz,
     wire_dtype,
 )
-from phasestream.simulators.cxi import (
-    BITSHUFFLE_FILTER_ID,
-    CxiPath,
-    FrameCompression,
-    ScanFileError,
-    read_cxi,
-    write_cxi,
-)
+from phasestream.simulators.cxi import CxiPath, read_cxi, write_cxi
 from phasestream.simulators.nxmx import read_nxmx, write_nxmx
+from phasestream.simulators.recorded_scan import BITSHUFFLE_FILTER_ID, FrameCompression, ScanFileError
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
 from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
 from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2

@@ -39,8 +39,8 @@ from phasestream.bluesky_tiled_writer import read_api_key
 from phasestream.errors import ConfigError, PositionError
 from phasestream.replay import ReplayRate, read_scan_for, replay, replay_rate_hz
 from phasestream.replay_tiled import TiledRunScan, read_tiled_run, split_run_uri
-from phasestream.simulators.cxi import ScanFileError
 from phasestream.simulators.ophyd_selun import FRAMES_DATASET, SelunDetector, SimulatedSample
+from phasestream.simulators.recorded_scan import ScanFileError
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
 from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
 from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2

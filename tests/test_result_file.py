@@ -18,7 +18,7 @@ from phasestream.result_file import (
     read_result_file,
     write_result_file,
 )
-from phasestream.simulators.cxi import positions_from_sample_translation
+from phasestream.simulators.recorded_scan import positions_from_sample_translation
 
 # Every length and energy dataset of the layout, and its units.
 UNITS = {
