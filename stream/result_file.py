@@ -30,8 +30,8 @@ Layout (CXI 1.5 with NeXus classes; SI units, and every length and energy carrie
 Positions. phasestream's positions are probe centres (y, x) along the frame's row and column axes; CXI
 records the sample's translation. With the default ``basis_vectors`` (rows along −y, columns along −x)
 the scan files phasestream writes and reads store ``translation = (x, y, 0)`` of the probe position, and so
-does this file: ``phasestream.simulators.recorded_scan.positions_from_sample_translation`` reads it back. Object
-pixel (row, column) lies at ``origin + (row, column) × pixel``, in metres, in that same frame.
+does this file: ``positions_from_sample_translation`` (``phasestream.simulators.recorded_scan``) reads
+it back. Object pixel (row, column) lies at ``origin + (row, column) × pixel``, in metres, in that same frame.
 
 The probe at ``source_1/illumination`` is where ``phasestream.probe_source.load_probe`` (and SHARP,
 ptychodus) look for one, and ``image_1/x_pixel_size`` gives its pixel size, so a result file starts
