@@ -7,17 +7,14 @@ that applies the pipeline's and a scan's overrides, crops every frame and zeroes
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from test_ingest import IngestPipeline, Series
+from test_ingest import IngestPipeline, Series, launched_ingest
 
-from phasestream.config import validate_pipeline
 from phasestream.errors import ConfigError
 from phasestream.geometry import (
     GeometryOverrides,
@@ -27,8 +24,6 @@ from phasestream.geometry import (
     read_mask_file,
     resolve_geometry,
 )
-from phasestream.launcher import Launcher
-from phasestream.simulators.selun import SelunEmitter
 
 DETECTOR_PX = (24, 32)
 WINDOW_PX = 16
@@ -143,53 +138,21 @@ def test_an_unusable_mask_file_is_refused_at_config_load(tmp_path: Path, case: s
 
 # ---- through a real ingest process ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def overriding_pipeline() -> Iterator[IngestPipeline]:
-    run_dir = Path(tempfile.mkdtemp(prefix="ps-geom-", dir="/tmp"))
-    np.save(run_dir / "mask.npy", _defects())
-    config = validate_pipeline(
-        {
-            "name": "geometry-test",
-            "run_dir": str(run_dir),
-            "exit_after_scan": False,
-            "detector": {
-                "data_endpoint": f"ipc://{run_dir}/det.sock",
-                "positions_endpoint": f"ipc://{run_dir}/pos.sock",
-            },
-            "stages": [
-                {
-                    "name": "ingest",
-                    "stage": "ingest",
-                    "config": {
-                        "batch_size": 4,
-                        "position_grace_s": 1.0,
-                        "geometry": {
-                            "energy_kev": 9.5,
-                            "beam_centre_px": list(BEAM_CENTRE_PX),
-                            "window_px": WINDOW_PX,
-                            "mask_file": str(run_dir / "mask.npy"),
-                        },
-                    },
-                },
-                {
-                    "name": "collect",
-                    "stage": "test_ingest:FrameCollector",
-                    "config": {"out_dir": str(run_dir)},
-                },
-            ],
-        }
-    )
-    emitter = SelunEmitter(config.detector.data_endpoint, config.detector.positions_endpoint, linger_s=1.0)
-    launcher = Launcher(config)
-    tests_dir = str(Path(__file__).resolve().parent)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("PYTHONPATH", tests_dir)
-            launcher.start(ready_timeout_s=60)
-        yield IngestPipeline(launcher, emitter, run_dir)
-    finally:
-        launcher.stop()
-        emitter.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+def overriding_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestPipeline]:
+    mask_file = tmp_path_factory.mktemp("mask") / "mask.npy"
+    np.save(mask_file, _defects())
+    config = {
+        "batch_size": 4,
+        "position_grace_s": 1.0,
+        "geometry": {
+            "energy_kev": 9.5,
+            "beam_centre_px": list(BEAM_CENTRE_PX),
+            "window_px": WINDOW_PX,
+            "mask_file": str(mask_file),
+        },
+    }
+    with launched_ingest("geometry-test", config) as launched:
+        yield launched
 
 
 def _scan(series: Series, n: int, user_geometry: object) -> tuple[list[bytes], list[bytes], np.ndarray]:

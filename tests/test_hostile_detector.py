@@ -12,11 +12,8 @@ project's own error, never anything else, and never by allocating what a size fi
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -38,14 +35,13 @@ from test_ingest import (
     Series,
     assert_forwarded,
     assert_texts,
+    launched_ingest,
     make_frames,
     make_positions,
 )
 
 from phasestream.accounting import unaccounted_frames
-from phasestream.config import validate_pipeline
 from phasestream.errors import PhasestreamError
-from phasestream.launcher import Launcher
 from phasestream.scan_uid import SAFE_SCAN_UID, check_scan_uid, safe_scan_uid
 from phasestream.simulators.selun import SelunEmitter
 from phasestream.simulators.stream_v2_encode import (
@@ -113,48 +109,14 @@ class HostilePipeline(IngestPipeline):
 
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[HostilePipeline]:
-    run_dir = Path(tempfile.mkdtemp(prefix="ps-hostile-", dir="/tmp"))
-    config = validate_pipeline(
-        {
-            "name": "hostile-detector",
-            "run_dir": str(run_dir),
-            "exit_after_scan": False,
-            "detector": {
-                "data_endpoint": f"ipc://{run_dir}/det.sock",
-                "positions_endpoint": f"ipc://{run_dir}/pos.sock",
-            },
-            "stages": [
-                {
-                    "name": "ingest",
-                    "stage": "ingest",
-                    "config": {
-                        "batch_size": BATCH_SIZE,
-                        "position_grace_s": 1.0,
-                        "orphan_positions_max_age_s": ORPHAN_MAX_AGE_S,
-                        "max_orphan_positions": MAX_ORPHAN_POSITIONS,
-                    },
-                },
-                {
-                    "name": "collect",
-                    "stage": "test_ingest:FrameCollector",
-                    "config": {"out_dir": str(run_dir)},
-                },
-            ],
-        }
-    )
-    emitter = HostileEmitter(config.detector.data_endpoint, config.detector.positions_endpoint, linger_s=1.0)
-    launcher = Launcher(config)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            # The collector's process imports test_ingest; the launcher passes os.environ on.
-            paths = [str(TESTS_DIR), os.getenv("PYTHONPATH")]
-            patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
-            launcher.start(ready_timeout_s=60)
-        yield HostilePipeline(launcher, emitter, run_dir)
-    finally:
-        launcher.stop()
-        emitter.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    config = {
+        "batch_size": BATCH_SIZE,
+        "position_grace_s": 1.0,
+        "orphan_positions_max_age_s": ORPHAN_MAX_AGE_S,
+        "max_orphan_positions": MAX_ORPHAN_POSITIONS,
+    }
+    with launched_ingest("hostile-detector", config, HostileEmitter, HostilePipeline) as launched:
+        yield launched
 
 
 # ---- building hostile messages --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ each test sends its own scans through it and checks what the issue asks of every
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -220,12 +221,19 @@ class IngestPipeline:
 STALLED_SCAN_TIMEOUT_S = 3.0
 
 
-@pytest.fixture(scope="module")
-def pipeline() -> Iterator[IngestPipeline]:
-    run_dir = Path(tempfile.mkdtemp(prefix="ps-ingest-", dir="/tmp"))
+@contextlib.contextmanager
+def launched_ingest(
+    name: str,
+    ingest_config: dict[str, Any],
+    emitter_class: type[SelunEmitter] = SelunEmitter,
+    pipeline_class: type[IngestPipeline] = IngestPipeline,
+) -> Iterator[IngestPipeline]:
+    """A real ingest process and the collector behind it, fed by a SELUN emitter's sockets in a fresh
+    run directory; every ingest test module starts its pipeline here."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"ps-{name}-", dir="/tmp"))
     config = validate_pipeline(
         {
-            "name": "ingest-test",
+            "name": name,
             "run_dir": str(run_dir),
             "exit_after_scan": False,
             "detector": {
@@ -233,15 +241,7 @@ def pipeline() -> Iterator[IngestPipeline]:
                 "positions_endpoint": f"ipc://{run_dir}/pos.sock",
             },
             "stages": [
-                {
-                    "name": "ingest",
-                    "stage": "ingest",
-                    "config": {
-                        "batch_size": BATCH_SIZE,
-                        "position_grace_s": 2.0,
-                        "stalled_scan_timeout_s": STALLED_SCAN_TIMEOUT_S,
-                    },
-                },
+                {"name": "ingest", "stage": "ingest", "config": ingest_config},
                 {
                     "name": "collect",
                     "stage": "test_ingest:FrameCollector",
@@ -251,7 +251,7 @@ def pipeline() -> Iterator[IngestPipeline]:
         }
     )
     # The emitter binds (as a DCU does) before ingest connects; ingest reconnects until it is there.
-    emitter = SelunEmitter(config.detector.data_endpoint, config.detector.positions_endpoint, linger_s=1.0)
+    emitter = emitter_class(config.detector.data_endpoint, config.detector.positions_endpoint, linger_s=1.0)
     launcher = Launcher(config)
     try:
         with pytest.MonkeyPatch.context() as patch:
@@ -260,11 +260,22 @@ def pipeline() -> Iterator[IngestPipeline]:
                 "PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.getenv("PYTHONPATH")]))
             )
             launcher.start(ready_timeout_s=60)
-        yield IngestPipeline(launcher, emitter, run_dir)
+        yield pipeline_class(launcher, emitter, run_dir)
     finally:
         launcher.stop()
         emitter.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Iterator[IngestPipeline]:
+    config = {
+        "batch_size": BATCH_SIZE,
+        "position_grace_s": 2.0,
+        "stalled_scan_timeout_s": STALLED_SCAN_TIMEOUT_S,
+    }
+    with launched_ingest("ingest-test", config) as launched:
+        yield launched
 
 
 # ---- building Stream V2 scans ---------------------------------------------------------------------------
