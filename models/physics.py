@@ -122,7 +122,7 @@ def positions_to_pixels(
     ``origin_m`` is the position (y, x) that maps to canvas pixel ``(margin_px, margin_px)`` as a window
     corner; by default the smallest y and x of ``positions_m``. A live scan fixes it from the first batch
     so that later positions keep their meaning; positions left of or above it then get negative corners,
-    which :class:`~phasestream.models.epie.EpieSolver` handles by growing its canvas.
+    which :class:`~phasestream.models.ptycho.epie.EpieSolver` handles by growing its canvas.
     """
     positions = np.asarray(positions_m, dtype=np.float64)
     if positions.ndim != 2 or positions.shape[1] != 2:

@@ -67,15 +67,3 @@ def poisson_counts(expected: np.ndarray, rng: np.random.Generator) -> tuple[np.n
     counts = rng.poisson(expected)
     clipped = int(np.count_nonzero(counts > UINT16_MAX))
     return np.minimum(counts, UINT16_MAX).astype(np.uint16), clipped
-
-
-def wavelength_m(energy_kev: float) -> float:
-    """λ = h c / E; 1.23984198e-9 m·keV is h c."""
-    return 1.23984198e-9 / energy_kev
-
-
-def object_pixel_size_m(
-    energy_kev: float, detector_distance_m: float, detector_size_px: int, detector_pixel_size_m: float
-) -> float:
-    """Real-space pixel of the far-field geometry: Δx = λ z / (N p)."""
-    return wavelength_m(energy_kev) * detector_distance_m / (detector_size_px * detector_pixel_size_m)

@@ -19,7 +19,7 @@ per detector pixel, which puts the doses in the range of the paper's PSNR figure
 flux s would be about 5 times lower for the default geometry). X (real, in [0, 1], zero off its square
 support S) and U (real, in [0.5, 1], zero off its static support) do not overlap. The static region is
 first measured alone at a high dose, Y_s ~ Poisson(s_s |F U|²) with s_s = N_s n² / Σ U², from which it is
-reconstructed (:mod:`phasestream.models.lodip`). The default ratio r = 10 is this simulator's choice.
+reconstructed (:mod:`phasestream.models.cdi.lodip`). The default ratio r = 10 is this simulator's choice.
 
 The static support is a right triangle: unlike a rectangle it is not centrosymmetric, so its twin image
 U(−r) does not fit it, and a static-only reconstruction with that support has no twin ambiguity.

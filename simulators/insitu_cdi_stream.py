@@ -3,7 +3,7 @@
 An in-situ CDI series (:mod:`phasestream.simulators.insitu_cdi`) is a run of patterns of one sample beside
 a fixed static region, with no scan. Ingest joins every frame to a position by image id, so
 :func:`insitu_cdi_messages` sends the position (0, 0) m for every frame on the position channel
-(:mod:`phasestream.stages.position_channel`); the ``cdi`` stage ignores positions. The patterns travel
+(:mod:`phasestream.formats.position_channel`); the ``cdi`` stage ignores positions. The patterns travel
 as uint32 counts (a bright in-situ pattern exceeds 65535 counts in its centre).
 
 :func:`save_static_reference` writes what the ``cdi`` stage needs about the static region: its high-dose,
@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from phasestream.errors import FrameValidationError
-from phasestream.simulators.insitu_cdi import InSituCdiData
-from phasestream.simulators.stream_v2_encode import (
+from phasestream.formats.position_channel import POSITIONS_BATCH_SIZE, encode_positions_end, position_messages
+from phasestream.formats.stream_v2_encode import (
     NOMINAL_FRAME_TIME_S,
     encode_image,
     encode_message,
     end_fields,
     start_fields,
 )
-from phasestream.stages.position_channel import POSITIONS_BATCH_SIZE, encode_positions_end, position_messages
+from phasestream.simulators.insitu_cdi import InSituCdiData
 
 ENERGY_KEV = 8.8
 DETECTOR_DISTANCE_M = 2.0

@@ -12,10 +12,10 @@ from typing import Any
 
 from ophyd import Component, Device, Kind, Signal
 
-from phasestream.bluesky_bridge import LengthUnit
+from phasestream.formats.units import LengthUnit
 
 # The start-document key a plan sets (``RE(plan, phasestream_geometry={"energy_kev": 9.1})``) to override
-# the geometry of one scan; ingest validates it (``phasestream.geometry``).
+# the geometry of one scan; ingest validates it (``phasestream.runtime.geometry``).
 GEOMETRY_KEY = "phasestream_geometry"
 
 

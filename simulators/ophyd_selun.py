@@ -3,7 +3,7 @@
 Each ``trigger()`` reads the two motors it was given, computes the far-field pattern of a simulated
 sample and probe for the probe at that position (with Poisson noise), and sends it as one DECTRIS Stream
 V2 image on the SELUN data socket, as a DCU would after a hardware trigger. The reading reports the image
-id and the series id, which is how the Bluesky bridge (``phasestream.bluesky_bridge``) pairs each event's
+id and the series id, which is how the Bluesky bridge (``phasestream.apps.bluesky.bridge``) pairs each event's
 motor readbacks with the frame.
 
 Arming: a real detector is armed before a run, but bluesky stages devices before it opens the run, so
@@ -27,7 +27,7 @@ array node ``/<run uid>/primary/<name>_image`` backed by the file (the Tiled ser
 Configuration (in every descriptor's ``configuration``, so beside the raw run in Tiled): the geometry
 (``<name>_energy_kev``, ``<name>_detector_distance_m``, ``<name>_pixel_size_m``) and which motors and
 unit give the probe position (``<name>_y_motor_name``, ``<name>_x_motor_name``,
-``<name>_motor_unit_name``): what ``phasestream.replay_tiled`` needs to replay the run.
+``<name>_motor_unit_name``): what ``phasestream.apps.replay.to_tiled`` needs to replay the run.
 """
 
 from __future__ import annotations
@@ -45,20 +45,20 @@ import numpy as np
 import zmq
 from ophyd import DeviceStatus
 
-from phasestream.bluesky_bridge import LengthUnit
 from phasestream.errors import ConfigError, PositionError
-from phasestream.simulators.diffraction import ProbeShifter, expected_pattern, poisson_counts
-from phasestream.simulators.ophyd_scan_detector import RunInfo, ScanDetector
-from phasestream.simulators.recorded_scan import READ_CHUNK_FRAMES, FrameCompression, compression_options
-from phasestream.simulators.scan_simulation import SimulatedScan
-from phasestream.simulators.selun import DEFAULT_DATA_ENDPOINT, DEFAULT_SEND_HWM
-from phasestream.simulators.stream_v2_encode import (
+from phasestream.formats.recorded_scan import READ_CHUNK_FRAMES, FrameCompression, compression_options
+from phasestream.formats.stream_v2_encode import (
     NOMINAL_FRAME_TIME_S,
     encode_image,
     encode_message,
     end_fields,
     start_fields,
 )
+from phasestream.formats.units import LengthUnit
+from phasestream.simulators.diffraction import ProbeShifter, expected_pattern, poisson_counts
+from phasestream.simulators.ophyd_scan_detector import RunInfo, ScanDetector
+from phasestream.simulators.scan_simulation import SimulatedScan
+from phasestream.simulators.selun import DEFAULT_DATA_ENDPOINT, DEFAULT_SEND_HWM
 
 # Where the frames sit in each run's file: DECTRIS's path, and TiledWriter's default for AD_HDF5.
 FRAMES_DATASET = "/entry/data/data"

@@ -42,8 +42,10 @@ from typing import Any
 import numpy as np
 from ophyd import Component, DeviceStatus, Kind, Signal
 
-from phasestream.bluesky_bridge import LengthUnit
 from phasestream.errors import ConfigError
+from phasestream.formats.position_channel import encode_positions, encode_positions_end
+from phasestream.formats.tpx3_decode import CHIP_SIZE_PX, TICK_NS
+from phasestream.formats.units import LengthUnit
 from phasestream.simulators.ophyd_scan_detector import RunInfo, ScanDetector
 from phasestream.simulators.ophyd_selun import FrameSource
 from phasestream.simulators.timepix3 import (
@@ -56,8 +58,6 @@ from phasestream.simulators.timepix3 import (
     ns_to_ticks,
     scan_events,
 )
-from phasestream.stages.position_channel import encode_positions, encode_positions_end
-from phasestream.stages.tpx3_decode import CHIP_SIZE_PX, TICK_NS
 
 
 @dataclass

@@ -28,7 +28,7 @@ from enum import StrEnum
 import numpy as np
 
 from phasestream.errors import ConfigError
-from phasestream.simulators.diffraction import object_pixel_size_m, wavelength_m
+from phasestream.formats.units import object_pixel_size_m, wavelength_m
 
 
 class ProbeKind(StrEnum):

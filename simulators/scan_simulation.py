@@ -14,12 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from phasestream.simulators.diffraction import (
-    ProbeShifter,
-    expected_pattern,
-    object_pixel_size_m,
-    poisson_counts,
-)
+from phasestream.formats.units import object_pixel_size_m
+from phasestream.simulators.diffraction import ProbeShifter, expected_pattern, poisson_counts
 from phasestream.simulators.probes import ProbeKind, make_probe
 from phasestream.simulators.samples import (
     SampleKind,

@@ -21,18 +21,18 @@ import zmq
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError
-from phasestream.simulators.scan_simulation import SimulatedScan
-from phasestream.simulators.stream_v2_encode import (
+from phasestream.formats.position_channel import (
+    POSITIONS_BATCH_SIZE,
+    encode_positions_end,
+    position_messages,
+)
+from phasestream.formats.stream_v2_encode import (
     encode_image,
     encode_message,
     end_fields,
     start_fields_for_scan,
 )
-from phasestream.stages.position_channel import (
-    POSITIONS_BATCH_SIZE,
-    encode_positions_end,
-    position_messages,
-)
+from phasestream.simulators.scan_simulation import SimulatedScan
 
 DEFAULT_DATA_ENDPOINT = "tcp://127.0.0.1:31001"  # the Stream V2 port
 DEFAULT_POSITIONS_ENDPOINT = "tcp://127.0.0.1:31002"

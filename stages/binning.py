@@ -18,8 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError, FrameValidationError
-from phasestream.messages import FrameBatch, Message, ScanStart
-from phasestream.stage import Stage
+from phasestream.runtime.messages import FrameBatch, Message, ScanStart
+from phasestream.runtime.stage import Stage
 
 
 class BinningConfig(BaseModel):

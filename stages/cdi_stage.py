@@ -1,6 +1,6 @@
 """CDI: reconstruct each in-situ CDI pattern of a stream with LoDIP or HIO-stat, one Reconstruction each.
 
-In-situ CDI (Lo et al. 2018; LoDIP: Manekar et al., arXiv:2402.17745, see :mod:`phasestream.models.lodip`)
+In-situ CDI (Lo et al. 2018; LoDIP: Manekar et al., arXiv:2402.17745, see :mod:`phasestream.models.cdi.lodip`)
 puts a static region U beside the sample X and lights it r times more strongly. U does not change during
 the series, so a beamline measures it **once, alone and at a high dose** (sample out of the beam or
 shuttered), before the low-dose series, and draws the two supports on that measurement. This stage takes
@@ -8,7 +8,7 @@ that measurement from a *static reference* file (:func:`load_static_reference`, 
 :func:`phasestream.simulators.insitu_cdi_stream.save_static_reference`): the high-dose static-only
 pattern, the static and sample supports (boolean masks of the detector array) and the incident flux of the
 static exposure. It reconstructs U from it with HIO/ER under the support and positivity (the same
-:func:`~phasestream.models.lodip.reconstruct_static` as the benchmark), rescales U to the series' units
+:func:`~phasestream.models.cdi.lodip.reconstruct_static` as the benchmark), rescales U to the series' units
 with the series flux (``incident_photons_per_px``, from the beam monitor) and the illumination ratio r,
 and then solves every pattern of the stream with U held fixed.
 
@@ -47,8 +47,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError, FrameValidationError
-from phasestream.messages import FrameBatch, Message, Reconstruction, ScanEnd, ScanStart
-from phasestream.stage import Stage
+from phasestream.runtime.messages import FrameBatch, Message, Reconstruction, ScanEnd, ScanStart
+from phasestream.runtime.stage import Stage
 
 REFERENCE_KEYS = ("static_pattern", "static_support", "sample_support", "static_incident_photons_per_px")
 BAD_REFERENCE = "static_reference"
@@ -190,7 +190,7 @@ class CdiStage(Stage):
         yield message
 
     def _static_estimate(self, detector_shape_px: tuple[int, int]) -> tuple[StaticReference, np.ndarray]:
-        from phasestream.models.lodip import reconstruct_static
+        from phasestream.models.cdi.lodip import reconstruct_static
 
         path = self.config.static_reference
         try:
@@ -214,7 +214,7 @@ class CdiStage(Stage):
         return reference, estimate
 
     def _in_pattern_units(self, static_estimate: np.ndarray, reference: StaticReference) -> np.ndarray:
-        from phasestream.models.lodip import static_in_pattern_units
+        from phasestream.models.cdi.lodip import static_in_pattern_units
 
         return static_in_pattern_units(
             static_estimate,
@@ -255,8 +255,8 @@ class CdiStage(Stage):
             yield reconstruction
 
     def _solve(self, scan: CdiScan, pattern: np.ndarray, frame_index: int) -> Reconstruction:
-        from phasestream.models.dip import DipArchitecture
-        from phasestream.models.lodip import HIO_STAT_SCHEDULE, hio_stat, lodip
+        from phasestream.models.cdi.lodip import HIO_STAT_SCHEDULE, hio_stat, lodip
+        from phasestream.models.nets.dip import DipArchitecture
 
         reference = scan.reference
         problem = (pattern, scan.static_field, reference.sample_support, reference.static_support)

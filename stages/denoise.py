@@ -1,7 +1,7 @@
 """Denoise: a deep image prior (DIP) fitted to the refined object off the receive loop, sent as ``denoised``.
 
 The DIP (Ulyanov et al., CVPR 2018, Eq. 2; the skip networks of Erin et al. 2025; ES-WMV early stopping of
-Wang et al., TMLR 2023) lives in :mod:`phasestream.models.dip`. This stage only decides *what* to denoise
+Wang et al., TMLR 2023) lives in :mod:`phasestream.models.nets.dip`. This stage only decides *what* to denoise
 and *when* the result goes out:
 
 - **Everything is forwarded at once** (ScanStart, frames, every Reconstruction, ScanEnd aside), so publish
@@ -57,10 +57,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from phasestream import metrics
 from phasestream.errors import ConfigError, PhasestreamError
-from phasestream.messages import Message, Product, Reconstruction, ScanEnd, ScanStart
-from phasestream.models.dip import (
+from phasestream.models.nets.dip import (
     DEFAULT_INPUT_NOISE_STD,
     DEFAULT_LEARNING_RATE,
     DEFAULT_PATIENCE,
@@ -71,7 +69,9 @@ from phasestream.models.dip import (
     SkipNetConfig,
     dip_denoise,
 )
-from phasestream.stage import Stage
+from phasestream.runtime import metrics
+from phasestream.runtime.messages import Message, Product, Reconstruction, ScanEnd, ScanStart
+from phasestream.runtime.stage import Stage
 
 _CANCEL_GRACE_S = 30.0
 """After a final's fit was told to stop, how long its held ScanEnd waits for it to hand back its estimate

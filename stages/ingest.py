@@ -10,7 +10,7 @@ Nothing the detector stream says is trusted before it is checked: an image's dec
 size are compared with its scan's start message before it is decompressed (a small bslz4 message can
 declare a 1 GiB frame); a start message that announces more than ``max_images_per_scan`` images is
 refused; a scan uid that is not a safe name (it names Tiled nodes and files downstream) is replaced
-(``phasestream.scan_uid``); ``user_data`` fields of the wrong type are left out with a warning; and
+(``phasestream.runtime.scan_uid``); ``user_data`` fields of the wrong type are left out with a warning; and
 positions of a series that never starts are held for ``orphan_positions_max_age_s`` at most, and never
 more than ``max_orphan_positions`` of them.
 """
@@ -28,22 +28,9 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from phasestream import metrics
 from phasestream.errors import ConfigError, DetectorMessageError, FrameValidationError, PhasestreamError
-from phasestream.geometry import (
-    GeometryOverrides,
-    GeometrySettings,
-    ResolvedGeometry,
-    check_mask_shape,
-    per_scan_overrides,
-    read_mask_file,
-    resolve_geometry,
-)
-from phasestream.messages import FrameBatch, Geometry, Message, PositionSource, ScanEnd, ScanStart
-from phasestream.scan_uid import SAFE_SCAN_UID, UNSAFE_SCAN_UID, safe_scan_uid
-from phasestream.stage import RawInput, Stage
-from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.stages.stream_v2_decode import (
+from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
+from phasestream.formats.stream_v2_decode import (
     FRAME_TOO_LARGE,
     EncodedImage,
     EndMessage,
@@ -52,6 +39,19 @@ from phasestream.stages.stream_v2_decode import (
     decode_stream_v2,
     shown,
 )
+from phasestream.runtime import metrics
+from phasestream.runtime.geometry import (
+    GeometryOverrides,
+    GeometrySettings,
+    ResolvedGeometry,
+    check_mask_shape,
+    per_scan_overrides,
+    read_mask_file,
+    resolve_geometry,
+)
+from phasestream.runtime.messages import FrameBatch, Geometry, Message, PositionSource, ScanEnd, ScanStart
+from phasestream.runtime.scan_uid import SAFE_SCAN_UID, UNSAFE_SCAN_UID, safe_scan_uid
+from phasestream.runtime.stage import RawInput, Stage
 
 Decoded = TypeVar("Decoded")
 
@@ -144,7 +144,8 @@ ScanAxis = Annotated[int, Strict(), Field(ge=1, le=2**31 - 1)]
 
 class ScanUserData(BaseModel):
     """The fields of a start message's ``user_data`` that ingest reads, besides ``scan_uid``
-    (``phasestream.scan_uid``) and ``geometry`` (``per_scan_overrides``), which are checked on their own.
+    (``phasestream.runtime.scan_uid``) and ``geometry`` (``per_scan_overrides``), which are checked on
+    their own.
 
     Each has a safe default, so a bad one is left out with a warning (``bad_user_data``) and the scan runs
     without it rather than being refused: ``scan_shape`` only arranges positions for display and files,

@@ -2,7 +2,7 @@
 
 Each FrameBatch is forwarded unchanged before the network sees it, so refine never waits for inference.
 Frames are fitted to the network's input (a centred crop, or binning where the pattern is oversampled
-enough; :func:`phasestream.models.autophasenn.fit_pattern`), inverted in batches, and each predicted
+enough; :func:`phasestream.models.nets.autophasenn.fit_pattern`), inverted in batches, and each predicted
 transmission patch is added to a mosaic on the real-space grid refine uses (Yao et al., npj Comput. Mater.
 8, 124 (2022); PtychoNN, Cherukara et al., Appl. Phys. Lett. 117, 044103 (2020), stitch per-position
 predictions the same way). Where patches overlap, each counts with the probe intensity |P|² it was lit
@@ -27,15 +27,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError, FrameValidationError
-from phasestream.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
-from phasestream.stage import Stage
+from phasestream.models.nets.shipped_weights import shipped_weights
+from phasestream.runtime.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
+from phasestream.runtime.stage import Stage
 
 if TYPE_CHECKING:
-    from phasestream.models.autophasenn import AutoPhaseNN, PatternFit
+    from phasestream.models.nets.autophasenn import AutoPhaseNN, PatternFit
 
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights" / "autophasenn_2d_selun192.pt"
+DEMO_WEIGHTS = shipped_weights("autophasenn_2d_selun192.pt")
 """2D weights trained with the demo's probe as a 192-px SELUN frame binned 2×2 and cropped to 64 px shows it
-(:func:`phasestream.models.autophasenn.fitted_probe`)."""
+(:func:`phasestream.models.nets.autophasenn.fitted_probe`)."""
 
 
 class DeviceChoice(StrEnum):
@@ -224,7 +225,7 @@ class InversionStage(Stage):
     def setup(self) -> None:
         import torch
 
-        from phasestream.models.autophasenn import load_autophasenn
+        from phasestream.models.nets.autophasenn import load_autophasenn
 
         torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
         device = self.config.device
@@ -280,7 +281,7 @@ class InversionStage(Stage):
     def _usable(self, scan: ScanInversion, batch: FrameBatch) -> tuple[np.ndarray, np.ndarray]:
         """The batch's frames fitted to the network (amplitude per detector frame) and their positions;
         frames the network must not see are counted with the reason and left out."""
-        from phasestream.models.autophasenn import apply_fit, validate_network_input
+        from phasestream.models.nets.autophasenn import apply_fit, validate_network_input
 
         frames = np.asarray(batch.frames)
         positions = np.asarray(batch.positions_m, dtype=np.float64)
@@ -323,7 +324,7 @@ class InversionStage(Stage):
 
     def _first_fits(self, frame: np.ndarray) -> list[PatternFit]:
         """The steps that bring this scan's frames to the network: binning by ``bin_factor``, then the fit."""
-        from phasestream.models.autophasenn import FitAction, PatternFit, apply_fit, fit_pattern
+        from phasestream.models.nets.autophasenn import FitAction, PatternFit, apply_fit, fit_pattern
 
         size, factor = self._input_px, self.config.bin_factor
         shape = tuple(frame.shape)
@@ -354,7 +355,7 @@ class InversionStage(Stage):
 
     # ---- network and mosaic --------------------------------------------------------------------------
     def _invert(self, scan: ScanInversion, n: int) -> None:
-        from phasestream.models.autophasenn import predict
+        from phasestream.models.nets.autophasenn import predict
         from phasestream.models.physics import object_pixel_size_m
 
         frames = np.concatenate(scan.pending_frames)

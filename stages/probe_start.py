@@ -8,7 +8,8 @@
   detector pixel, frame shape), the usual start between consecutive scans. Kept in the run directory, so
   a restarted worker still has it; without one, the scan falls back to ``auto`` and says so.
 - a file: ``probe.npy``, ``scan.cxi::/entry_1/instrument_1/source_1/illumination``, a CXI or PtyPy file,
-  or a phasestream result file (``phasestream.probe_source``). A probe of another size or pixel pitch is
+  or a phasestream result file (``phasestream.formats.probe_source``). A probe of another size or pixel
+  pitch is
   resampled to the frame's geometry and scaled to the measured intensity, and the log says how.
 """
 
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from phasestream.messages import Geometry
-from phasestream.models.probe_guess import choose_probe, probe_candidates
-from phasestream.models.probe_resample import resample_probe
-from phasestream.probe_source import LoadedProbe, ProbeStartKind, load_probe, parse_probe_spec
+from phasestream.formats.probe_source import LoadedProbe, ProbeStartKind, load_probe, parse_probe_spec
+from phasestream.models.ptycho.probe_guess import choose_probe, probe_candidates
+from phasestream.models.ptycho.probe_resample import resample_probe
+from phasestream.runtime.messages import Geometry
 
 # Frames whose bright-field shadows, moving with the scan, give the probe's diameter and the side of the
 # focus: a few dozen suffice; more only cost time.

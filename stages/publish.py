@@ -11,11 +11,12 @@ every part, re-sent on a schedule meanwhile (also after the scan, across later s
 of this worker), and counted as ``results_pending`` in the scan's accounting and in
 ``phasestream_results_pending``.
 
-Each completed scan is also written as one CXI result file (``phasestream.result_file``) in
+Each completed scan is also written as one CXI result file (``phasestream.formats.result_file``) in
 ``results_dir``: object, probe modes, the positions used, pixel size and origin, geometry, the pipeline's
 stage settings, the error history and the frame accounting, for people to keep and open elsewhere.
 
-A scan uid that is not a safe name (``phasestream.scan_uid``) would name a file outside ``results_dir``
+A scan uid that is not a safe name (``phasestream.runtime.scan_uid``) would name a file outside
+``results_dir``
 or a node outside ``/reconstructions/``: such a scan is refused (``unsafe_scan_uid``, counted and said
 once), and nothing of it is written.
 """
@@ -29,13 +30,13 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from phasestream import metrics
 from phasestream.errors import ConfigError, PhasestreamError
-from phasestream.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
-from phasestream.result_file import ResultGeometry, ScanResult, write_result_file
-from phasestream.scan_uid import check_scan_uid
-from phasestream.stage import Stage
-from phasestream.tiled_publisher import FinalResult, TiledPublisher
+from phasestream.formats.result_file import ResultGeometry, ScanResult, write_result_file
+from phasestream.runtime import metrics
+from phasestream.runtime.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
+from phasestream.runtime.scan_uid import check_scan_uid
+from phasestream.runtime.stage import Stage
+from phasestream.runtime.tiled_publisher import FinalResult, TiledPublisher
 
 RESULTS_PENDING = "results_pending"  # the accounting key of a scan whose final result waits for Tiled
 

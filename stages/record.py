@@ -7,7 +7,8 @@ bitshuffle-LZ4 by default, as the detector streams them), so a scan of any lengt
 rather than to memory; ``entry_1/data_1/frame_index`` keeps each frame's detector image id, and the file
 is closed and complete at the scan's ``ScanEnd``.
 
-A scan uid that is not a safe file name (``phasestream.scan_uid``), or whose file would resolve outside
+A scan uid that is not a safe file name (``phasestream.runtime.scan_uid``), or whose file would resolve
+outside
 ``directory`` (a symbolic link in its place), is refused: the scan is not recorded (``unsafe_scan_uid``,
 counted and said), and its frames still go on.
 """
@@ -22,12 +23,9 @@ import h5py
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from phasestream import metrics
 from phasestream.errors import ConfigError, PhasestreamError
-from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart
-from phasestream.scan_uid import UNSAFE_SCAN_UID, check_scan_uid
-from phasestream.simulators.cxi import CXI_VERSION, CxiPath, nx_group, write_quantity
-from phasestream.simulators.recorded_scan import (
+from phasestream.formats.cxi import CXI_VERSION, CxiPath, nx_group, write_quantity
+from phasestream.formats.recorded_scan import (
     DEFAULT_COLUMN_DIRECTION,
     DEFAULT_ROW_DIRECTION,
     JOULES_PER_EV,
@@ -35,7 +33,10 @@ from phasestream.simulators.recorded_scan import (
     compression_options,
     sample_translation_from_positions,
 )
-from phasestream.stage import Stage
+from phasestream.runtime import metrics
+from phasestream.runtime.messages import FrameBatch, Message, ScanEnd, ScanStart
+from phasestream.runtime.scan_uid import UNSAFE_SCAN_UID, check_scan_uid
+from phasestream.runtime.stage import Stage
 
 
 class RecordConfig(BaseModel):

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from phasestream import metrics
 from phasestream.errors import FrameValidationError
-from phasestream.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
-from phasestream.stage import Stage
+from phasestream.runtime import metrics
+from phasestream.runtime.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
+from phasestream.runtime.stage import Stage
 
 if TYPE_CHECKING:
-    from phasestream.models.epie import EpieSolver
+    from phasestream.models.ptycho.epie import EpieSolver
 
 
 class Algorithm(StrEnum):
@@ -363,12 +363,12 @@ class RefineStage(Stage):
         object_guess: np.ndarray | None = None,
         unmeasured: np.ndarray | None = None,
     ) -> EpieSolver:
-        from phasestream.models.epie import EpieSolver, UpdateRule
+        from phasestream.models.ptycho.epie import EpieSolver, UpdateRule
 
         regulariser = None
         if self.config.algorithm is Algorithm.PINE:
-            from phasestream.models.dncnn import load_denoiser
-            from phasestream.models.pine import PineRegulariser
+            from phasestream.models.nets.dncnn import load_denoiser
+            from phasestream.models.ptycho.pine import PineRegulariser
 
             if self._denoiser is None:
                 self._denoiser = load_denoiser(device=self.config.device)
@@ -400,7 +400,7 @@ class RefineStage(Stage):
         self, solve: ScanSolve, patterns: np.ndarray, corners_px: np.ndarray, canvas_shape_px: tuple[int, int]
     ) -> np.ndarray | None:
         """The probe this scan starts from (see ``stages.probe_start``), logged with why it was chosen."""
-        from phasestream.probe_source import ProbeStartKind
+        from phasestream.formats.probe_source import ProbeStartKind
         from phasestream.stages.probe_start import (
             ProbeStart,
             auto_start,

@@ -29,21 +29,21 @@ import numpy as np
 import zmq
 from pydantic import Field, model_validator
 
-from phasestream import metrics
 from phasestream.errors import DetectorMessageError, FrameValidationError
-from phasestream.messages import Message
-from phasestream.stage import RawInput
-from phasestream.stages.ingest import IngestConfig, IngestStage
-from phasestream.stages.position_channel import PositionBatch, PositionsEnd
-from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage
-from phasestream.stages.tpx3_decode import (
+from phasestream.formats.position_channel import PositionBatch, PositionsEnd
+from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, StartMessage
+from phasestream.formats.tpx3_decode import (
     CHIP_SIZE_PX,
     TICK_NS,
     TdcEdge,
     Tpx3Decoded,
     Tpx3Decoder,
 )
-from phasestream.stages.tpx3_frames import BuiltFrame, FrameBuilder
+from phasestream.formats.tpx3_frames import BuiltFrame, FrameBuilder
+from phasestream.runtime import metrics
+from phasestream.runtime.messages import Message
+from phasestream.runtime.stage import RawInput
+from phasestream.stages.ingest import IngestConfig, IngestStage
 
 # A series id no position channel sends (they are non-negative): the scan has not adopted one yet.
 _NO_SERIES = -1

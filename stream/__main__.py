@@ -1,3 +1,3 @@
-from phasestream.cli import main
+from phasestream.apps.cli.main import main
 
 raise SystemExit(main())

@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from phasestream_bench.training.autophasenn import spawn_local_training, train_autophasenn, training_batch
+from phasestream_bench.training import autophasenn as trainer
 
 from phasestream.errors import ConfigError, FrameValidationError
-from phasestream.models import train_autophasenn as trainer
-from phasestream.models.autophasenn import (
+from phasestream.models.cdi.phasing import cdi_far_field
+from phasestream.models.nets.autophasenn import (
     INPUT_SIZE_PX,
     SUPPORT_THRESHOLD,
     AutoPhaseNN,
@@ -23,10 +25,8 @@ from phasestream.models.autophasenn import (
     predict,
     weights_payload,
 )
-from phasestream.models.cdi import cdi_far_field
 from phasestream.models.physics import far_field
 from phasestream.models.ssim import ssim
-from phasestream.models.train_autophasenn import spawn_local_training, train_autophasenn, training_batch
 from phasestream.simulators.crystals import (
     CrystalConfig,
     PtychoPatchConfig,

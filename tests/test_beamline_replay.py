@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from phasestream_bench.beamline import object_error, replay_case
 
-from phasestream.bench_beamline import object_error, replay_case
-from phasestream.result_file import read_result_file
+from phasestream.formats.result_file import read_result_file
 from phasestream.simulators.beamline_scans import BeamlineCase, simulate_beamline_scan
 from phasestream.simulators.foreign_layouts import ForeignLayout, write_foreign_cxi
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from phasestream.bench_soak import SoakResult, bench_soak, format_soak_report
+from phasestream_bench.soak import SoakResult, bench_soak, format_soak_report
 
 
 @pytest.mark.slow

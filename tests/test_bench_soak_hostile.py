@@ -8,9 +8,8 @@ from collections import Counter
 import cbor2
 import numpy as np
 import pytest
-
-from phasestream.bench_ingest import POSITIONS_PER_MESSAGE, SERIES_ID, SHAPE_PX, RawMessage
-from phasestream.bench_soak import (
+from phasestream_bench.ingest import POSITIONS_PER_MESSAGE, SERIES_ID, SHAPE_PX, RawMessage
+from phasestream_bench.soak import (
     BOMB_SHAPE_PX,
     DROPPED,
     LOG_LIMIT_BYTES,
@@ -22,9 +21,10 @@ from phasestream.bench_soak import (
     bench_soak,
     format_soak_report,
 )
+
 from phasestream.errors import DetectorMessageError, PositionError
-from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.stages.stream_v2_decode import EncodedImage, EndMessage, StartMessage, decode_stream_v2
+from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
+from phasestream.formats.stream_v2_decode import EncodedImage, EndMessage, StartMessage, decode_stream_v2
 
 N_FRAMES = 640
 

@@ -33,28 +33,27 @@ from event_model import pack_event_page
 from ophyd.sim import SynAxis, det
 from tiled.client import from_uri
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.bluesky_bridge import (
+from phasestream.apps.bluesky.bridge import (
     BlueskyBridge,
     BridgeConfig,
     BridgeReport,
-    LengthUnit,
     PositionsRouter,
     Rejection,
     decode_document,
     encode_document,
-    parse_length_unit,
     run_bluesky_bridge,
 )
-from phasestream.config import validate_pipeline
-from phasestream.demo_figure import compare_with_truth
+from phasestream.apps.demo_figure import compare_with_truth
+from phasestream.apps.launcher import Launcher
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.errors import ConfigError, PhasestreamError, PositionError, WireFormatError
-from phasestream.launcher import Launcher
+from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
+from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
+from phasestream.formats.units import LengthUnit, parse_length_unit
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import validate_pipeline
 from phasestream.simulators.ophyd_selun import SelunDetector, SimulatedSample
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
-from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
 
 # Encoder noise on every move, in µm (0.35 object pixels): a bridge that sent setpoints would be off.
 READBACK_JITTER_UM = 0.02
@@ -265,7 +264,7 @@ def test_bridge_command_reports_bad_options_as_config_errors() -> None:
 
 def test_bridge_command_stops_cleanly_on_sigterm() -> None:
     code = (
-        "import argparse, sys; from phasestream.bluesky_bridge import run_bluesky_bridge; "
+        "import argparse, sys; from phasestream.apps.bluesky.bridge import run_bluesky_bridge; "
         f"sys.exit(run_bluesky_bridge(argparse.Namespace(**{vars(_bridge_args(metrics_port=0))!r})))"
     )
     bridge = subprocess.Popen(

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from phasestream.errors import ConfigError, FrameValidationError
-from phasestream.models.cdi import CdiSolver, amplitude_from_intensity, best_of_random_starts
+from phasestream.models.cdi.phasing import CdiSolver, amplitude_from_intensity, best_of_random_starts
+from phasestream.models.cdi.support import ShrinkWrap
 from phasestream.models.quality import aligned_error
-from phasestream.models.support import ShrinkWrap
 
 BCDI_AMPLITUDE = Path(__file__).parent / "data" / "bcdi_amplitude_64.npy"
 

@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 from tiled.client import from_uri
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.config import load_pipeline
+from phasestream.apps.launcher import Launcher
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.errors import ConfigError
-from phasestream.launcher import Launcher
-from phasestream.messages import FrameBatch, Geometry, Reconstruction, ScanEnd, ScanStart, encode
 from phasestream.models.quality import psnr
-from phasestream.registry import resolve_stage
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import load_pipeline
+from phasestream.runtime.messages import FrameBatch, Geometry, Reconstruction, ScanEnd, ScanStart, encode
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.topology import place
 from phasestream.simulators.diffraction import far_field_intensity
 from phasestream.simulators.insitu_cdi import InSituCdiConfig, InSituCdiData, simulate_insitu_cdi
 from phasestream.simulators.insitu_cdi_stream import insitu_cdi_messages, save_static_reference
 from phasestream.simulators.selun import SelunEmitter
 from phasestream.stages.cdi_stage import BAD_REFERENCE
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
-from phasestream.topology import place
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SIZE_PX = 64
@@ -161,8 +161,8 @@ def test_a_missing_reference_file_is_a_counted_rejection(tmp_path, data) -> None
 
 
 def test_emitter_messages_carry_every_pattern_at_the_origin(data) -> None:
-    from phasestream.stages.position_channel import PositionBatch, decode_positions
-    from phasestream.stages.stream_v2_decode import ImageMessage, decode_stream_v2
+    from phasestream.formats.position_channel import PositionBatch, decode_positions
+    from phasestream.formats.stream_v2_decode import ImageMessage, decode_stream_v2
 
     patterns = [data.pattern, another_draw(data, 2)]
     frames, positions = insitu_cdi_messages(patterns, "uid")
@@ -193,7 +193,7 @@ def test_an_insitu_series_streams_through_cdi_into_tiled(tmp_path, data) -> None
             spec = spec.model_copy(update={"config": config})
         stages.append(spec)
     with EmbeddedTiledServer(tmp_path / "tiled", api_key=api_key) as server:
-        from phasestream.config import DetectorSettings, TiledSettings
+        from phasestream.runtime.config import DetectorSettings, TiledSettings
 
         resolved = pipeline.model_copy(
             update={

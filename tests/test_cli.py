@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from phasestream.cli import main
+from phasestream.apps.cli.main import main
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phasestream.config import load_pipeline, validate_pipeline
 from phasestream.errors import ConfigError
-from phasestream.registry import resolve_stage
-from phasestream.topology import place, stages_on
+from phasestream.runtime.config import load_pipeline, validate_pipeline
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.topology import place, stages_on
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

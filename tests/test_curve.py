@@ -16,8 +16,9 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from phasestream.config import PipelineConfig, validate_pipeline
-from phasestream.curve import (
+from phasestream.errors import ConfigError
+from phasestream.runtime.config import PipelineConfig, validate_pipeline
+from phasestream.runtime.curve import (
     PRIVATE_DIR,
     PUBLIC_DIR,
     CurveAuthenticator,
@@ -31,10 +32,9 @@ from phasestream.curve import (
     make_curve_server,
     run_keys_generate,
 )
-from phasestream.errors import ConfigError
-from phasestream.registry import resolve_stage
-from phasestream.stage import Stage
-from phasestream.topology import place
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.stage import Stage
+from phasestream.runtime.topology import place
 
 TIMEOUT_MS = 10_000
 HANDSHAKE_EVENTS = (

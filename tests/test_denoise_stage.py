@@ -18,18 +18,26 @@ import numpy as np
 import pytest
 from tiled.client import from_uri
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.config import load_pipeline, validate_pipeline
+from phasestream.apps.launcher import Launcher
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.errors import ConfigError
-from phasestream.launcher import Launcher
-from phasestream.messages import FrameBatch, Geometry, Message, Product, Reconstruction, ScanEnd, ScanStart
-from phasestream.models.dip import DipArchitecture
-from phasestream.registry import resolve_stage
+from phasestream.models.nets.dip import DipArchitecture
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import load_pipeline, validate_pipeline
+from phasestream.runtime.messages import (
+    FrameBatch,
+    Geometry,
+    Message,
+    Product,
+    Reconstruction,
+    ScanEnd,
+    ScanStart,
+)
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.topology import place
 from phasestream.simulators.scan_file import save_scan
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
 from phasestream.stages.denoise import DenoiseConfig, DenoiseStage, DenoiseWhen, DipRunner
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
-from phasestream.topology import place
 
 STAGE_REF = "phasestream.stages.denoise:DenoiseStage"
 TINY = {"channels": [8, 16], "skip_channels": [4, 4], "input_channels": 8}

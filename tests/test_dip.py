@@ -11,11 +11,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from phasestream_bench.dip import BENCH_NETWORK, align_to_truth, periodic_peaks, sample_psnr, twin
 from pydantic import ValidationError
 
 from phasestream.errors import ConfigError, FrameValidationError
-from phasestream.models.bench_dip import BENCH_NETWORK, align_to_truth, periodic_peaks, sample_psnr, twin
-from phasestream.models.dip import (
+from phasestream.models.cdi.double_dip import double_dip, object_box
+from phasestream.models.cdi.lodip import (
+    FitLoss,
+    data_misfit,
+    hio_stat,
+    lodip,
+    reconstruct_static,
+    static_in_pattern_units,
+)
+from phasestream.models.nets.dip import (
     ARCHITECTURES,
     ComplexChannels,
     DipArchitecture,
@@ -27,15 +36,6 @@ from phasestream.models.dip import (
     dip_grid_shape,
     image_to_channels,
     skip_net_config,
-)
-from phasestream.models.double_dip import double_dip, object_box
-from phasestream.models.lodip import (
-    FitLoss,
-    data_misfit,
-    hio_stat,
-    lodip,
-    reconstruct_static,
-    static_in_pattern_units,
 )
 from phasestream.models.quality import psnr
 from phasestream.simulators.insitu_cdi import (

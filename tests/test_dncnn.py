@@ -6,17 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from phasestream_bench.training.dncnn import train_dncnn, training_batch
 
 from phasestream.errors import ConfigError
-from phasestream.models.dncnn import (
+from phasestream.models.nets.dncnn import (
     DncnnArchitecture,
     NonexpansiveDncnn,
     apply_to_complex,
     load_denoiser,
     weights_payload,
 )
-from phasestream.models.realsn import RealSNConv2d, normalise_, operator_spectral_norm, realsn_layers
-from phasestream.models.train_dncnn import train_dncnn, training_batch
+from phasestream.models.nets.realsn import RealSNConv2d, normalise_, operator_spectral_norm, realsn_layers
 from phasestream.simulators.dead_leaves_shapes import (
     _front_leaf_index,
     _Leaves,
@@ -333,7 +333,7 @@ def test_resume_continues_from_the_saved_step(tmp_path, monkeypatch) -> None:
             raise InterruptedRunError
         return training_batch(seed, step, *args)
 
-    monkeypatch.setattr("phasestream.models.train_dncnn.training_batch", batch_until_step_3)
+    monkeypatch.setattr("phasestream_bench.training.dncnn.training_batch", batch_until_step_3)
     with pytest.raises(InterruptedRunError):
         train_dncnn(tmp_path / "resumed.pt", steps=6, checkpoint_every=3, **TINY)
     monkeypatch.undo()

@@ -7,12 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from phasestream_bench.solvers import bench_epie, simulate_scan
 
 from phasestream.errors import ConfigError, FrameValidationError, PositionError
-from phasestream.models.benchmarks import bench_epie, simulate_scan
-from phasestream.models.epie import EpieSolver, EpieVariant, UpdateRule
-from phasestream.models.illumination import max_summed_illumination_scatter, max_summed_illumination_slices
 from phasestream.models.physics import far_field
+from phasestream.models.ptycho.epie import EpieSolver, EpieVariant, UpdateRule
+from phasestream.models.ptycho.illumination import (
+    max_summed_illumination_scatter,
+    max_summed_illumination_slices,
+)
 from phasestream.models.quality import aligned_error
 
 TIKE_DATASET = Path(__file__).parent / "data" / "ptycho_sim_tike_setup.npz"

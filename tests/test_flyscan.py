@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from phasestream_bench.flyscan import OBJECT_PIXEL_NM, bench_flyscan, binned_scan, flyscan_config
 
 from phasestream.errors import ConfigError
-from phasestream.models.bench_flyscan import OBJECT_PIXEL_NM, bench_flyscan, binned_scan, flyscan_config
 from phasestream.simulators.scan_simulation import simulate_scan
 
 

@@ -1,6 +1,6 @@
 """Scan files written by other tools, built here with plain h5py in the layouts they document.
 
-Layouts (see the module docstring of ``phasestream.simulators.cxi``): the cxidb CXI 1.5 spec file, a
+Layouts (see the module docstring of ``phasestream.formats.cxi``): the cxidb CXI 1.5 spec file, a
 SHARP/COSMIC file (float32 frames, probe beside the source or the detector), a PtyPy file (only
 ``data_1``), an NXcxi_ptycho file (motor datasets with units, ``source_1/probe`` the radiation type), an
 entry with two ``data_N`` groups and a DECTRIS NXmx master with a pixel mask. Each test reads a file and
@@ -18,13 +18,13 @@ import hdf5plugin
 import numpy as np
 import pytest
 
+from phasestream.apps.replay.replay import _image_batches, _start_message, wire_dtype
 from phasestream.errors import DetectorMessageError
-from phasestream.replay import _image_batches, _start_message, wire_dtype
-from phasestream.simulators.cxi import CxiPath, read_cxi, split_dataset_spec
-from phasestream.simulators.nxmx import read_nxmx
-from phasestream.simulators.recorded_scan import COUNTS_DTYPE, INTENSITIES_DTYPE, JOULES_PER_EV, ScanFileError
-from phasestream.simulators.stream_v2_encode import channel_array, encode_message, start_fields
-from phasestream.stages.stream_v2_decode import ImageMessage, StartMessage, decode_stream_v2
+from phasestream.formats.cxi import CxiPath, read_cxi, split_dataset_spec
+from phasestream.formats.nxmx import read_nxmx
+from phasestream.formats.recorded_scan import COUNTS_DTYPE, INTENSITIES_DTYPE, JOULES_PER_EV, ScanFileError
+from phasestream.formats.stream_v2_decode import ImageMessage, StartMessage, decode_stream_v2
+from phasestream.formats.stream_v2_encode import channel_array, encode_message, start_fields
 
 N_FRAMES = 20
 SHAPE = (32, 32)

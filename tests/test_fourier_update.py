@@ -3,21 +3,21 @@
 import numpy as np
 import pytest
 import torch
-
-from phasestream.models.bench_pine import (
+from phasestream_bench.pine import (
     field_of_view,
     known_probe_options,
     low_dose_scan,
     nrmse_against_truth,
 )
-from phasestream.models.epie import EpieSolver, EpieVariant
-from phasestream.models.fourier_update import (
+
+from phasestream.models.ptycho.epie import EpieSolver, EpieVariant
+from phasestream.models.ptycho.fourier_update import (
     FourierConstraint,
     amplitude_misfit,
     poisson_ratio,
     replace_modulus_,
 )
-from phasestream.models.ptycho_modes import modal_fourier_update
+from phasestream.models.ptycho.modes import modal_fourier_update
 
 
 def poisson_nll(wave: np.ndarray, counts: np.ndarray) -> float:
@@ -107,7 +107,7 @@ def test_at_low_dose_the_poisson_step_gives_a_better_object_than_the_projection(
 
 @pytest.mark.parametrize("variant", [EpieVariant.SEQUENTIAL, EpieVariant.BATCHED])
 def test_the_true_object_and_probe_stay_put_under_the_poisson_step(variant):
-    from phasestream.models.benchmarks import simulate_scan
+    from phasestream_bench.solvers import simulate_scan
 
     scan = simulate_scan(n_positions=40, size_px=32, seed=4)
     solver = EpieSolver(

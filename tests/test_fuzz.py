@@ -19,22 +19,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phasestream.errors import DetectorMessageError, PositionError, WireFormatError
-from phasestream.messages import FrameBatch, ScanEnd, decode, encode
-from phasestream.simulators.stream_v2_encode import (
+from phasestream.formats.position_channel import decode_positions, encode_positions, encode_positions_end
+from phasestream.formats.stream_v2_decode import (
+    COMPRESSION_TAG,
+    MULTIDIM_ARRAY_TAG,
+    ImageMessage,
+    decode_stream_v2,
+)
+from phasestream.formats.stream_v2_encode import (
     channel_array,
     encode_message,
     end_fields,
     image_fields,
     start_fields,
 )
-from phasestream.stages.position_channel import decode_positions, encode_positions, encode_positions_end
-from phasestream.stages.stream_v2_decode import (
-    COMPRESSION_TAG,
-    MULTIDIM_ARRAY_TAG,
-    ImageMessage,
-    decode_stream_v2,
-)
-from phasestream.stages.tpx3_decode import Tpx3Decoder
+from phasestream.formats.tpx3_decode import Tpx3Decoder
+from phasestream.runtime.messages import FrameBatch, ScanEnd, decode, encode
 
 FUZZ = settings(
     max_examples=300,

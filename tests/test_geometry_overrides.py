@@ -1,6 +1,6 @@
 """Geometry the user sets: overrides of the detector's values, a window around the beam, bad-pixel masks.
 
-Unit tests of ``phasestream.geometry`` on mask files written with plain h5py and NumPy in the layouts
+Unit tests of ``phasestream.runtime.geometry`` on mask files written with plain h5py and NumPy in the layouts
 CXI, DECTRIS NXmx and PtyPy use; then a real ingest process (the launcher, the SELUN emitter's sockets)
 that applies the pipeline's and a scan's overrides, crops every frame and zeroes masked pixels.
 """
@@ -16,7 +16,7 @@ import pytest
 from test_ingest import IngestPipeline, Series, launched_ingest
 
 from phasestream.errors import ConfigError
-from phasestream.geometry import (
+from phasestream.runtime.geometry import (
     GeometryOverrides,
     GeometrySettings,
     MaskPolarity,
@@ -168,7 +168,7 @@ def _scan(series: Series, n: int, user_geometry: object) -> tuple[list[bytes], l
 
 
 def _start_with_geometry(series: Series, n: int, geometry: object) -> bytes:
-    from phasestream.simulators.stream_v2_encode import encode_message, start_fields
+    from phasestream.formats.stream_v2_encode import encode_message, start_fields
 
     fields = start_fields(
         series_id=series.series_id,

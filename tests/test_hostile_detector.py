@@ -40,21 +40,21 @@ from test_ingest import (
     make_positions,
 )
 
-from phasestream.accounting import unaccounted_frames
 from phasestream.errors import PhasestreamError
-from phasestream.scan_uid import SAFE_SCAN_UID, check_scan_uid, safe_scan_uid
-from phasestream.simulators.selun import SelunEmitter
-from phasestream.simulators.stream_v2_encode import (
+from phasestream.formats.stream_v2_decode import (
+    ImageMessage,
+    decode_stream_v2,
+)
+from phasestream.formats.stream_v2_encode import (
     BSLZ4_BLOCK_BYTES,
     channel_array,
     encode_message,
     image_fields,
     start_fields,
 )
-from phasestream.stages.stream_v2_decode import (
-    ImageMessage,
-    decode_stream_v2,
-)
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.scan_uid import SAFE_SCAN_UID, check_scan_uid, safe_scan_uid
+from phasestream.simulators.selun import SelunEmitter
 
 TESTS_DIR = Path(__file__).resolve().parent
 ORPHAN_MAX_AGE_S = 1.5
@@ -543,7 +543,7 @@ def test_a_user_data_field_of_the_wrong_type_is_named_and_left_out(hostile, case
 
 
 def test_a_sustained_flood_logs_one_line_per_flood_interval_per_reason() -> None:
-    from phasestream.stage import LogLimiter
+    from phasestream.runtime.stage import LogLimiter
 
     limiter = LogLimiter(interval_s=5.0, burst=10, flood_interval_s=30.0)
     admitted = 0

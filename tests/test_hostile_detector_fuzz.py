@@ -26,16 +26,9 @@ from test_ingest import (
     Series,
 )
 
-from phasestream.config import validate_pipeline
 from phasestream.errors import DetectorMessageError, PhasestreamError, PositionError
-from phasestream.messages import ScanEnd, ScanStart
-from phasestream.scan_uid import SAFE_SCAN_UID
-from phasestream.simulators.stream_v2_encode import (
-    BSLZ4_BLOCK_BYTES,
-)
-from phasestream.stages.ingest import IngestStage
-from phasestream.stages.position_channel import PositionBatch, decode_positions
-from phasestream.stages.stream_v2_decode import (
+from phasestream.formats.position_channel import PositionBatch, decode_positions
+from phasestream.formats.stream_v2_decode import (
     COMPRESSION_TAG,
     MULTIDIM_ARRAY_TAG,
     EncodedImage,
@@ -44,7 +37,14 @@ from phasestream.stages.stream_v2_decode import (
     StartMessage,
     decode_stream_v2,
 )
-from phasestream.topology import place
+from phasestream.formats.stream_v2_encode import (
+    BSLZ4_BLOCK_BYTES,
+)
+from phasestream.runtime.config import validate_pipeline
+from phasestream.runtime.messages import ScanEnd, ScanStart
+from phasestream.runtime.scan_uid import SAFE_SCAN_UID
+from phasestream.runtime.topology import place
+from phasestream.stages.ingest import IngestStage
 
 # ---- 8. property-based fuzzing of the decoders, in process ------------------------------------------------
 FUZZ = settings(

@@ -38,11 +38,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.cli import main
-from phasestream.config import PipelineConfig, default_run_dir, user_run_root, validate_pipeline
-from phasestream.errors import ConfigError
-from phasestream.launcher import (
+from phasestream.apps.cli.main import main
+from phasestream.apps.launcher import (
     CONTROL_MAX_MESSAGE_BYTES,
     REJECTION_LOG_INTERVAL_S,
     ControlMessageError,
@@ -57,10 +54,13 @@ from phasestream.launcher import (
     StoppedEvent,
     parse_control_message,
 )
-from phasestream.serve import EMBEDDED_API_KEY_FILE
+from phasestream.apps.serve import EMBEDDED_API_KEY_FILE
+from phasestream.errors import ConfigError
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import PipelineConfig, default_run_dir, user_run_root, validate_pipeline
+from phasestream.runtime.tiled_access import read_api_key_file, validate_api_key
+from phasestream.runtime.topology import control_endpoint
 from phasestream.simulators.selun import SelunEmitter
-from phasestream.tiled_server import read_api_key_file, validate_api_key
-from phasestream.topology import control_endpoint
 
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
 sys.path.insert(0, str(FAULTS_DIR))  # fault_rig: the fault tests' pipeline, stages and scans
@@ -279,7 +279,7 @@ def test_the_lock_is_released_when_its_holder_is_killed() -> None:
             [sys.executable, "-c",
              "import sys, time\n"
              "from pathlib import Path\n"
-             "from phasestream.launcher import RunDirLock\n"
+             "from phasestream.apps.launcher import RunDirLock\n"
              "RunDirLock(Path(sys.argv[1])).acquire()\n"
              "print('locked', flush=True)\n"
              "time.sleep(120)\n",
@@ -399,7 +399,7 @@ def test_garbage_on_the_control_socket_is_counted_and_skipped_and_the_scan_compl
     assert sorted(collected) == list(range(n))
     assert unaccounted_frames(end["frames_sent"], end["accounting"]) == []
     reports = [
-        r for r in caplog.records if r.name == "phasestream.launcher" and "control socket" in r.message
+        r for r in caplog.records if r.name == "phasestream.apps.launcher" and "control socket" in r.message
     ]
     assert 1 <= len(reports) <= 1 + elapsed_s / REJECTION_LOG_INTERVAL_S, len(reports)
 

@@ -25,9 +25,10 @@ from prometheus_client import REGISTRY
 from tiled.client import from_uri
 from tiled.server import SimpleTiledServer
 
-from phasestream.config import load_pipeline, validate_pipeline
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.errors import PhasestreamError, WireFormatError
-from phasestream.messages import (
+from phasestream.runtime.config import load_pipeline, validate_pipeline
+from phasestream.runtime.messages import (
     FrameBatch,
     Geometry,
     Message,
@@ -37,11 +38,10 @@ from phasestream.messages import (
     decode,
     encode,
 )
-from phasestream.registry import resolve_stage
-from phasestream.scan_uid import UNSAFE_SCAN_UID
-from phasestream.stage import Stage
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
-from phasestream.topology import place
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.scan_uid import UNSAFE_SCAN_UID
+from phasestream.runtime.stage import Stage
+from phasestream.runtime.topology import place
 
 API_KEY = generate_api_key()
 WAIT_S = 30.0  # bound on what should take a second or two; polled, never slept
@@ -256,7 +256,8 @@ def refine_stage(**config: Any) -> Stage:
 def test_a_position_1_mm_away_is_left_out_and_counted_not_allocated_for(
     extent_known: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from phasestream.models.benchmarks import simulate_scan
+    from phasestream_bench.solvers import simulate_scan
+
     from phasestream.models.physics import object_pixel_size_m
 
     scan = simulate_scan(n_positions=24, size_px=32, seed=2)

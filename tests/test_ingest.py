@@ -34,14 +34,16 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import BaseModel, ConfigDict
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.config import validate_pipeline
+from phasestream.apps.launcher import Launcher
 from phasestream.errors import FrameValidationError
-from phasestream.launcher import Launcher
-from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart
-from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
-from phasestream.simulators.selun import SelunEmitter
-from phasestream.simulators.stream_v2_encode import (
+from phasestream.formats.position_channel import (
+    PositionBatch,
+    PositionsEnd,
+    encode_positions,
+    encode_positions_end,
+)
+from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, decode_stream_v2
+from phasestream.formats.stream_v2_encode import (
     channel_array,
     encode_image,
     encode_message,
@@ -49,16 +51,14 @@ from phasestream.simulators.stream_v2_encode import (
     image_fields,
     start_fields,
 )
-from phasestream.stage import Stage
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import validate_pipeline
+from phasestream.runtime.messages import FrameBatch, Message, ScanEnd, ScanStart
+from phasestream.runtime.stage import Stage
+from phasestream.runtime.topology import place
+from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
+from phasestream.simulators.selun import SelunEmitter
 from phasestream.stages.ingest import IngestConfig, IngestStage
-from phasestream.stages.position_channel import (
-    PositionBatch,
-    PositionsEnd,
-    encode_positions,
-    encode_positions_end,
-)
-from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, decode_stream_v2
-from phasestream.topology import place
 
 TESTS_DIR = Path(__file__).resolve().parent
 BATCH_SIZE = 4

@@ -16,19 +16,19 @@ import pytest
 import torch
 from tiled.client import from_uri
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.config import load_pipeline, validate_pipeline
+from phasestream.apps.launcher import Launcher
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.errors import ConfigError
-from phasestream.launcher import Launcher
-from phasestream.messages import FrameBatch, Geometry, Product, Reconstruction, ScanEnd, ScanStart
-from phasestream.models.autophasenn import default_weights_path
+from phasestream.models.nets.autophasenn import default_weights_path
 from phasestream.models.quality import aligned_error
-from phasestream.registry import resolve_stage
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import load_pipeline, validate_pipeline
+from phasestream.runtime.messages import FrameBatch, Geometry, Product, Reconstruction, ScanEnd, ScanStart
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.topology import place
 from phasestream.simulators.scan_file import save_scan
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
 from phasestream.stages.inversion import Mosaic, resample_object
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
-from phasestream.topology import place
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 GENERIC_WEIGHTS = default_weights_path(2)  # 64-px frames, the training's own probe: no binning

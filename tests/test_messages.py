@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from phasestream.errors import WireFormatError
-from phasestream.messages import (
+from phasestream.runtime.messages import (
     FrameBatch,
     Geometry,
     Reconstruction,

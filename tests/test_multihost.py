@@ -32,11 +32,11 @@ from netns_hosts import NetnsHost, netns_available, netns_hosts, tcp_forward
 from tiled.client import from_uri
 from zmq.utils.monitor import recv_monitor_message
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.curve import PUBLIC_DIR, generate_keys, key_names, load_keypair, load_public_key
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.curve import PUBLIC_DIR, generate_keys, key_names, load_keypair, load_public_key
 from phasestream.simulators.scan_file import save_scan
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,8 +60,8 @@ HANDSHAKE_EVENTS = (
 # lines (the first, "up", once every worker of the host is ready), and SIGTERM stops it.
 HOST_LAUNCHER = """
 import json, signal, sys
-from phasestream.config import load_pipeline
-from phasestream.launcher import Launcher
+from phasestream.runtime.config import load_pipeline
+from phasestream.apps.launcher import Launcher
 
 stopping = []
 signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))

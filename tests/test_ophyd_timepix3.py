@@ -24,20 +24,20 @@ import zmq
 from bluesky import RunEngine
 from ophyd.sim import SynAxis
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.bluesky_bridge import BridgeConfig, BridgeReport, PositionsRouter
-from phasestream.config import validate_pipeline
+from phasestream.apps.bluesky.bridge import BridgeConfig, BridgeReport, PositionsRouter
 from phasestream.errors import ConfigError
-from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart
+from phasestream.formats.position_channel import PositionBatch, decode_positions
+from phasestream.formats.tpx3_decode import Tpx3Decoder
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import validate_pipeline
+from phasestream.runtime.messages import FrameBatch, Message, ScanEnd, ScanStart
+from phasestream.runtime.stage import Stage
+from phasestream.runtime.topology import control_endpoint, place
 from phasestream.simulators.ophyd_selun import SimulatedSample
 from phasestream.simulators.ophyd_timepix3 import Timepix3Detector
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
 from phasestream.simulators.timepix3 import Tpx3Timing, ns_to_ticks
-from phasestream.stage import Stage
-from phasestream.stages.position_channel import PositionBatch, decode_positions
-from phasestream.stages.tpx3_decode import Tpx3Decoder
 from phasestream.stages.tpx3_ingest import Tpx3IngestStage
-from phasestream.topology import control_endpoint, place
 
 FRAME_PX = 48
 READBACK_JITTER_UM = 0.02  # encoder noise: positions sent from setpoints would be off by this much

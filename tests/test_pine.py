@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from phasestream_bench.pine import ConvergenceTrace
+from phasestream_bench.solvers import simulate_scan
 from torch import nn
 
 from phasestream.errors import ConfigError
-from phasestream.models.bench_pine import ConvergenceTrace
-from phasestream.models.benchmarks import simulate_scan
-from phasestream.models.dncnn import COMPLEX_MARGIN, TRAINING_RANGE, load_denoiser
-from phasestream.models.epie import EpieSolver, EpieVariant
-from phasestream.models.pine import RANGE_QUANTILE, PineRegulariser, pine_solver, robust_value_range
+from phasestream.models.nets.dncnn import COMPLEX_MARGIN, TRAINING_RANGE, load_denoiser
+from phasestream.models.ptycho.epie import EpieSolver, EpieVariant
+from phasestream.models.ptycho.pine import RANGE_QUANTILE, PineRegulariser, pine_solver, robust_value_range
 
 
 class MeanFilter(nn.Module):
@@ -87,7 +87,7 @@ def test_the_shipped_denoiser_keeps_a_flat_object_and_smooths_noise() -> None:
 
 @pytest.mark.parametrize("fourier_constraint", ["projection", "poisson"])
 def test_bench_pine_traces_every_solver_and_draws_the_figure(tmp_path, fourier_constraint) -> None:
-    from phasestream.models.bench_pine import bench_pine
+    from phasestream_bench.pine import bench_pine
 
     figure = tmp_path / "frc.png"
     traces = bench_pine(
@@ -102,8 +102,9 @@ def test_bench_pine_traces_every_solver_and_draws_the_figure(tmp_path, fourier_c
 
 
 def test_the_reconstructed_probe_start_updates_a_blurred_probe_at_its_power() -> None:
-    from phasestream.models.bench_pine import low_dose_scan, reconstructed_probe_options
-    from phasestream.models.epie import EpieSolver
+    from phasestream_bench.pine import low_dose_scan, reconstructed_probe_options
+
+    from phasestream.models.ptycho.epie import EpieSolver
 
     scan = low_dose_scan(30, 2e3, seed=0)
     options = reconstructed_probe_options(scan, seed=0)
@@ -121,7 +122,7 @@ def test_the_reconstructed_probe_start_updates_a_blurred_probe_at_its_power() ->
 
 
 def test_bench_pine_seeds_tabulates_every_solver_at_every_checkpoint(tmp_path) -> None:
-    from phasestream.models.bench_pine import bench_pine_seeds, format_table, rpie_alpha_study
+    from phasestream_bench.pine import bench_pine_seeds, format_table, rpie_alpha_study
 
     study = rpie_alpha_study((0.5, 1.0), n_positions=20, iterations=2, every=1, progress=False)
     figure = tmp_path / "frc.png"
@@ -171,8 +172,9 @@ def test_the_value_range_ignores_the_noisy_edge_of_the_scan() -> None:
 def small_low_dose_runs(photons_per_frame: float, names: tuple[str, ...]) -> dict[str, ConvergenceTrace]:
     """Some of ePIE, rPIE (α = 0.1) and PINE on 60 positions of the benchmark scan: NRMSE and mean FRC
     after 4 and 8 sweeps, with the true probe, as the benchmark runs them."""
-    from phasestream.models.bench_pine import known_probe_options, low_dose_scan, run_trace
-    from phasestream.models.epie import UpdateRule
+    from phasestream_bench.pine import known_probe_options, low_dose_scan, run_trace
+
+    from phasestream.models.ptycho.epie import UpdateRule
 
     scan = low_dose_scan(60, photons_per_frame, seed=0)
     common = known_probe_options(scan, seed=0)

@@ -18,13 +18,13 @@ import pytest
 from matplotlib.image import imread
 from tiled.client import from_uri
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.config import validate_pipeline
-from phasestream.demo_figure import compare_with_truth, draw_comparison
-from phasestream.launcher import Launcher
+from phasestream.apps.demo_figure import compare_with_truth, draw_comparison
+from phasestream.apps.launcher import Launcher
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import validate_pipeline
 from phasestream.simulators.scan_file import save_scan
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
 
 pytestmark = pytest.mark.slow
 

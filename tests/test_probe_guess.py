@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from phasestream.demo_figure import illumination_mask, truth_on_reconstruction_grid
+from phasestream.apps.demo_figure import illumination_mask, truth_on_reconstruction_grid
 from phasestream.errors import ConfigError
-from phasestream.models.epie import EpieSolver
 from phasestream.models.physics import positions_to_pixels
-from phasestream.models.probe_guess import (
+from phasestream.models.ptycho.epie import EpieSolver
+from phasestream.models.ptycho.probe_guess import (
     ProbeCandidate,
     bright_field,
     choose_probe,

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from phasestream.errors import ConfigError
-from phasestream.models.probe_resample import MAX_CROP_LOSS, resample_probe
-from phasestream.probe_source import (
+from phasestream.formats.probe_source import (
     JOULES_PER_EV,
     ProbeSpec,
     ProbeStartKind,
@@ -18,8 +17,9 @@ from phasestream.probe_source import (
     parse_probe_spec,
     validate_probe,
 )
-from phasestream.result_file import ResultGeometry, ScanResult, write_result_file
-from phasestream.simulators.diffraction import object_pixel_size_m
+from phasestream.formats.result_file import ResultGeometry, ScanResult, write_result_file
+from phasestream.formats.units import object_pixel_size_m
+from phasestream.models.ptycho.probe_resample import MAX_CROP_LOSS, resample_probe
 
 ILLUMINATION = "/entry_1/instrument_1/source_1/illumination"
 # λ z of the defocus phase below: its local frequency stays far under the Nyquist of a 10 nm grid.

@@ -25,13 +25,13 @@ import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
-from phasestream import metrics
-from phasestream.config import PipelineConfig, load_pipeline, validate_pipeline
-from phasestream.launcher import Launcher
+from phasestream.apps.launcher import Launcher
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.runtime import metrics
+from phasestream.runtime.config import PipelineConfig, load_pipeline, validate_pipeline
+from phasestream.runtime.topology import place
 from phasestream.simulators.scan_file import save_scan
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
-from phasestream.topology import place
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 INSTALL_HINT = (

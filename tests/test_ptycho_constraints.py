@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from phasestream_bench.pine import blurred_probe, low_dose_scan
 
 from phasestream.errors import ConfigError
-from phasestream.models.bench_pine import blurred_probe, low_dose_scan
-from phasestream.models.epie import EpieSolver, EpieVariant
-from phasestream.models.ptycho_constraints import clip_object_amplitude_, keep_probe_power_, total_power
+from phasestream.models.ptycho.constraints import clip_object_amplitude_, keep_probe_power_, total_power
+from phasestream.models.ptycho.epie import EpieSolver, EpieVariant
 
 
 def random_complex(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from phasestream_bench.solvers import simulate_scan
 
 from phasestream.errors import FrameValidationError
-from phasestream.models.benchmarks import simulate_scan
-from phasestream.models.epie import EpieSolver, EpieVariant, UpdateRule
-from phasestream.models.ptycho_modes import (
+from phasestream.models.ptycho.epie import EpieSolver, EpieVariant, UpdateRule
+from phasestream.models.ptycho.modes import (
     fourier_frequencies,
     mode_powers,
     orthogonalise_modes,

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from phasestream.messages import Product, Reconstruction
+from phasestream.runtime.messages import Product, Reconstruction
 from phasestream.stages.publish import PublishStage
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from phasestream.config import validate_pipeline
-from phasestream.messages import FrameBatch, Geometry, ScanEnd, ScanStart
-from phasestream.registry import resolve_stage
-from phasestream.simulators.cxi import read_cxi
-from phasestream.topology import place
+from phasestream.formats.cxi import read_cxi
+from phasestream.runtime.config import validate_pipeline
+from phasestream.runtime.messages import FrameBatch, Geometry, ScanEnd, ScanStart
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.topology import place
 
 
 def record_stage(directory: Path):

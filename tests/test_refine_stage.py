@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from phasestream_bench.solvers import simulate_scan
 
-from phasestream.config import load_pipeline
-from phasestream.messages import FrameBatch, Geometry, Reconstruction, ScanStart
-from phasestream.models.benchmarks import simulate_scan
-from phasestream.registry import resolve_stage
-from phasestream.topology import place
+from phasestream.runtime.config import load_pipeline
+from phasestream.runtime.messages import FrameBatch, Geometry, Reconstruction, ScanStart
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.topology import place
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

@@ -21,8 +21,7 @@ import pytest
 import zmq
 from dectris.compression import decompress
 
-from phasestream.errors import ConfigError, DetectorMessageError, PositionError
-from phasestream.replay import (
+from phasestream.apps.replay.replay import (
     ReplayRate,
     detect_format,
     read_recorded_scan,
@@ -30,12 +29,13 @@ from phasestream.replay import (
     replay_rate_hz,
     wire_dtype,
 )
-from phasestream.simulators.cxi import CxiPath, read_cxi, write_cxi
-from phasestream.simulators.nxmx import read_nxmx, write_nxmx
-from phasestream.simulators.recorded_scan import BITSHUFFLE_FILTER_ID, FrameCompression, ScanFileError
+from phasestream.errors import ConfigError, DetectorMessageError, PositionError
+from phasestream.formats.cxi import CxiPath, read_cxi, write_cxi
+from phasestream.formats.nxmx import read_nxmx, write_nxmx
+from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
+from phasestream.formats.recorded_scan import BITSHUFFLE_FILTER_ID, FrameCompression, ScanFileError
+from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
-from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
 
 N_FRAMES = 70  # one full positions batch of 64 and a partial one
 PLANCK_J_S = 6.62607015e-34

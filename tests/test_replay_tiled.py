@@ -2,7 +2,7 @@
 
 Real parts only: a RunEngine with ophyd.sim motors whose readbacks differ from their setpoints (as encoders
 do), the simulated SELUN writing each run's frames to an HDF5 file and streaming Stream V2, the real
-``bluesky-0MQ-proxy``, ``phasestream.bluesky_tiled_writer`` (bluesky_tiled_plugins.TiledWriter) as a
+``bluesky-0MQ-proxy``, ``phasestream.apps.bluesky.tiled_writer`` (bluesky_tiled_plugins.TiledWriter) as a
 subprocess, and a real Tiled server serving the frames folder as readable storage. The runs are made once
 per module; every test reads them back.
 """
@@ -34,17 +34,17 @@ from bluesky import RunEngine
 from bluesky.callbacks.zmq import Publisher
 from ophyd.sim import SynAxis, det
 
-from phasestream.bluesky_bridge import encode_document
-from phasestream.bluesky_tiled_writer import read_api_key
+from phasestream.apps.bluesky.bridge import encode_document
+from phasestream.apps.bluesky.tiled_writer import read_api_key
+from phasestream.apps.replay.replay import ReplayRate, read_scan_for, replay, replay_rate_hz
+from phasestream.apps.replay.to_tiled import TiledRunScan, read_tiled_run, split_run_uri
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.errors import ConfigError, PositionError
-from phasestream.replay import ReplayRate, read_scan_for, replay, replay_rate_hz
-from phasestream.replay_tiled import TiledRunScan, read_tiled_run, split_run_uri
+from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
+from phasestream.formats.recorded_scan import ScanFileError
+from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
 from phasestream.simulators.ophyd_selun import FRAMES_DATASET, SelunDetector, SimulatedSample
-from phasestream.simulators.recorded_scan import ScanFileError
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
-from phasestream.stages.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.stages.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
 
 READBACK_JITTER_UM = 0.02  # encoder noise: positions built from setpoints would differ
 GRID_SHAPE = (4, 5)
@@ -94,11 +94,11 @@ def _start_proxy(run_dir: Path) -> tuple[subprocess.Popen, str, str]:
 
 
 class WriterProcess:
-    """``python -m phasestream.bluesky_tiled_writer`` with its log lines collected by a thread."""
+    """``python -m phasestream.apps.bluesky.tiled_writer`` with its log lines collected by a thread."""
 
     def __init__(self, proxy_address: str, tiled_uri: str, api_key: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "phasestream.bluesky_tiled_writer", "--proxy", proxy_address,
+            [sys.executable, "-m", "phasestream.apps.bluesky.tiled_writer", "--proxy", proxy_address,
              "--tiled-uri", tiled_uri],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -9,16 +9,16 @@ import h5py
 import numpy as np
 import pytest
 
-from phasestream import result_file
-from phasestream.probe_source import JOULES_PER_EV, load_probe, parse_probe_spec
-from phasestream.result_file import (
+from phasestream.formats import result_file
+from phasestream.formats.probe_source import JOULES_PER_EV, load_probe, parse_probe_spec
+from phasestream.formats.recorded_scan import positions_from_sample_translation
+from phasestream.formats.result_file import (
     ResultFileError,
     ResultGeometry,
     ScanResult,
     read_result_file,
     write_result_file,
 )
-from phasestream.simulators.recorded_scan import positions_from_sample_translation
 
 # Every length and energy dataset of the layout, and its units.
 UNITS = {

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phasestream.config import load_pipeline
+from phasestream.apps.scan_options import ScanOptions, with_scan_options
 from phasestream.errors import ConfigError
-from phasestream.scan_options import ScanOptions, with_scan_options
+from phasestream.runtime.config import load_pipeline
 from phasestream.simulators.beamline_scans import BeamlineCase, simulate_beamline_scan
 from phasestream.simulators.foreign_layouts import ForeignLayout, write_foreign_cxi
 

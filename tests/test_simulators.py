@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from phasestream.simulators.diffraction import (
-    ProbeShifter,
-    far_field_intensity,
-    object_pixel_size_m,
-    poisson_counts,
-)
+from phasestream.formats.units import object_pixel_size_m
+from phasestream.simulators.diffraction import ProbeShifter, far_field_intensity, poisson_counts
 from phasestream.simulators.probes import ProbeKind, energy_outside_radius, make_probe
 from phasestream.simulators.samples import (
     complex_transmission,

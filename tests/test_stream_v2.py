@@ -16,10 +16,21 @@ import zmq
 from dectris.compression import decompress
 
 from phasestream.errors import DetectorMessageError, PositionError
-from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
-from phasestream.simulators.selun import SelunEmitter
-from phasestream.simulators.sparse_frames import sparse_frames
-from phasestream.simulators.stream_v2_encode import (
+from phasestream.formats.position_channel import (
+    PositionBatch,
+    PositionsEnd,
+    decode_positions,
+    encode_positions,
+    encode_positions_end,
+    position_messages,
+)
+from phasestream.formats.stream_v2_decode import (
+    EndMessage,
+    ImageMessage,
+    StartMessage,
+    decode_stream_v2,
+)
+from phasestream.formats.stream_v2_encode import (
     bslz4_compress,
     channel_array,
     encode_image,
@@ -29,20 +40,9 @@ from phasestream.simulators.stream_v2_encode import (
     start_fields,
     start_fields_for_scan,
 )
-from phasestream.stages.position_channel import (
-    PositionBatch,
-    PositionsEnd,
-    decode_positions,
-    encode_positions,
-    encode_positions_end,
-    position_messages,
-)
-from phasestream.stages.stream_v2_decode import (
-    EndMessage,
-    ImageMessage,
-    StartMessage,
-    decode_stream_v2,
-)
+from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
+from phasestream.simulators.selun import SelunEmitter
+from phasestream.simulators.sparse_frames import sparse_frames
 
 SERIES = {"series_id": 7, "series_unique_id": "series-7"}
 DATE = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

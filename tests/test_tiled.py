@@ -16,10 +16,11 @@ import pytest
 from prometheus_client import REGISTRY
 from tiled.client import from_uri
 
-from phasestream.demo import FirstArrival
+from phasestream.apps.demo import FirstArrival
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.errors import ConfigError, PublishError
-from phasestream.tiled_publisher import FailureReason, TiledPublisher, classify_failure
-from phasestream.tiled_server import EmbeddedTiledServer, check_tiled, generate_api_key
+from phasestream.runtime.tiled_access import check_tiled
+from phasestream.runtime.tiled_publisher import FailureReason, TiledPublisher, classify_failure
 
 WAIT_S = 20.0  # generous bound for anything that should take milliseconds; never slept
 
@@ -222,7 +223,7 @@ def test_shape_or_dtype_change_replaces_the_node(
 def test_unreachable_server_is_retried_then_counted(caplog: pytest.LogCaptureFixture) -> None:
     down = f"http://127.0.0.1:{closed_port()}"
     labels = unique_labels()
-    caplog.set_level(logging.ERROR, logger="phasestream.tiled_publisher")
+    caplog.set_level(logging.ERROR, logger="phasestream.runtime.tiled_publisher")
     with TiledPublisher(down, "key", max_retries=2, backoff_s=0.01, **labels) as publisher:
         started_s = time.perf_counter()
         publisher.submit_array("scan", "object", complex_image((256, 256), seed=0))

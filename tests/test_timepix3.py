@@ -15,12 +15,25 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 import zmq
+from phasestream_bench.tpx3 import bench_tpx3
 
-from phasestream.accounting import unaccounted_frames
-from phasestream.config import validate_pipeline
 from phasestream.errors import DetectorMessageError
-from phasestream.messages import FrameBatch, Message, ScanEnd, ScanStart
-from phasestream.registry import resolve_stage
+from phasestream.formats.position_channel import encode_positions_end, position_messages
+from phasestream.formats.tpx3_decode import (
+    TICK_NS,
+    Tpx3Decoded,
+    Tpx3Decoder,
+    Tpx3Problem,
+    pixel_column,
+    pixel_row,
+)
+from phasestream.formats.tpx3_frames import BuiltFrame, FrameBuilder
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import validate_pipeline
+from phasestream.runtime.messages import FrameBatch, Message, ScanEnd, ScanStart
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.stage import Stage
+from phasestream.runtime.topology import control_endpoint, place
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
 from phasestream.simulators.timepix3 import (
     Tpx3Emitter,
@@ -35,19 +48,7 @@ from phasestream.simulators.timepix3 import (
     scan_payloads,
     tdc_words,
 )
-from phasestream.stage import Stage
-from phasestream.stages.position_channel import encode_positions_end, position_messages
-from phasestream.stages.tpx3_decode import (
-    TICK_NS,
-    Tpx3Decoded,
-    Tpx3Decoder,
-    Tpx3Problem,
-    pixel_column,
-    pixel_row,
-)
-from phasestream.stages.tpx3_frames import BuiltFrame, FrameBuilder, bench_tpx3
 from phasestream.stages.tpx3_ingest import Tpx3IngestStage
-from phasestream.topology import control_endpoint, place
 
 PIXEL_PERIOD = 1 << 34  # ticks: the 34-bit pixel time wraps every 26.84 s
 TDC_PERIOD = 1 << 36  # ticks: the TDC wraps every 107.37 s

@@ -33,17 +33,15 @@ from tiled.client import from_uri
 from tiled.server import SimpleTiledServer
 from websockets.sync.client import ClientConnection, connect
 
-from phasestream.errors import ConfigError, PublishError
-from phasestream.tiled_publisher import TiledPublisher
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
-from phasestream.viewer import Viewer, ViewerHTTPServer, read_api_key, run_viewer
-from phasestream.viewer_follow import (
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.apps.viewer.app import Viewer, ViewerHTTPServer, run_viewer
+from phasestream.apps.viewer.follow import (
     STOPPED_WHILE_RECONNECTING,
     check_streaming,
     quiet_stopped_subscriptions,
     stream_url,
 )
-from phasestream.viewer_images import (
+from phasestream.apps.viewer.images import (
     amplitude_image,
     phase_image,
     positions_px,
@@ -51,8 +49,11 @@ from phasestream.viewer_images import (
     real_image,
     render_png,
 )
-from phasestream.viewer_metrics import Scrape, metrics_url, parse_counters, stage_rates
-from phasestream.viewer_state import ImageName, LinkState, LiveView, scan_summary
+from phasestream.apps.viewer.metrics import Scrape, metrics_url, parse_counters, stage_rates
+from phasestream.apps.viewer.state import ImageName, LinkState, LiveView, scan_summary
+from phasestream.errors import ConfigError, PublishError
+from phasestream.runtime.tiled_access import read_api_key
+from phasestream.runtime.tiled_publisher import TiledPublisher
 
 DATA = Path(__file__).parent / "data"
 WAIT_S = 20.0  # bound for what takes milliseconds; never slept

@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from phasestream.config import validate_pipeline
-from phasestream.launcher import Launcher
-from phasestream.messages import FrameBatch, Message, ScanEnd
+from phasestream.apps.launcher import Launcher
+from phasestream.formats.position_channel import encode_positions, encode_positions_end
+from phasestream.formats.stream_v2_encode import encode_image, encode_message, end_fields, start_fields
+from phasestream.runtime.config import validate_pipeline
+from phasestream.runtime.messages import FrameBatch, Message, ScanEnd
+from phasestream.runtime.stage import Stage
 from phasestream.simulators.selun import SelunEmitter
-from phasestream.simulators.stream_v2_encode import encode_image, encode_message, end_fields, start_fields
-from phasestream.stage import Stage
-from phasestream.stages.position_channel import encode_positions, encode_positions_end
 
 _SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')

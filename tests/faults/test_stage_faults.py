@@ -9,7 +9,7 @@ import signal
 import pytest
 from fault_rig import BATCH_SIZE, SCAN_END_TIMEOUT_S, FaultRig, fault_rig
 
-from phasestream.accounting import frames_lost, unaccounted_frames
+from phasestream.runtime.accounting import frames_lost, unaccounted_frames
 
 pytestmark = pytest.mark.slow
 

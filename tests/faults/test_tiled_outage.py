@@ -16,8 +16,8 @@ import pytest
 from tiled.client import from_uri
 from tiled.server import SimpleTiledServer
 
-from phasestream.tiled_publisher import TiledPublisher
-from phasestream.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.runtime.tiled_publisher import TiledPublisher
 
 pytestmark = pytest.mark.slow
 

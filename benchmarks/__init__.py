@@ -1,0 +1,1 @@
+"""Benchmarks and training behind ``phasestream bench`` and ``phasestream train``; not part of the runtime."""

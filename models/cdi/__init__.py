@@ -1,0 +1,1 @@
+"""Single-shot CDI: HIO/ER phasing, support, LoDIP and Double-DIP."""

@@ -1,0 +1,163 @@
+"""Double deep image prior: plane-wave CDI phase retrieval with two untrained networks.
+
+Reference: Z. Zhuang, D. Yang, F. Hofmann, D. Barmherzig and J. Sun, "Practical phase retrieval using double
+deep image priors", Electronic Imaging 2023 (arXiv:2211.00799, 2022). The object is written as two DIPs,
+magnitude and phase (or real and imaginary part), each a skip network (:mod:`.dip`) with its own fixed
+random input:
+
+    x = k · g₁(z₁) · exp(i π (2 g₂(z₂) − 1))        (magnitude / phase; g in (0, 1) from a sigmoid)
+    x = k · ((2 g₁(z₁) − 1) + i (2 g₂(z₂) − 1))     (real / imaginary)
+
+on a box half the pattern's size in each direction, centred in the array and zero outside; this box is the
+only object-domain constraint (oversampling 2 per axis), with no tight support and no shrink-wrap, as in the
+paper. Both networks and the learnable scale k minimise the misfit between |F x| and the measured pattern
+(:class:`~phasestream.models.cdi.lodip.FitLoss`, squared amplitude error by default; F the project's centred
+orthonormal FFT) with Adam; ES-WMV stops the fit (Wang et al. 2023). k starts from Parseval,
+Σ|x|² = Σ Y. The result is defined up to the usual CDI ambiguities: global phase, translation within the
+box and the twin image x*(−r).
+
+Real and imaginary parts are the default: on a compact complex test object (32-px pattern, 1e5 photons,
+800 iterations) they reached a 5 % error at the noise floor of the misfit, while magnitude and phase
+stalled at 50 % (the phase network has to move across ±π).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from phasestream.errors import ConfigError
+from phasestream.models.cdi.lodip import FitLoss, data_misfit
+from phasestream.models.cdi.phasing import CdiSolver, amplitude_from_intensity, validate_pattern
+from phasestream.models.nets.dip import (
+    DEFAULT_INPUT_NOISE_STD,
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_PATIENCE,
+    DEFAULT_WINDOW,
+    ComplexChannels,
+    DipArchitecture,
+    EsWmv,
+    SkipNet,
+    SkipNetConfig,
+    dip_grid_shape,
+    fit_dip,
+    random_input,
+    skip_net_config,
+)
+from phasestream.models.ptycho.epie import default_device
+
+FALLBACK_SCHEDULE = (("hio", 180), ("er", 20)) * 2
+"""HIO/ER on the half-size box: what a diverged fit returns instead."""
+
+
+@dataclass(frozen=True)
+class DoubleDipResult:
+    """The complex object on the pattern's array (zero off the box), where fitting stopped, the losses."""
+
+    object: np.ndarray
+    stop_iteration: int
+    diverged: bool
+    losses: np.ndarray
+    best_iteration: int
+
+
+def object_box(shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The centred box half the pattern's size along each axis: the object's only constraint."""
+    return tuple(slice(side // 4, side // 4 + side // 2) for side in shape)
+
+
+def _combine(first: torch.Tensor, second: torch.Tensor, representation: ComplexChannels) -> torch.Tensor:
+    """The unscaled complex object from two sigmoid outputs (module docstring)."""
+    if representation is ComplexChannels.AMPLITUDE_PHASE:
+        return torch.polar(first, torch.pi * (2 * second - 1))
+    return torch.complex(2 * first - 1, 2 * second - 1)
+
+
+def double_dip(
+    pattern: np.ndarray,
+    *,
+    arch: DipArchitecture | str | SkipNetConfig = DipArchitecture.ARCH1,
+    representation: ComplexChannels | str = ComplexChannels.REAL_IMAG,
+    loss: FitLoss | str = FitLoss.AMPLITUDE,
+    max_iterations: int = 3000,
+    lr: float = DEFAULT_LEARNING_RATE,
+    input_noise_std: float = DEFAULT_INPUT_NOISE_STD,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    window: int = DEFAULT_WINDOW,
+    patience: int = DEFAULT_PATIENCE,
+) -> DoubleDipResult:
+    """Retrieve a complex object from one 2D centred pattern (counts) with two DIPs (module docstring).
+
+    On a non-finite loss the fit stops, ``diverged`` is True and the object is the HIO/ER fallback on the
+    same box.
+    """
+    pattern = np.asarray(pattern, dtype=np.float64)
+    validate_pattern(torch.as_tensor(pattern), "pattern")
+    if pattern.ndim != 2:
+        raise ConfigError(f"pattern has shape {pattern.shape}: double DIP takes one 2D pattern")
+    if min(pattern.shape) < 8:
+        raise ConfigError(f"pattern has shape {pattern.shape}: the half-size object box needs at least 8 px")
+    if input_noise_std < 0:
+        raise ConfigError(f"input_noise_std={input_noise_std!r} must be ≥ 0")
+    representation = ComplexChannels(representation)
+    loss = FitLoss(loss)
+    resolved = torch.device(device) if device is not None else default_device()
+    config = skip_net_config(arch)
+    box = object_box(pattern.shape)
+    box_shape = tuple(s.stop - s.start for s in box)
+    grid = dip_grid_shape(box_shape, config)
+
+    measured = torch.as_tensor(np.fft.ifftshift(pattern), dtype=torch.float32, device=resolved)
+    measured_amplitude = measured.sqrt()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        networks = [SkipNet(config, 1).to(resolved) for _ in range(2)]
+    inputs = [random_input(config.input_channels, grid, generator, resolved) for _ in range(2)]
+    pad = (box[1].start, pattern.shape[1] - box[1].stop, box[0].start, pattern.shape[0] - box[0].stop)
+
+    def unscaled_object(noise_std: float) -> torch.Tensor:
+        outputs = [
+            network(z + noise_std * torch.randn(z.shape, generator=generator).to(resolved))[
+                0, 0, : box_shape[0], : box_shape[1]
+            ]
+            for network, z in zip(networks, inputs, strict=True)
+        ]
+        return _combine(*outputs, representation)
+
+    with torch.no_grad():
+        initial_energy = float((unscaled_object(0.0).abs() ** 2).sum())
+    initial_log_scale = 0.5 * np.log(pattern.sum() / max(initial_energy, 1e-12))
+    log_scale = nn.Parameter(torch.tensor(initial_log_scale, dtype=torch.float32, device=resolved))
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        obj = log_scale.exp() * unscaled_object(input_noise_std)
+        # The modulus of a spectrum does not change when the object moves, so the padded object goes to
+        # the FFT as it is and only the measured pattern is taken to the FFT's layout.
+        spectrum = torch.fft.fft2(nn.functional.pad(obj, pad), norm="ortho")
+        return data_misfit(spectrum, measured, measured_amplitude, loss), obj
+
+    fit = fit_dip(
+        [*networks[0].parameters(), *networks[1].parameters(), log_scale],
+        step,
+        max_iterations=max_iterations,
+        lr=lr,
+        early_stopping=EsWmv(window, patience),
+        progress=progress,
+        description="double DIP",
+    )
+    if fit.diverged or fit.estimate is None:
+        support = np.zeros(pattern.shape, dtype=bool)
+        support[box] = True
+        solver = CdiSolver(amplitude_from_intensity(pattern), support, seed=seed, device=resolved)
+        solver.run(FALLBACK_SCHEDULE)
+        obj = solver.final_image().cpu().numpy()
+    else:
+        obj = np.zeros(pattern.shape, dtype=np.complex128)
+        obj[box] = fit.estimate.cpu().numpy()
+    return DoubleDipResult(obj, fit.stop_iteration, fit.diverged, fit.losses, fit.best_iteration)

@@ -1,0 +1,1 @@
+"""Neural networks: AutoPhaseNN, DnCNN with spectral normalisation, deep image priors."""

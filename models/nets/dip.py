@@ -1,0 +1,496 @@
+"""Deep image prior (DIP): an untrained skip U-Net fitted to one image, stopped early by ES-WMV.
+
+References: D. Ulyanov, A. Vedaldi and V. Lempitsky, "Deep image prior", CVPR 2018 (and IJCV 128, 1867,
+2020); the two architectures of Erin et al. (2025), who denoise position-binned fly-scan ptychography with a
+DIP; H. Wang, T. Li, Z. Zhuang, T. Chen, H. Liang and J. Sun, "Early stopping for deep image prior",
+TMLR 2023 (arXiv:2112.06074), whose ES-WMV rule this module implements.
+
+**Network** (Ulyanov et al.'s "skip" hourglass, from their supplementary material and code). Level i
+(of L) takes its input d_i and computes
+
+    deeper_i = up×2( level_{i+1}( act(BN(conv3(act(BN(conv3_stride2(d_i))))))) )
+    out_i    = act(BN(conv1(act(BN(conv3(BN([skip_i(d_i), deeper_i])))))))
+    skip_i   = act(BN(conv1(d_i)))  with ``skip_channels[i]`` filters, absent when that is 0
+
+with LeakyReLU(0.2), reflection padding and bilinear upsampling (Ulyanov's denoising settings); a 1×1
+convolution and a sigmoid map out_0 to the image channels. Erin et al.'s **Arch1** has channels
+[8, 16, 32, 64, 128] with skips [0, 0, 0, 4, 4]; **Arch2** has [128]×6, here with Ulyanov's 4 skip
+filters per level. Each level halves the grid, and batch norm needs at least 2×2 values at the deepest
+level, so the network works on a grid that is a multiple of 2^L and at least 2^(L+1) on each side
+(:func:`dip_grid_shape`); images are fitted on its top-left corner.
+
+**Fitting** (Ulyanov Eq. 2): θ* = argmin_θ E(f_θ(z); x₀) with Adam, from a fixed random input z (32
+channels, uniform in [0, 0.1)), perturbed at every step by Gaussian noise of std σ_z (σ_z = 1/30 in
+Ulyanov's denoising), which regularises the fit.
+
+**Early stopping, ES-WMV** (Wang et al., Algorithm 1). A DIP first fits the image, then the noise. The
+running variance of the last W outputs,
+
+    VAR_t = (1/W) Σ_{s=t−W+1..t} mean_pixels |x_s − x̄_t|²,      x̄_t = (1/W) Σ_{s=t−W+1..t} x_s,
+
+falls while the fit settles and rises again once the network starts to chase the noise. Fitting stops when
+VAR_t has not reached a new minimum for ``patience`` iterations; the output at the minimum is returned, so
+nobody has to tune an iteration count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from tqdm import tqdm
+
+from phasestream.errors import ConfigError, FrameValidationError
+from phasestream.models.ptycho.epie import default_device
+
+LEAKY_RELU_SLOPE = 0.2
+"""Ulyanov et al.'s LeakyReLU slope."""
+INPUT_CHANNELS = 32
+"""Channels of the random input z in Ulyanov et al.'s denoising experiments."""
+INPUT_SCALE = 0.1
+"""z is uniform in [0, 0.1) (Ulyanov et al.)."""
+DEFAULT_INPUT_NOISE_STD = 1 / 30
+"""σ_z of Ulyanov et al.'s denoising."""
+DEFAULT_LEARNING_RATE = 0.01
+"""Adam step of Ulyanov et al."""
+DEFAULT_WINDOW = 100
+DEFAULT_PATIENCE = 500
+"""ES-WMV window and patience (iterations). A window of 100 averages over the iteration-to-iteration jitter
+of Adam and of the input noise; a patience of a few hundred iterations sees the variance rise well past its
+minimum on the images of this project and keeps a CPU denoise to tens of seconds."""
+NORMALISATION_FLOOR = 1e-12
+"""Smallest channel range (max − min) divided by when an image channel is brought to [0, 1]."""
+
+
+class DipArchitecture(StrEnum):
+    """The two skip networks of Erin et al. (2025)."""
+
+    ARCH1 = "arch1"
+    ARCH2 = "arch2"
+
+
+class ComplexChannels(StrEnum):
+    """How a complex image becomes two real network channels."""
+
+    REAL_IMAG = "real_imag"
+    AMPLITUDE_PHASE = "amplitude_phase"
+
+
+class SkipNetConfig(BaseModel):
+    """Filters per level (down and up paths alike) and skip filters per level, shallowest first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels: tuple[int, ...] = Field(min_length=1, max_length=8)
+    skip_channels: tuple[int, ...] = Field(min_length=1, max_length=8)
+    input_channels: int = Field(default=INPUT_CHANNELS, ge=1)
+    kernel_size: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _levels_agree(self) -> SkipNetConfig:
+        if len(self.channels) != len(self.skip_channels):
+            raise ValueError(
+                f"channels {self.channels} and skip_channels {self.skip_channels} must have one entry per "
+                "level"
+            )
+        if min(self.channels) < 1 or min(self.skip_channels) < 0:
+            raise ValueError(
+                f"channels {self.channels} need ≥ 1 filter and skip_channels {self.skip_channels} ≥ 0"
+            )
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size={self.kernel_size} must be odd so that convolutions keep the grid")
+        return self
+
+    @property
+    def levels(self) -> int:
+        return len(self.channels)
+
+
+ARCHITECTURES = {
+    DipArchitecture.ARCH1: SkipNetConfig(channels=(8, 16, 32, 64, 128), skip_channels=(0, 0, 0, 4, 4)),
+    DipArchitecture.ARCH2: SkipNetConfig(channels=(128,) * 6, skip_channels=(4,) * 6),
+}
+
+
+def skip_net_config(architecture: DipArchitecture | str | SkipNetConfig) -> SkipNetConfig:
+    """The config of a preset name, or the config itself."""
+    if isinstance(architecture, SkipNetConfig):
+        return architecture
+    try:
+        return ARCHITECTURES[DipArchitecture(architecture)]
+    except ValueError as error:
+        presets = ", ".join(preset.value for preset in DipArchitecture)
+        raise ConfigError(f"architecture={architecture!r} is not a preset: use one of {presets}") from error
+
+
+def dip_grid_shape(
+    shape: tuple[int, int], architecture: DipArchitecture | str | SkipNetConfig
+) -> tuple[int, int]:
+    """The grid the network runs on for an image of ``shape``: each side a multiple of 2^L, at least 2^(L+1).
+
+    L stride-2 levels need a multiple of 2^L; batch norm needs more than one value per channel at the
+    deepest level, hence at least 2×2 there.
+    """
+    levels = skip_net_config(architecture).levels
+    step = 2**levels
+    return tuple(max(-(-side // step) * step, 2 * step) for side in shape)
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=kernel_size // 2,
+        padding_mode="reflect",
+    )
+
+
+def _conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
+    return [
+        _conv(in_channels, out_channels, kernel_size, stride),
+        nn.BatchNorm2d(out_channels),
+        nn.LeakyReLU(LEAKY_RELU_SLOPE),
+    ]
+
+
+class _SkipLevel(nn.Module):
+    """One level of the hourglass: a strided path to the next level and back, plus an optional skip."""
+
+    def __init__(
+        self, in_channels: int, channels: int, skip_channels: int, kernel_size: int, deeper: _SkipLevel | None
+    ) -> None:
+        super().__init__()
+        self.out_channels = channels
+        self.skip = nn.Sequential(*_conv_block(in_channels, skip_channels, 1)) if skip_channels else None
+        self.down = nn.Sequential(
+            *_conv_block(in_channels, channels, kernel_size, stride=2),
+            *_conv_block(channels, channels, kernel_size),
+        )
+        self.deeper = deeper
+        self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        merged = skip_channels + (deeper.out_channels if deeper is not None else channels)
+        self.merge = nn.Sequential(
+            nn.BatchNorm2d(merged),
+            *_conv_block(merged, channels, kernel_size),
+            *_conv_block(channels, channels, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        deeper = self.down(features)
+        if self.deeper is not None:
+            deeper = self.deeper(deeper)
+        deeper = self.upsample(deeper)
+        if self.skip is not None:
+            deeper = torch.cat([self.skip(features), deeper], dim=1)
+        return self.merge(deeper)
+
+
+class SkipNet(nn.Module):
+    """Ulyanov et al.'s skip hourglass: (batch, input_channels, H, W) → (batch, out_channels, H, W).
+
+    H and W must be multiples of 2^L and at least 2^(L+1) (see :func:`dip_grid_shape`). ``sigmoid``
+    bounds the output to (0, 1), as for images brought to that range.
+    """
+
+    def __init__(
+        self,
+        architecture: DipArchitecture | str | SkipNetConfig,
+        out_channels: int,
+        *,
+        in_channels: int | None = None,
+        sigmoid: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = skip_net_config(architecture)
+        self.in_channels = in_channels if in_channels is not None else self.config.input_channels
+        level_inputs = (self.in_channels, *self.config.channels[:-1])
+        deeper: _SkipLevel | None = None
+        for in_ch, channels, skip in reversed(
+            list(zip(level_inputs, self.config.channels, self.config.skip_channels, strict=True))
+        ):
+            deeper = _SkipLevel(in_ch, channels, skip, self.config.kernel_size, deeper)
+        self.body = deeper
+        self.head = nn.Conv2d(self.config.channels[0], out_channels, 1)
+        self.sigmoid = sigmoid
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        grid = dip_grid_shape(tuple(z.shape[-2:]), self.config)
+        if tuple(z.shape[-2:]) != grid:
+            raise ConfigError(
+                f"input grid {tuple(z.shape[-2:])} does not suit {self.config.levels} levels: use "
+                f"dip_grid_shape(), here {grid}"
+            )
+        out = self.head(self.body(z))
+        return torch.sigmoid(out) if self.sigmoid else out
+
+
+def random_input(
+    channels: int, grid: tuple[int, int], generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Ulyanov's fixed input z: (1, channels, *grid), uniform in [0, 0.1)."""
+    return INPUT_SCALE * torch.rand((1, channels, *grid), generator=generator).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ES-WMV
+
+
+class EsWmv:
+    """Windowed-moving-variance early stopping (Wang et al. 2023, Algorithm 1).
+
+    Call :meth:`update` with each new output; it returns True once the running variance over the last
+    ``window`` outputs has not reached a new minimum for ``patience`` updates. :attr:`best` is the output
+    that closed the minimum-variance window, :attr:`best_iteration` its index (0-based). The sums run in
+    float64 so that removing the oldest output from them does not lose the small variance near the minimum.
+    """
+
+    def __init__(self, window: int = DEFAULT_WINDOW, patience: int = DEFAULT_PATIENCE) -> None:
+        if window < 2:
+            raise ConfigError(f"window={window!r}: the running variance needs at least 2 outputs")
+        if patience < 1:
+            raise ConfigError(f"patience={patience!r} must be at least 1 iteration")
+        self.window = window
+        self.patience = patience
+        self._outputs: deque[torch.Tensor] = deque()
+        self._sum: torch.Tensor | None = None
+        self._sum_of_squares: torch.Tensor | None = None
+        self.iteration = -1
+        self.variances: list[float] = []
+        """VAR_t for every t from the first full window on."""
+        self.best: torch.Tensor | None = None
+        self.best_iteration = -1
+        self.best_variance = float("inf")
+
+    def update(self, output: torch.Tensor) -> bool:
+        """Add the output of one iteration; True when fitting should stop."""
+        self.iteration += 1
+        current = output.detach()
+        if current.is_complex():
+            current = torch.view_as_real(current)
+        current = current.to(torch.float64)
+        if self._sum is None:
+            self._sum = torch.zeros_like(current)
+            self._sum_of_squares = torch.zeros_like(current)
+        self._outputs.append(current)
+        self._sum += current
+        self._sum_of_squares += current**2
+        if len(self._outputs) > self.window:
+            oldest = self._outputs.popleft()
+            self._sum -= oldest
+            self._sum_of_squares -= oldest**2
+        if len(self._outputs) < self.window:
+            return False
+        mean = self._sum / self.window
+        variance = float((self._sum_of_squares / self.window - mean**2).clamp_min(0).mean())
+        self.variances.append(variance)
+        if variance < self.best_variance:
+            self.best_variance = variance
+            self.best_iteration = self.iteration
+            self.best = output.detach().clone()
+        return self.iteration - self.best_iteration >= self.patience
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A generic DIP fitting loop, shared by denoising, LoDIP and double DIP
+
+
+@dataclass(frozen=True)
+class DipFit:
+    """Outcome of :func:`fit_dip`: the estimate at ES-WMV's variance minimum (or the last one)."""
+
+    estimate: torch.Tensor | None
+    """None only when the very first loss was not finite."""
+    stop_iteration: int
+    """Iterations run (the NaN one included)."""
+    best_iteration: int
+    """The iteration (counted from 1, like ``stop_iteration``) whose output ``estimate`` is."""
+    diverged: bool
+    losses: np.ndarray
+    interrupted: bool = False
+    """``should_stop`` ended the fit before ES-WMV or the iteration cap did."""
+
+
+def fit_dip(
+    parameters: Iterable[torch.Tensor],
+    step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    max_iterations: int,
+    lr: float,
+    early_stopping: EsWmv | None,
+    progress: bool = False,
+    description: str = "DIP",
+    should_stop: Callable[[], bool] | None = None,
+) -> DipFit:
+    """Adam on ``parameters``; ``step()`` runs one forward pass and returns (loss, estimate).
+
+    Stops after ``max_iterations``, when ``early_stopping`` says so, or at the first non-finite loss
+    (``diverged``; a RuntimeWarning names the iteration). Without early stopping, or before its first
+    full window, the estimate is the last finite one. ``should_stop``, asked before every iteration, lets
+    a caller on another thread end the fit early (``interrupted``) with the estimate so far.
+    """
+    if max_iterations < 1:
+        raise ConfigError(f"max_iterations={max_iterations!r} must be at least 1")
+    if not lr > 0:
+        raise ConfigError(f"lr={lr!r} must be positive: Ulyanov et al. use Adam with 0.01")
+    optimiser = torch.optim.Adam(list(parameters), lr=lr)
+    losses: list[float] = []
+    last: torch.Tensor | None = None
+    diverged = False
+    interrupted = False
+    iteration = 0
+    for step_number in tqdm(
+        range(1, max_iterations + 1), desc=description, disable=not progress, leave=False
+    ):
+        if should_stop is not None and should_stop():
+            interrupted = True
+            break
+        iteration = step_number
+        optimiser.zero_grad(set_to_none=True)
+        loss, estimate = step()
+        value = float(loss.detach())
+        losses.append(value)
+        if not np.isfinite(value):
+            diverged = True
+            warnings.warn(
+                f"{description} diverged: the loss is {value} at iteration {iteration}; returning the "
+                "fallback. Lower lr or check the input for extreme values",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
+        last = estimate.detach()
+        if early_stopping is not None and early_stopping.update(last):
+            break
+        loss.backward()
+        optimiser.step()
+    use_best = early_stopping is not None and early_stopping.best is not None
+    return DipFit(
+        estimate=early_stopping.best if use_best else last,
+        stop_iteration=iteration,
+        best_iteration=early_stopping.best_iteration + 1 if use_best else len(losses) - diverged,
+        diverged=diverged,
+        losses=np.asarray(losses),
+        interrupted=interrupted,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Denoising
+
+
+@dataclass(frozen=True)
+class DipResult:
+    """A finished denoise: the image (dtype and shape of the input), where it stopped, the loss per step."""
+
+    denoised: np.ndarray
+    stop_iteration: int
+    diverged: bool
+    losses: np.ndarray
+    best_iteration: int
+    """The iteration (from 1) whose output was kept: ES-WMV's variance minimum."""
+    interrupted: bool = False
+    """``should_stop`` ended the fit early; ``denoised`` is the estimate so far (the input before any)."""
+
+
+def image_to_channels(image: np.ndarray, complex_channels: ComplexChannels | str) -> np.ndarray:
+    """(H, W) real → (1, H, W); complex → (2, H, W) as real/imaginary or amplitude/phase (radians)."""
+    if not np.iscomplexobj(image):
+        return image[None].astype(np.float64)
+    if ComplexChannels(complex_channels) is ComplexChannels.REAL_IMAG:
+        return np.stack([image.real, image.imag]).astype(np.float64)
+    return np.stack([np.abs(image), np.angle(image)]).astype(np.float64)
+
+
+def channels_to_image(
+    channels: np.ndarray, complex_channels: ComplexChannels | str, is_complex: bool
+) -> np.ndarray:
+    """Inverse of :func:`image_to_channels`."""
+    if not is_complex:
+        return channels[0]
+    if ComplexChannels(complex_channels) is ComplexChannels.REAL_IMAG:
+        return channels[0] + 1j * channels[1]
+    return channels[0] * np.exp(1j * channels[1])
+
+
+def _validate_image(image: np.ndarray) -> None:
+    if image.ndim != 2:
+        raise FrameValidationError(f"image has shape {image.shape}: dip_denoise takes one 2D (H, W) image")
+    if not np.isfinite(image).all():
+        raise FrameValidationError(
+            f"image holds {int((~np.isfinite(image)).sum())} NaN or infinite values: replace them first"
+        )
+
+
+def dip_denoise(
+    image: np.ndarray,
+    arch: DipArchitecture | str | SkipNetConfig = DipArchitecture.ARCH2,
+    *,
+    max_iterations: int = 3000,
+    lr: float = DEFAULT_LEARNING_RATE,
+    input_noise_std: float = DEFAULT_INPUT_NOISE_STD,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    complex_channels: ComplexChannels | str = ComplexChannels.REAL_IMAG,
+    window: int = DEFAULT_WINDOW,
+    patience: int = DEFAULT_PATIENCE,
+    should_stop: Callable[[], bool] | None = None,
+) -> DipResult:
+    """Denoise one (H, W) real or complex image with a DIP and ES-WMV (the module docstring).
+
+    Each channel is brought to [0, 1] by its own minimum and maximum, fitted with a mean squared error and
+    a sigmoid output, and mapped back. Amplitude/phase channels suit objects whose phase does not wrap;
+    real/imaginary channels always do. On a non-finite loss the fit stops, ``diverged`` is True and the
+    input comes back unchanged. ``should_stop`` is passed to :func:`fit_dip`.
+    """
+    image = np.asarray(image)
+    _validate_image(image)
+    if input_noise_std < 0:
+        raise ConfigError(f"input_noise_std={input_noise_std!r} must be ≥ 0 (Ulyanov et al. use 1/30)")
+    resolved = torch.device(device) if device is not None else default_device()
+    config = skip_net_config(arch)
+    is_complex = np.iscomplexobj(image)
+    channels = image_to_channels(image, complex_channels)
+    low = channels.min(axis=(1, 2), keepdims=True)
+    span = np.maximum(channels.max(axis=(1, 2), keepdims=True) - low, NORMALISATION_FLOOR)
+    target = torch.as_tensor((channels - low) / span, dtype=torch.float32, device=resolved)[None]
+    height, width = image.shape
+    grid = dip_grid_shape((height, width), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = SkipNet(config, len(channels)).to(resolved)
+    z = random_input(config.input_channels, grid, generator, resolved)
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        noisy_input = z + input_noise_std * torch.randn(z.shape, generator=generator).to(resolved)
+        output = network(noisy_input)[..., :height, :width]
+        return nn.functional.mse_loss(output, target), output[0]
+
+    fit = fit_dip(
+        network.parameters(),
+        step,
+        max_iterations=max_iterations,
+        lr=lr,
+        early_stopping=EsWmv(window, patience),
+        progress=progress,
+        description=f"DIP {config.levels}-level denoise",
+        should_stop=should_stop,
+    )
+    if fit.diverged or fit.estimate is None:
+        denoised = image.copy()
+    else:
+        estimate = fit.estimate.to("cpu", torch.float64).numpy() * span + low
+        denoised = channels_to_image(estimate, complex_channels, is_complex).astype(image.dtype)
+    return DipResult(
+        denoised, fit.stop_iteration, fit.diverged, fit.losses, fit.best_iteration, fit.interrupted
+    )

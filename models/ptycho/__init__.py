@@ -1,0 +1,1 @@
+"""Ptychography: ePIE/rPIE refinement, its constraints, probe modes, probe starts and PINE."""

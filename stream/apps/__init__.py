@@ -1,0 +1,1 @@
+"""Applications: the launcher, the command line, demo, replay, viewer and Bluesky bridges."""

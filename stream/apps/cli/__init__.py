@@ -1,0 +1,1 @@
+"""The ``phasestream`` command line: one module per command group."""

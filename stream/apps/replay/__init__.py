@@ -1,0 +1,1 @@
+"""Replay a recorded scan file through the live pipeline."""

@@ -1,0 +1,1 @@
+"""The live browser viewer: follows Tiled and the stages' metrics."""

@@ -1,0 +1,1 @@
+"""Runtime core: messages, the Stage base, transport, configuration, metrics, accounting, Tiled publishing."""
