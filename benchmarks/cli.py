@@ -12,146 +12,41 @@ TEST_DATA = Path("tests") / "data"
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
+    """``phasestream bench WHAT``: the entry point of the ``phasestream.commands`` group."""
     p = sub.add_parser("bench", help="measure throughput; figures go in docs/benchmarks.md")
     bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
-    ingest = bench.add_parser(
+    for add in (
+        _add_ingest,
+        _add_inversion,
+        _add_flyscan,
+        _add_soak,
+        _add_epie,
+        _add_cdi,
+        _add_beamline,
+        _add_replay,
+        _add_autophasenn,
+        _add_pine,
+        _add_lodip,
+        _add_dip,
+        _add_viewer,
+        _add_tpx3,
+    ):
+        add(bench)
+
+
+def _add_ingest(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser(
         "ingest", help="frames/s through emitter → ingest → binning for 192×192 bslz4 low-dose frames"
     )
-    ingest.add_argument("--frames", type=int, default=200_000, help="default %(default)s")
-    ingest.add_argument("--repeats", type=int, default=3, help="runs; the median is quoted")
-    ingest.add_argument(
+    p.add_argument("--frames", type=int, default=200_000, help="default %(default)s")
+    p.add_argument("--repeats", type=int, default=3, help="runs; the median is quoted")
+    p.add_argument(
         "--batch-size", type=int, default=64, help="ingest frames per FrameBatch (default %(default)s)"
     )
-    ingest.add_argument(
+    p.add_argument(
         "--binning-workers", type=int, default=1, help="binning workers, fanned out (default %(default)s)"
     )
-    ingest.set_defaults(func=_cmd_bench_ingest)
-    inversion = bench.add_parser(
-        "inversion", help="AutoPhaseNN: 2D frames/s at batch 1, 8, 64 and ms per 64³ prediction"
-    )
-    inversion.add_argument("--repeats", type=int, default=7, help="default %(default)s")
-    inversion.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    inversion.set_defaults(func=_cmd_bench_inversion)
-    fly = bench.add_parser(
-        "flyscan", help="position binning + DIP on a simulated fly scan: FRC resolution of four cases"
-    )
-    fly.add_argument("--rows", type=int, default=48, help="raster rows = columns (default %(default)s)")
-    fly.add_argument("--k", type=int, default=3, help="frames per bin (default %(default)s)")
-    fly.add_argument("--photons", type=float, default=2e4, help="photons per frame (default %(default)s)")
-    fly.add_argument("--epochs", type=int, default=20, help="ePIE sweeps (default %(default)s)")
-    fly.add_argument("--arch", nargs="+", default=["arch1", "arch2"], choices=["arch1", "arch2"])
-    fly.add_argument("--dip-iterations", type=int, default=2000, help="default %(default)s")
-    fly.add_argument("--seed", type=int, default=0)
-    fly.add_argument("--figure", type=Path, default=Path("flyscan_dip.png"), help="default %(default)s")
-    fly.set_defaults(func=_cmd_bench_flyscan)
-    soak = bench.add_parser(
-        "soak", help="hold a high frame rate for minutes: frames accounted, memory flat, latency percentiles"
-    )
-    soak.add_argument("--duration-s", type=float, default=300.0, help="default %(default)s")
-    soak.add_argument("--scan-frames", type=int, default=20_000, help="frames per scan (default %(default)s)")
-    soak.add_argument(
-        "--load", type=float, default=0.9, help="fraction of the sustained rate to hold (default %(default)s)"
-    )
-    soak.add_argument("--rate", type=float, help="frames/s to hold instead of --load × the sustained rate")
-    soak.add_argument(
-        "--hostile-fraction",
-        type=float,
-        default=0.0,
-        help="fraction of each scan's messages that are hostile (garbage, truncated CBOR, decompression "
-        "bombs, wrong shapes and image ids, multipart floods, bad positions), plus one series with an "
-        "unsafe scan uid before each scan (default %(default)s)",
-    )
-    soak.set_defaults(func=_cmd_bench_soak)
-    epie = bench.add_parser("epie", help="seconds per ePIE epoch, sequential and batched")
-    epie.add_argument("--positions", type=int, default=516, help="default %(default)s")
-    epie.add_argument("--size", type=int, default=128, help="pattern side in pixels (default %(default)s)")
-    epie.add_argument("--epochs", type=int, default=5, help="epochs per variant (default %(default)s)")
-    epie.add_argument(
-        "--rule", choices=["epie", "rpie", "pine"], default="epie", help="algorithm (default %(default)s)"
-    )
-    epie.add_argument("--modes", type=int, default=1, help="incoherent probe modes (default %(default)s)")
-    epie.add_argument(
-        "--position-correction", action="store_true", help="refine positions every epoch (general path)"
-    )
-    epie.set_defaults(func=_cmd_bench_epie)
-    cdi = bench.add_parser(
-        "cdi", help="600 HIO/ER iterations with shrink-wrap on a measured 64³ BCDI pattern"
-    )
-    cdi.add_argument(
-        "--amplitude", default=str(TEST_DATA / "bcdi_amplitude_64.npy"), help="default %(default)s"
-    )
-    cdi.set_defaults(func=_cmd_bench_cdi)
-    beamline = bench.add_parser(
-        "beamline",
-        help="replay scans of real beamlines' probes and detector effects, with no probe given and with "
-        "the true one: start chosen, epochs, object error",
-    )
-    beamline.add_argument(
-        "--positions", type=int, default=150, help="positions per scan (default %(default)s)"
-    )
-    beamline.add_argument(
-        "--case", action="append", choices=[c.value for c in _beamline_cases()], help="only these cases"
-    )
-    beamline.add_argument(
-        "--out", type=Path, default=Path("phasestream-data/bench-beamline"), help="default %(default)s"
-    )
-    beamline.set_defaults(func=_cmd_bench_beamline)
-    replay = bench.add_parser("replay", help="frames/s replaying CXI and NXmx files as fast as possible")
-    replay.add_argument(
-        "--frames", type=int, nargs="+", default=[420, 10_000], help="file sizes (default %(default)s)"
-    )
-    replay.add_argument("--repeats", type=int, default=3, help="runs per file; the median is quoted")
-    replay.set_defaults(func=_cmd_bench_replay)
-    apn = bench.add_parser(
-        "autophasenn", help="ms per 64³ prediction, 2D frames/s, prediction + 50 ER against 600 HIO/ER"
-    )
-    apn.add_argument(
-        "--amplitude", default=str(TEST_DATA / "bcdi_amplitude_64.npy"), help="default %(default)s"
-    )
-    apn.add_argument("--device", default=None)
-    apn.add_argument("--threads", type=int, default=None)
-    apn.set_defaults(func=_cmd_bench_autophasenn)
-    pine = bench.add_parser(
-        "pine",
-        help="FRC per iteration of ePIE and rPIE (300) against PINE (150) on a low-dose scan, as a PNG",
-    )
-    pine.add_argument("--photons", type=float, default=2e3, help="photons per frame (default %(default)g)")
-    pine.add_argument("--positions", type=int, default=200, help="default %(default)s")
-    pine.add_argument("--figure", type=Path, default=Path("pine_frc.png"), help="default %(default)s")
-    pine.add_argument(
-        "--probe", choices=["known", "reconstructed"], default="known",
-        help="the true probe held fixed, or a blurred probe each solver reconstructs (default %(default)s)",
-    )  # fmt: skip
-    pine.add_argument("--seeds", type=int, default=1, help="scans (noise and sweep order) to average over")
-    pine.add_argument(
-        "--fourier", choices=["projection", "poisson"], default="projection",
-        help="every solver's Fourier step: the modulus projection or the Poisson step (default %(default)s)",
-    )  # fmt: skip
-    pine.set_defaults(func=_cmd_bench_pine)
-    lodip = bench.add_parser("lodip", help="PSNR of HIO-stat, LoDIP and double DIP on simulated in-situ CDI")
-    lodip.add_argument("--samples", type=int, default=20, help="default %(default)s")
-    lodip.add_argument("--photons", type=float, nargs="+", default=[1000.0, 1.0], help="photons per pixel")
-    lodip.add_argument("--size", type=int, default=64, help="array side (default %(default)s)")
-    lodip.add_argument("--sample-size", type=int, default=16, help="sample side (default %(default)s)")
-    lodip.add_argument("--lodip-iterations", type=int, default=300, help="default %(default)s")
-    lodip.add_argument("--double-dip-iterations", type=int, default=150, help="default %(default)s")
-    lodip.add_argument("--threads", type=int, default=1, help="default %(default)s")
-    lodip.set_defaults(func=_cmd_bench_lodip)
-    dip = bench.add_parser("dip", help="seconds per DIP denoise (ES-WMV), Arch1 and Arch2")
-    dip.add_argument("--size", type=int, default=64, help="default %(default)s")
-    dip.add_argument("--repeats", type=int, default=1, help="default %(default)s")
-    dip.add_argument("--max-iterations", type=int, default=1000, help="default %(default)s")
-    dip.add_argument("--threads", type=int, default=1, help="default %(default)s")
-    dip.set_defaults(func=_cmd_bench_dip)
-    viewer = bench.add_parser("viewer", help="latency from a Tiled write to the viewer's page")
-    viewer.add_argument("--updates", type=int, default=30, help="default %(default)s")
-    viewer.add_argument("--size", type=int, default=256, help="object side in pixels (default %(default)s)")
-    viewer.set_defaults(func=_cmd_bench_viewer)
-    tpx3 = bench.add_parser("tpx3", help="Timepix3 raw decode: events/s on one core")
-    tpx3.add_argument("--events", type=int, default=10_000_000, help="default %(default)s")
-    tpx3.add_argument("--repeats", type=int, default=5, help="runs; the median is quoted")
-    tpx3.add_argument("--frames", action="store_true", help="also bin 256×256 frames per trigger")
-    tpx3.set_defaults(func=_cmd_bench_tpx3)
+    p.set_defaults(func=_cmd_bench_ingest)
 
 
 def _cmd_bench_ingest(args: argparse.Namespace) -> int:
@@ -166,6 +61,15 @@ def _cmd_bench_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inversion(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser(
+        "inversion", help="AutoPhaseNN: 2D frames/s at batch 1, 8, 64 and ms per 64³ prediction"
+    )
+    p.add_argument("--repeats", type=int, default=7, help="default %(default)s")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=_cmd_bench_inversion)
+
+
 def _cmd_bench_inversion(args: argparse.Namespace) -> int:
     import json
 
@@ -173,6 +77,21 @@ def _cmd_bench_inversion(args: argparse.Namespace) -> int:
 
     print(json.dumps(bench_inversion(repeats=args.repeats, num_threads=args.threads), indent=2))
     return 0
+
+
+def _add_flyscan(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser(
+        "flyscan", help="position binning + DIP on a simulated fly scan: FRC resolution of four cases"
+    )
+    p.add_argument("--rows", type=int, default=48, help="raster rows = columns (default %(default)s)")
+    p.add_argument("--k", type=int, default=3, help="frames per bin (default %(default)s)")
+    p.add_argument("--photons", type=float, default=2e4, help="photons per frame (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=20, help="ePIE sweeps (default %(default)s)")
+    p.add_argument("--arch", nargs="+", default=["arch1", "arch2"], choices=["arch1", "arch2"])
+    p.add_argument("--dip-iterations", type=int, default=2000, help="default %(default)s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--figure", type=Path, default=Path("flyscan_dip.png"), help="default %(default)s")
+    p.set_defaults(func=_cmd_bench_flyscan)
 
 
 def _cmd_bench_flyscan(args: argparse.Namespace) -> int:
@@ -192,6 +111,27 @@ def _cmd_bench_flyscan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_soak(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser(
+        "soak", help="hold a high frame rate for minutes: frames accounted, memory flat, latency percentiles"
+    )
+    p.add_argument("--duration-s", type=float, default=300.0, help="default %(default)s")
+    p.add_argument("--scan-frames", type=int, default=20_000, help="frames per scan (default %(default)s)")
+    p.add_argument(
+        "--load", type=float, default=0.9, help="fraction of the sustained rate to hold (default %(default)s)"
+    )
+    p.add_argument("--rate", type=float, help="frames/s to hold instead of --load × the sustained rate")
+    p.add_argument(
+        "--hostile-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of each scan's messages that are hostile (garbage, truncated CBOR, decompression "
+        "bombs, wrong shapes and image ids, multipart floods, bad positions), plus one series with an "
+        "unsafe scan uid before each scan (default %(default)s)",
+    )
+    p.set_defaults(func=_cmd_bench_soak)
+
+
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
     from phasestream_bench.soak import bench_soak
 
@@ -203,6 +143,21 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
         hostile_fraction=args.hostile_fraction,
     )
     return 1 if result.problems or result.hostile_problems() else 0
+
+
+def _add_epie(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("epie", help="seconds per ePIE epoch, sequential and batched")
+    p.add_argument("--positions", type=int, default=516, help="default %(default)s")
+    p.add_argument("--size", type=int, default=128, help="pattern side in pixels (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per variant (default %(default)s)")
+    p.add_argument(
+        "--rule", choices=["epie", "rpie", "pine"], default="epie", help="algorithm (default %(default)s)"
+    )
+    p.add_argument("--modes", type=int, default=1, help="incoherent probe modes (default %(default)s)")
+    p.add_argument(
+        "--position-correction", action="store_true", help="refine positions every epoch (general path)"
+    )
+    p.set_defaults(func=_cmd_bench_epie)
 
 
 def _cmd_bench_epie(args: argparse.Namespace) -> int:
@@ -240,6 +195,22 @@ def _beamline_cases() -> list:
     return list(BeamlineCase)
 
 
+def _add_beamline(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser(
+        "beamline",
+        help="replay scans of real beamlines' probes and detector effects, with no probe given and with "
+        "the true one: start chosen, epochs, object error",
+    )
+    p.add_argument("--positions", type=int, default=150, help="positions per scan (default %(default)s)")
+    p.add_argument(
+        "--case", action="append", choices=[c.value for c in _beamline_cases()], help="only these cases"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("phasestream-data/bench-beamline"), help="default %(default)s"
+    )
+    p.set_defaults(func=_cmd_bench_beamline)
+
+
 def _cmd_bench_beamline(args: argparse.Namespace) -> int:
     from phasestream_bench.beamline import TABLE_HEADER, bench_beamline
 
@@ -250,6 +221,15 @@ def _cmd_bench_beamline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_replay(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("replay", help="frames/s replaying CXI and NXmx files as fast as possible")
+    p.add_argument(
+        "--frames", type=int, nargs="+", default=[420, 10_000], help="file sizes (default %(default)s)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="runs per file; the median is quoted")
+    p.set_defaults(func=_cmd_bench_replay)
+
+
 def _cmd_bench_replay(args: argparse.Namespace) -> int:
     from phasestream_bench.replay import bench_replay
 
@@ -257,11 +237,43 @@ def _cmd_bench_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_autophasenn(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser(
+        "autophasenn", help="ms per 64³ prediction, 2D frames/s, prediction + 50 ER against 600 HIO/ER"
+    )
+    p.add_argument(
+        "--amplitude", default=str(TEST_DATA / "bcdi_amplitude_64.npy"), help="default %(default)s"
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_bench_autophasenn)
+
+
 def _cmd_bench_autophasenn(args: argparse.Namespace) -> int:
-    from phasestream.models.nets.autophasenn import bench_autophasenn
+    from phasestream_bench.autophasenn_timing import bench_autophasenn
 
     print(bench_autophasenn(args.amplitude, device=args.device, num_threads=args.threads))
     return 0
+
+
+def _add_pine(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser(
+        "pine",
+        help="FRC per iteration of ePIE and rPIE (300) against PINE (150) on a low-dose scan, as a PNG",
+    )
+    p.add_argument("--photons", type=float, default=2e3, help="photons per frame (default %(default)g)")
+    p.add_argument("--positions", type=int, default=200, help="default %(default)s")
+    p.add_argument("--figure", type=Path, default=Path("pine_frc.png"), help="default %(default)s")
+    p.add_argument(
+        "--probe", choices=["known", "reconstructed"], default="known",
+        help="the true probe held fixed, or a blurred probe each solver reconstructs (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--seeds", type=int, default=1, help="scans (noise and sweep order) to average over")
+    p.add_argument(
+        "--fourier", choices=["projection", "poisson"], default="projection",
+        help="every solver's Fourier step: the modulus projection or the Poisson step (default %(default)s)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_bench_pine)
 
 
 def _cmd_bench_pine(args: argparse.Namespace) -> int:
@@ -276,6 +288,18 @@ def _cmd_bench_pine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_lodip(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("lodip", help="PSNR of HIO-stat, LoDIP and double DIP on simulated in-situ CDI")
+    p.add_argument("--samples", type=int, default=20, help="default %(default)s")
+    p.add_argument("--photons", type=float, nargs="+", default=[1000.0, 1.0], help="photons per pixel")
+    p.add_argument("--size", type=int, default=64, help="array side (default %(default)s)")
+    p.add_argument("--sample-size", type=int, default=16, help="sample side (default %(default)s)")
+    p.add_argument("--lodip-iterations", type=int, default=300, help="default %(default)s")
+    p.add_argument("--double-dip-iterations", type=int, default=150, help="default %(default)s")
+    p.add_argument("--threads", type=int, default=1, help="default %(default)s")
+    p.set_defaults(func=_cmd_bench_lodip)
+
+
 def _cmd_bench_lodip(args: argparse.Namespace) -> int:
     from phasestream_bench.dip import bench_lodip
 
@@ -287,6 +311,15 @@ def _cmd_bench_lodip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dip(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("dip", help="seconds per DIP denoise (ES-WMV), Arch1 and Arch2")
+    p.add_argument("--size", type=int, default=64, help="default %(default)s")
+    p.add_argument("--repeats", type=int, default=1, help="default %(default)s")
+    p.add_argument("--max-iterations", type=int, default=1000, help="default %(default)s")
+    p.add_argument("--threads", type=int, default=1, help="default %(default)s")
+    p.set_defaults(func=_cmd_bench_dip)
+
+
 def _cmd_bench_dip(args: argparse.Namespace) -> int:
     from phasestream_bench.dip import bench_dip_denoise
 
@@ -296,11 +329,26 @@ def _cmd_bench_dip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_viewer(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("viewer", help="latency from a Tiled write to the viewer's page")
+    p.add_argument("--updates", type=int, default=30, help="default %(default)s")
+    p.add_argument("--size", type=int, default=256, help="object side in pixels (default %(default)s)")
+    p.set_defaults(func=_cmd_bench_viewer)
+
+
 def _cmd_bench_viewer(args: argparse.Namespace) -> int:
     from phasestream_bench.viewer import bench_viewer
 
     bench_viewer(args.updates, args.size)
     return 0
+
+
+def _add_tpx3(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("tpx3", help="Timepix3 raw decode: events/s on one core")
+    p.add_argument("--events", type=int, default=10_000_000, help="default %(default)s")
+    p.add_argument("--repeats", type=int, default=5, help="runs; the median is quoted")
+    p.add_argument("--frames", action="store_true", help="also bin 256×256 frames per trigger")
+    p.set_defaults(func=_cmd_bench_tpx3)
 
 
 def _cmd_bench_tpx3(args: argparse.Namespace) -> int:
@@ -310,6 +358,14 @@ def _cmd_bench_tpx3(args: argparse.Namespace) -> int:
     what = "decode + frames" if args.frames else "decode"
     print(f"Timepix3 {what}: {rate / 1e6:.1f} M events/s (median of {args.repeats}, one core)")
     return 0
+
+
+def _add_cdi(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("cdi", help="600 HIO/ER iterations with shrink-wrap on a measured 64³ BCDI pattern")
+    p.add_argument(
+        "--amplitude", default=str(TEST_DATA / "bcdi_amplitude_64.npy"), help="default %(default)s"
+    )
+    p.set_defaults(func=_cmd_bench_cdi)
 
 
 def _cmd_bench_cdi(args: argparse.Namespace) -> int:

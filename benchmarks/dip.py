@@ -22,13 +22,9 @@ import torch
 from phasestream.errors import ConfigError
 from phasestream.models.cdi.double_dip import double_dip
 from phasestream.models.cdi.lodip import hio_stat, lodip, reconstruct_static, static_in_pattern_units
-from phasestream.models.nets.dip import (
-    DEFAULT_PATIENCE,
-    DEFAULT_WINDOW,
-    DipArchitecture,
-    SkipNetConfig,
-    dip_denoise,
-)
+from phasestream.models.execution import torch_threads
+from phasestream.models.nets.dip import DEFAULT_PATIENCE, DEFAULT_WINDOW, dip_denoise
+from phasestream.models.nets.skip_net import DipArchitecture, SkipNetConfig
 from phasestream.models.quality import psnr
 from phasestream.simulators.insitu_cdi import InSituCdiConfig, InSituCdiData, simulate_insitu_cdi
 from phasestream.simulators.samples import dead_leaves_material
@@ -137,32 +133,31 @@ def bench_lodip(
     """
     if n_samples < 1:
         raise ConfigError(f"n_samples={n_samples!r} must be at least 1")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    scale = size_px / 64
-    static_shape = (sample_size_px, max(2, round(12 * scale)))
-    results: dict[float, DoseResult] = {}
-    for photons_per_px in photons:
-        dose = DoseResult(float(photons_per_px))
-        for index in range(n_samples):
-            data = simulate_insitu_cdi(
-                InSituCdiConfig(
-                    size_px=size_px, sample_size_px=sample_size_px, static_shape_px=static_shape,
-                    photons_per_px=photons_per_px, seed=seed + index,
+    with torch_threads(threads):
+        scale = size_px / 64
+        static_shape = (sample_size_px, max(2, round(12 * scale)))
+        results: dict[float, DoseResult] = {}
+        for photons_per_px in photons:
+            dose = DoseResult(float(photons_per_px))
+            for index in range(n_samples):
+                data = simulate_insitu_cdi(
+                    InSituCdiConfig(
+                        size_px=size_px, sample_size_px=sample_size_px, static_shape_px=static_shape,
+                        photons_per_px=photons_per_px, seed=seed + index,
+                    )
+                )  # fmt: skip
+                _run_one(
+                    data,
+                    dose,
+                    arch,
+                    (lodip_iterations, double_dip_iterations),
+                    (window, patience),
+                    index,
+                    progress,
                 )
-            )  # fmt: skip
-            _run_one(
-                data,
-                dose,
-                arch,
-                (lodip_iterations, double_dip_iterations),
-                (window, patience),
-                index,
-                progress,
-            )
-        results[float(photons_per_px)] = dose
-    print(format_lodip_table(results, n_samples, size_px, sample_size_px))
-    return results
+            results[float(photons_per_px)] = dose
+        print(format_lodip_table(results, n_samples, size_px, sample_size_px))
+        return results
 
 
 def _run_one(
@@ -268,36 +263,36 @@ def bench_dip_denoise(
     threads: int | None = 1,
 ) -> list[DenoiseTiming]:
     """Time ``repeats`` ES-WMV denoises of a noisy size_px² dead-leaves image per architecture, and print."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    rng = np.random.default_rng(0)
-    clean, _ = dead_leaves_material((size_px, size_px), rng, size_px / 32, size_px / 4)
-    noisy = clean + DENOISE_NOISE_STD * rng.standard_normal(clean.shape)
-    timings = []
-    for architecture in architectures:
-        seconds, per_iteration, stops, peaks, scores = [], [], [], [], []
-        for repeat in range(repeats):
-            result, elapsed_s = _timed(
-                dip_denoise, noisy, DipArchitecture(architecture), max_iterations=max_iterations,
-                window=window, patience=patience, seed=repeat, device="cpu",
+    with torch_threads(threads):
+        rng = np.random.default_rng(0)
+        clean, _ = dead_leaves_material((size_px, size_px), rng, size_px / 32, size_px / 4)
+        noisy = clean + DENOISE_NOISE_STD * rng.standard_normal(clean.shape)
+        timings = []
+        for architecture in architectures:
+            seconds, per_iteration, stops, peaks, scores = [], [], [], [], []
+            for repeat in range(repeats):
+                result, elapsed_s = _timed(
+                    dip_denoise, noisy, DipArchitecture(architecture), max_iterations=max_iterations,
+                    window=window, patience=patience, seed=repeat, device="cpu",
+                )  # fmt: skip
+                seconds.append(elapsed_s)
+                per_iteration.append(elapsed_s / result.stop_iteration)
+                stops.append(result.stop_iteration)
+                peaks.append(len(periodic_peaks(result.denoised) - periodic_peaks(noisy)))
+                scores.append(psnr(result.denoised, clean, data_range=1.0))
+            timings.append(
+                DenoiseTiming(
+                    str(architecture), size_px, statistics.median(seconds), statistics.median(per_iteration),
+                    tuple(stops), tuple(peaks), psnr(noisy, clean, data_range=1.0), statistics.median(scores),
+                )
             )  # fmt: skip
-            seconds.append(elapsed_s)
-            per_iteration.append(elapsed_s / result.stop_iteration)
-            stops.append(result.stop_iteration)
-            peaks.append(len(periodic_peaks(result.denoised) - periodic_peaks(noisy)))
-            scores.append(psnr(result.denoised, clean, data_range=1.0))
-        timings.append(
-            DenoiseTiming(
-                str(architecture), size_px, statistics.median(seconds), statistics.median(per_iteration),
-                tuple(stops), tuple(peaks), psnr(noisy, clean, data_range=1.0), statistics.median(scores),
+        for timing in timings:
+            print(
+                f"{timing.architecture} {timing.size_px}×{timing.size_px}: "
+                f"{timing.seconds_per_denoise:.1f} s per denoise, "
+                f"{1e3 * timing.seconds_per_iteration:.1f} ms per iteration, stopped at "
+                f"{list(timing.stop_iterations)}, PSNR {timing.psnr_noisy_db:.1f} → "
+                f"{timing.psnr_denoised_db:.1f} dB, new periodic peaks {list(timing.new_periodic_peaks)} "
+                f"({torch.get_num_threads()} thread(s))"
             )
-        )  # fmt: skip
-    for timing in timings:
-        print(
-            f"{timing.architecture} {timing.size_px}×{timing.size_px}: {timing.seconds_per_denoise:.1f} s "
-            f"per denoise, {1e3 * timing.seconds_per_iteration:.1f} ms per iteration, stopped at "
-            f"{list(timing.stop_iterations)}, PSNR {timing.psnr_noisy_db:.1f} → "
-            f"{timing.psnr_denoised_db:.1f} dB, new periodic peaks {list(timing.new_periodic_peaks)} "
-            f"({torch.get_num_threads()} thread(s))"
-        )
-    return timings
+        return timings

@@ -38,13 +38,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from phasestream_bench.pine import field_of_view, frc_against_truth, known_probe_options
+from phasestream_bench.pine import field_of_view, frc_against_truth, known_probe_start
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError
 from phasestream.formats.units import wavelength_m
-from phasestream.models.nets.dip import DipArchitecture, dip_denoise
-from phasestream.models.ptycho.epie import EpieSolver
+from phasestream.models.execution import torch_threads
+from phasestream.models.nets.dip import dip_denoise
+from phasestream.models.nets.skip_net import DipArchitecture
 from phasestream.models.quality import FrcCurve, FrcThreshold, frc_resolution, half_bit_threshold
 from phasestream.simulators.probes import ProbeKind
 from phasestream.simulators.samples import SampleKind
@@ -65,8 +66,8 @@ PAPER_RESOLUTION_NM = {
     "binning": 121.0,
     "binning + DIP": 108.0,
 }
-"""Erin et al. (2025), Siemens star, half-bit FRC; the order is read from DESIGN.md (binning + DIP: 108 nm)
-and from the paper's 14 % gain, (126 − 108) / 126."""
+"""Erin et al. (2025), Siemens star, half-bit FRC; binning + DIP 108 nm follows from the
+paper's 14 % gain, (126 − 108) / 126."""
 PAPER_DIP_MINUTES = (2.0, 3.0)
 
 
@@ -144,7 +145,7 @@ def reconstruct(
 ) -> tuple[np.ndarray, float]:
     """ePIE (sequential, true probe fixed) for ``epochs`` sweeps; the object canvas and the seconds taken."""
     corners_px = (positions_m - np.asarray(scan.object_top_left_m)) / scan.object_pixel_size_m
-    solver = EpieSolver(**known_probe_options(scan, seed))
+    solver = known_probe_start(scan, seed).solver()
     solver.add_patterns(patterns, corners_px - DETECTOR_SIZE_PX // 2)
     start_s = time.perf_counter()
     for _ in tqdm(range(epochs), desc=f"ePIE, {len(patterns)} positions", disable=not progress, leave=False):
@@ -177,39 +178,39 @@ def bench_flyscan(
     sweeps over all the data). The DIP (``dip_*``: iteration cap and ES-WMV window and patience) denoises
     the field of view of each reconstruction with every one of ``architectures``.
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
-    scan = simulate_scan(
-        flyscan_config(
-            rows=rows, photons_per_frame=photons_per_frame, overlap_fraction=overlap_fraction,
-            fly_substeps=fly_substeps, seed=seed,
-        )
-    )  # fmt: skip
-    view = field_of_view(scan)
-    pixel_nm = scan.object_pixel_size_m * 1e9
-    data = {
-        Binning.NONE: (scan.frames.astype(np.float32), scan.positions_m),
-        Binning.BINNED: binned_scan(scan, k),
-    }
-    results: dict[str, CaseResult] = {}
-    for binning, (patterns, positions_m) in data.items():
-        obj, epie_s = reconstruct(scan, patterns, positions_m, epochs, seed, progress)
-        curve = frc_against_truth(obj, scan.object_truth, view)
-        frames_per_pattern = k if binning is Binning.BINNED else 1
-        case = CaseResult(
-            str(binning), len(patterns), float(patterns.sum(axis=(1, 2)).mean()) * frames_per_pattern,
-            frc_resolution(curve, FrcThreshold.HALF_BIT) * pixel_nm, curve, obj[view], epie_s,
-        )  # fmt: skip
-        for architecture in architectures:
-            case.denoised[str(architecture)] = _denoise(
-                case.image, scan, architecture, (dip_max_iterations, dip_window, dip_patience), seed, progress
+    with torch_threads(threads):
+        scan = simulate_scan(
+            flyscan_config(
+                rows=rows, photons_per_frame=photons_per_frame, overlap_fraction=overlap_fraction,
+                fly_substeps=fly_substeps, seed=seed,
             )
-        results[str(binning)] = case
-    print(format_flyscan_table(results, scan, k))
-    if figure is not None:
-        draw_flyscan(results, scan, k, figure)
-        _write_json(results, scan, k, figure.with_suffix(".png.json"))
-    return results
+        )  # fmt: skip
+        view = field_of_view(scan)
+        pixel_nm = scan.object_pixel_size_m * 1e9
+        data = {
+            Binning.NONE: (scan.frames.astype(np.float32), scan.positions_m),
+            Binning.BINNED: binned_scan(scan, k),
+        }
+        results: dict[str, CaseResult] = {}
+        for binning, (patterns, positions_m) in data.items():
+            obj, epie_s = reconstruct(scan, patterns, positions_m, epochs, seed, progress)
+            curve = frc_against_truth(obj, scan.object_truth, view)
+            frames_per_pattern = k if binning is Binning.BINNED else 1
+            case = CaseResult(
+                str(binning), len(patterns), float(patterns.sum(axis=(1, 2)).mean()) * frames_per_pattern,
+                frc_resolution(curve, FrcThreshold.HALF_BIT) * pixel_nm, curve, obj[view], epie_s,
+            )  # fmt: skip
+            for architecture in architectures:
+                dip_settings = (dip_max_iterations, dip_window, dip_patience)
+                case.denoised[str(architecture)] = _denoise(
+                    case.image, scan, architecture, dip_settings, seed, progress
+                )
+            results[str(binning)] = case
+        print(format_flyscan_table(results, scan, k))
+        if figure is not None:
+            draw_flyscan(results, scan, k, figure)
+            _write_json(results, scan, k, figure.with_suffix(".png.json"))
+        return results
 
 
 def _denoise(

@@ -1,8 +1,9 @@
 """``phasestream bench inversion``: how fast AutoPhaseNN inverts, per frame in 2D and per 64³ volume in 3D.
 
 Figures for docs/benchmarks.md, never asserted in tests. Each figure is the median over ``repeats`` timed
-calls of :func:`phasestream.models.nets.autophasenn.predict` (validation, normalisation, the network and the
-copy back to the host) after one untimed warm-up call; on a GPU the copy back synchronises the device, so
+calls of
+:func:`phasestream.models.nets.autophasenn.inference.predict` (validation, normalisation, the network and
+the copy back to the host) after one untimed warm-up call; on a GPU the copy back synchronises the device, so
 the time covers the whole forward pass. 2D input: Poisson frames of the 2D network's own simulated patches
 (:func:`phasestream.simulators.crystals.simulate_ptycho_patches`); 3D input: one simulated crystal.
 """
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from phasestream.models.nets.autophasenn import load_autophasenn, predict
-from phasestream.models.ptycho.epie import default_device
+from phasestream.models.execution import default_device, torch_threads
+from phasestream.models.nets.autophasenn.inference import predict
+from phasestream.models.nets.autophasenn.weights import load_autophasenn
 from phasestream.simulators.crystals import simulate_crystals, simulate_ptycho_patches
 
 BATCH_SIZES = (1, 8, 64)
@@ -50,11 +52,8 @@ def bench_inversion(
 
     ``num_threads`` sets torch's CPU threads for the run (restored after). Returns a dict ready for JSON.
     """
-    threads_before = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    resolved = torch.device(device) if device is not None else default_device()
-    try:
+    resolved = default_device(device)
+    with torch_threads(num_threads):
         model_2d = load_autophasenn(2, weights_2d, device=resolved)
         model_3d = load_autophasenn(3, weights_3d, device=resolved)
         rng = np.random.default_rng(0)
@@ -84,5 +83,3 @@ def bench_inversion(
             "frames_per_s_2d": frames_per_s,
             "ms_per_3d_prediction": ms_per_3d,
         }
-    finally:
-        torch.set_num_threads(threads_before)

@@ -21,13 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from phasestream.models.ptycho.epie import EpieSolver, EpieVariant, UpdateRule
-from phasestream.models.ptycho.fourier_update import FourierConstraint
+from phasestream.models.ptycho.epie import EpieSolver, ObjectRegulariser
+from phasestream.models.ptycho.options import EpieOptions, EpieVariant, FourierConstraint, UpdateRule
 from phasestream.models.quality import FrcCurve, FrcThreshold, frc, frc_resolution, half_bit_threshold
 from phasestream.simulators.samples import SampleKind
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
@@ -142,12 +143,29 @@ def run_trace(
     return trace
 
 
-def known_probe_options(scan: SimulatedScan, seed: int) -> dict:
+@dataclass(frozen=True)
+class BenchStart:
+    """What every solver of one benchmark run starts from: its options, its probe and its object."""
+
+    options: EpieOptions
+    probe: np.ndarray
+    object_guess: np.ndarray
+
+    def solver(self, regulariser: ObjectRegulariser | None = None, **changes: Any) -> EpieSolver:
+        """A solver from this start, ``changes`` made to its options (as :meth:`EpieOptions.replace`)."""
+        return EpieSolver(
+            self.options.replace(**changes), probe=self.probe, object_guess=self.object_guess,
+            object_regulariser=regulariser,
+        )  # fmt: skip
+
+
+def known_probe_start(scan: SimulatedScan, seed: int) -> BenchStart:
     """Sequential sweeps from a blank object with the true probe held fixed, on the CPU."""
-    return {
-        "probe": scan.probe_truth, "variant": EpieVariant.SEQUENTIAL, "probe_update_start_epoch": None,
-        "object_guess": np.ones_like(scan.object_truth), "seed": seed, "device": "cpu",
-    }  # fmt: skip
+    options = EpieOptions(
+        probe={"update_start_epoch": None},
+        execution={"variant": EpieVariant.SEQUENTIAL, "seed": seed, "device": "cpu"},
+    )
+    return BenchStart(options, scan.probe_truth, np.ones_like(scan.object_truth))
 
 
 class ProbeStart(StrEnum):
@@ -167,14 +185,15 @@ def blurred_probe(probe: np.ndarray, sigma_px: float = PROBE_GUESS_BLUR_PX) -> n
     return (guess * np.linalg.norm(probe) / np.linalg.norm(guess)).astype(np.complex64)
 
 
-def reconstructed_probe_options(scan: SimulatedScan, seed: int) -> dict:
+def reconstructed_probe_start(scan: SimulatedScan, seed: int) -> BenchStart:
     """Sequential sweeps from a blank object and a blurred probe that is updated from epoch 2 on, its power
     held and |O| ≤ 1 (:mod:`phasestream.models.ptycho.constraints`: without them ePIE's probe and object
     trade scale until the reconstruction fades at this dose)."""
-    return {
-        **known_probe_options(scan, seed), "probe": blurred_probe(scan.probe_truth),
-        "probe_update_start_epoch": 2, "fix_probe_power": True, "max_object_amplitude": 1.0,
-    }  # fmt: skip
+    known = known_probe_start(scan, seed)
+    options = known.options.replace(
+        probe={"update_start_epoch": 2}, constraints={"fix_probe_power": True, "max_object_amplitude": 1.0}
+    )
+    return BenchStart(options, blurred_probe(scan.probe_truth), known.object_guess)
 
 
 def bench_pine(
@@ -197,15 +216,18 @@ def bench_pine(
     from phasestream.models.ptycho.pine import pine_solver
 
     scan = low_dose_scan(n_positions, photons_per_frame, seed, overlap_fraction)
-    options = known_probe_options if probe_start is ProbeStart.KNOWN else reconstructed_probe_options
-    common = {**options(scan, seed), "fourier_constraint": fourier_constraint}
+    starts = {ProbeStart.KNOWN: known_probe_start, ProbeStart.RECONSTRUCTED: reconstructed_probe_start}
+    start = starts[ProbeStart(probe_start)](scan, seed)
+    start = BenchStart(
+        start.options.replace(constraints={"fourier_constraint": fourier_constraint}), start.probe,
+        start.object_guess,
+    )  # fmt: skip
+    rpie = {"update_rule": UpdateRule.RPIE, "object": {"rpie_alpha": rpie_alpha}}
+    pine = pine_solver(start.options, denoiser=denoiser, probe=start.probe, object_guess=start.object_guess)
     solvers = {
-        BenchSolver.EPIE: (EpieSolver(**common), long_iterations),
-        BenchSolver.RPIE: (
-            EpieSolver(update_rule=UpdateRule.RPIE, rpie_alpha=rpie_alpha, **common),
-            long_iterations,
-        ),
-        BenchSolver.PINE: (pine_solver(denoiser, **common), pine_iterations),
+        BenchSolver.EPIE: (start.solver(), long_iterations),
+        BenchSolver.RPIE: (start.solver(**rpie), long_iterations),
+        BenchSolver.PINE: (pine, pine_iterations),
     }
     traces = {
         str(name): run_trace(name, solver, scan, iterations, every, progress)
@@ -272,10 +294,10 @@ def rpie_alpha_study(
 ) -> dict[float, ConvergenceTrace]:
     """rPIE with object weight α for each ``alphas`` (α = 1 is ePIE's denominator) on one low-dose scan."""
     scan = low_dose_scan(n_positions, photons_per_frame, seed)
-    common = known_probe_options(scan, seed)
+    start = known_probe_start(scan, seed)
     study = {}
     for alpha in alphas:
-        solver = EpieSolver(update_rule=UpdateRule.RPIE, rpie_alpha=alpha, **common)
+        solver = start.solver(update_rule=UpdateRule.RPIE, object={"rpie_alpha": alpha})
         study[alpha] = run_trace(f"α = {alpha:g}", solver, scan, iterations, every, progress)
     return study
 

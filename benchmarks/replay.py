@@ -148,7 +148,7 @@ def _count_messages(data_endpoint: str, positions_endpoint: str, n_frames: int, 
     """
     import zmq
 
-    from phasestream.formats.stream_v2_decode import EndMessage, decode_stream_v2
+    from phasestream.formats.stream_v2.decode import EndMessage, decode_stream_v2
 
     context = zmq.Context()
     data, positions = context.socket(zmq.PULL), context.socket(zmq.PULL)

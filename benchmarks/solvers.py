@@ -1,6 +1,6 @@
 """Speed of the ePIE kernels on a simulated scan, for ``phasestream bench`` and ``docs/benchmarks.md``.
 
-Timings are measured here and reported as medians, never asserted in tests (see DESIGN.md).
+Timings are measured here and reported as medians, never asserted in tests (docs/benchmarks.md records them).
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ import torch
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError
+from phasestream.models.execution import default_device, torch_threads
 from phasestream.models.physics import far_field
-from phasestream.models.ptycho.epie import (
-    DEFAULT_BATCH_SIZE,
-    EpieSolver,
-    EpieVariant,
-    UpdateRule,
-    default_device,
-)
+from phasestream.models.ptycho.epie import EpieSolver
+from phasestream.models.ptycho.options import DEFAULT_BATCH_SIZE, EpieOptions, EpieVariant, UpdateRule
 
 GOLDEN_ANGLE_RAD = np.pi * (3.0 - np.sqrt(5.0))
 HEXAGONAL_SPACING_PER_SPIRAL_CONSTANT = np.sqrt(2.0 * np.pi / np.sqrt(3.0))
@@ -138,38 +134,28 @@ def bench_epie(
     """
     if epochs < 1:
         raise ConfigError(f"epochs={epochs!r} must be at least 1")
-    scan = simulate_scan(n_positions, size_px)
-    resolved_device = torch.device(device) if device is not None else default_device()
-    variant = EpieVariant.BATCHED if batched else EpieVariant.SEQUENTIAL
     if algorithm not in ("epie", "rpie", "pine"):
         raise ConfigError(f"algorithm={algorithm!r}: use epie, rpie or pine")
-    regulariser = None
-    if algorithm == "pine":
-        from phasestream.models.nets.dncnn import load_denoiser
-        from phasestream.models.ptycho.pine import PineRegulariser
-
-        regulariser = PineRegulariser(load_denoiser(device=resolved_device))
-    solver = EpieSolver(
-        variant=variant,
+    scan = simulate_scan(n_positions, size_px)
+    resolved_device = default_device(device)
+    variant = EpieVariant.BATCHED if batched else EpieVariant.SEQUENTIAL
+    options = EpieOptions(
         update_rule=UpdateRule.RPIE if algorithm == "rpie" else UpdateRule.EPIE,
-        object_regulariser=regulariser,
-        probe_modes=probe_modes,
-        position_correction_start_epoch=0 if position_correction else None,
-        batch_size=batch_size,
-        probe_update_start_epoch=0,
-        device=resolved_device,
-        num_threads=num_threads,
-    )
+        probe={"modes": probe_modes, "update_start_epoch": 0},
+        positions={"correction_start_epoch": 0 if position_correction else None},
+        execution={
+            "variant": variant, "batch_size": batch_size, "device": str(resolved_device),
+            "num_threads": num_threads,
+        },
+    )  # fmt: skip
+    if algorithm == "pine":
+        from phasestream.models.ptycho.pine import pine_solver
+
+        solver = pine_solver(options)  # the shipped denoiser, on the options' device
+    else:
+        solver = EpieSolver(options)
     solver.add_patterns(scan.intensities, scan.top_left_px)
-    solver.run_epoch()
-    seconds_per_epoch = []
-    error = float("nan")
-    bar = tqdm(range(epochs), desc=f"{algorithm} {variant}", unit="epoch", disable=not progress)
-    for _ in bar:
-        started_s = time.perf_counter()
-        error = solver.run_epoch()
-        seconds_per_epoch.append(time.perf_counter() - started_s)
-        bar.set_postfix(error=f"{error:.3g}")
+    seconds_per_epoch, error = _timed_epochs(solver, epochs, f"{algorithm} {variant}", progress)
     return {
         "variant": str(variant),
         "algorithm": algorithm,
@@ -187,6 +173,20 @@ def bench_epie(
     }
 
 
+def _timed_epochs(solver: EpieSolver, epochs: int, label: str, progress: bool) -> tuple[list[float], float]:
+    """Seconds of each of ``epochs`` epochs after one untimed warm-up epoch, and the last epoch's error."""
+    solver.run_epoch()
+    seconds_per_epoch = []
+    error = float("nan")
+    bar = tqdm(range(epochs), desc=label, unit="epoch", disable=not progress)
+    for _ in bar:
+        started_s = time.perf_counter()
+        error = solver.run_epoch()
+        seconds_per_epoch.append(time.perf_counter() - started_s)
+        bar.set_postfix(error=f"{error:.3g}")
+    return seconds_per_epoch, error
+
+
 def bench_cdi(
     amplitude_path: str,
     *,
@@ -199,11 +199,14 @@ def bench_cdi(
     The support starts as the autocorrelation's support at 4 % of its peak, the usual loose start.
     Three blocks make the 600 iterations that the AutoPhaseNN comparison quotes.
     """
+    with torch_threads(num_threads):
+        return _bench_cdi(amplitude_path, schedule_blocks, device)
+
+
+def _bench_cdi(amplitude_path: str, schedule_blocks: int, device: str | None) -> dict:
     from phasestream.models.cdi.phasing import CdiSolver
     from phasestream.models.cdi.support import ShrinkWrap
 
-    if num_threads:
-        torch.set_num_threads(num_threads)
     amplitude = np.load(amplitude_path).astype(np.float32)
     autocorrelation = np.abs(np.fft.ifftn(np.fft.ifftshift(amplitude.astype(np.float64) ** 2)))
     support = np.fft.fftshift(autocorrelation > 0.04 * autocorrelation.max())

@@ -7,15 +7,11 @@ import time
 
 import numpy as np
 
-from phasestream.formats.tpx3_decode import (
-    _PERIOD,
-    CHIP_SIZE_PX,
-    TICK_NS,
-    Tpx3Decoder,
-)
-from phasestream.formats.tpx3_frames import (
+from phasestream.formats.tpx3.decode import _PERIOD, Tpx3Decoder
+from phasestream.formats.tpx3.frames import (
     FrameBuilder,
 )
+from phasestream.formats.tpx3.packets import CHIP_SIZE_PX, TICK_NS
 
 
 def bench_tpx3(n_events: int = 10_000_000, repeats: int = 5, *, build_frames: bool = False) -> float:

@@ -35,7 +35,7 @@ import numpy as np
 from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.apps.viewer.app import Viewer
 from phasestream.errors import ConfigError
-from phasestream.runtime.tiled_publisher import RECONSTRUCTIONS_KEY
+from phasestream.runtime.tiled.updates import RECONSTRUCTIONS_KEY
 
 WAIT_S = 30.0
 

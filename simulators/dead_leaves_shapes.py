@@ -160,15 +160,14 @@ def _check_arguments(
         raise ConfigError(f"supersample={supersample}: must be >= 1 (2 antialiases the edges)")
 
 
-def _draw_leaves(
+def _draw_placement(
     rng: np.random.Generator,
-    n_images: int,
+    n_leaves: int,
     leaves_per_image: int,
     radius_range_px: tuple[float, float],
-    supersample: int,
     shape_px: tuple[int, int],
-) -> _Leaves:
-    n_leaves = n_images * leaves_per_image
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Radius and centre (y, x) of every leaf in pixels; the first leaf of each image is its background."""
     radius_min_px, radius_max_px = radius_range_px
     # Inverse-CDF sample of p(r) ∝ r⁻³ on [r_min, r_max], as in samples.dead_leaves_material.
     u = rng.random(n_leaves)
@@ -181,18 +180,36 @@ def _draw_leaves(
     radius_px[background] = np.hypot(*shape_px) / 2
     centre_y_px[background] = shape_px[0] / 2
     centre_x_px[background] = shape_px[1] / 2
+    return radius_px, centre_y_px, centre_x_px
 
+
+def _draw_outlines(rng: np.random.Generator, n_leaves: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aspect ratio, number of polygon sides (0 for a disc or an ellipse) and vertex phase of every leaf."""
     kind = rng.integers(len(LeafShape), size=n_leaves)
     is_disc = kind == list(LeafShape).index(LeafShape.DISC)
     is_rectangle = kind == list(LeafShape).index(LeafShape.RECTANGLE)
     is_polygon = kind == list(LeafShape).index(LeafShape.POLYGON)
     aspect = np.where(is_disc, 1.0, rng.uniform(*ASPECT_RANGE, size=n_leaves))
-    # sides = 0 marks a disc or an ellipse.
     sides = np.where(is_polygon, rng.choice(POLYGON_SIDES, size=n_leaves), 0)
     sides = np.where(is_rectangle, 4, sides)
     # A square (4-gon with vertices on the diagonals) stretched along one axis is a rectangle.
     vertex_phase_rad = np.where(is_rectangle, np.pi / 4, 0.0)
+    return aspect, sides, vertex_phase_rad
 
+
+def _draw_leaves(
+    rng: np.random.Generator,
+    n_images: int,
+    leaves_per_image: int,
+    radius_range_px: tuple[float, float],
+    supersample: int,
+    shape_px: tuple[int, int],
+) -> _Leaves:
+    n_leaves = n_images * leaves_per_image
+    radius_px, centre_y_px, centre_x_px = _draw_placement(
+        rng, n_leaves, leaves_per_image, radius_range_px, shape_px
+    )
+    aspect, sides, vertex_phase_rad = _draw_outlines(rng, n_leaves)
     texture = rng.integers(len(LeafTexture), size=n_leaves)
     mean = rng.random(n_leaves)
     # Headroom keeps every texture inside [0, 1] over the whole leaf, so that no value needs clipping.

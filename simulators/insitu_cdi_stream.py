@@ -20,7 +20,7 @@ import numpy as np
 
 from phasestream.errors import FrameValidationError
 from phasestream.formats.position_channel import POSITIONS_BATCH_SIZE, encode_positions_end, position_messages
-from phasestream.formats.stream_v2_encode import (
+from phasestream.formats.stream_v2.encode import (
     NOMINAL_FRAME_TIME_S,
     encode_image,
     encode_message,

@@ -47,7 +47,7 @@ from ophyd import DeviceStatus
 
 from phasestream.errors import ConfigError, PositionError
 from phasestream.formats.recorded_scan import READ_CHUNK_FRAMES, FrameCompression, compression_options
-from phasestream.formats.stream_v2_encode import (
+from phasestream.formats.stream_v2.encode import (
     NOMINAL_FRAME_TIME_S,
     encode_image,
     encode_message,

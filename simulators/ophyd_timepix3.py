@@ -44,7 +44,7 @@ from ophyd import Component, DeviceStatus, Kind, Signal
 
 from phasestream.errors import ConfigError
 from phasestream.formats.position_channel import encode_positions, encode_positions_end
-from phasestream.formats.tpx3_decode import CHIP_SIZE_PX, TICK_NS
+from phasestream.formats.tpx3.packets import CHIP_SIZE_PX, TICK_NS
 from phasestream.formats.units import LengthUnit
 from phasestream.simulators.ophyd_scan_detector import RunInfo, ScanDetector
 from phasestream.simulators.ophyd_selun import FrameSource

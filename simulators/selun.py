@@ -26,7 +26,7 @@ from phasestream.formats.position_channel import (
     encode_positions_end,
     position_messages,
 )
-from phasestream.formats.stream_v2_encode import (
+from phasestream.formats.stream_v2.encode import (
     encode_image,
     encode_message,
     end_fields,

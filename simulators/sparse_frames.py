@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from phasestream.formats.stream_v2_encode import encode_image
+from phasestream.formats.stream_v2.encode import encode_image
 
 SELUN_SHAPE_PX = (192, 192)
 LOW_DOSE_MEAN_COUNTS = 0.05

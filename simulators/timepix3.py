@@ -1,7 +1,7 @@
 """A simulated Timepix3 behind ASI SERVAL: raw TPX3 chunks from events, events from a simulated scan, and a
 TCP server that streams them as SERVAL's raw destination ``tcp://listen@host:port`` does.
 
-The encoder is the inverse of ``phasestream.formats.tpx3_decode`` (the format is described there) and
+The encoder is the inverse of ``phasestream.formats.tpx3.decode`` (the format: ``tpx3_packets``) and
 wraps every counter as the chip does: ToA every 409.6 µs, the 34-bit pixel time (SPIDR time) every
 26.84 s, the TDC every 107.37 s and the trigger counter every 4096 triggers. Times are given in
 nanoseconds and quantised to 1.5625 ns ticks; multiples of 1.5625 ns are exact in float64, so a test can
@@ -34,7 +34,7 @@ from phasestream.formats.position_channel import (
     encode_positions_end,
     position_messages,
 )
-from phasestream.formats.tpx3_decode import (
+from phasestream.formats.tpx3.packets import (
     CHIP_SIZE_PX,
     MAGIC,
     MAX_CHUNK_BYTES,

@@ -36,7 +36,6 @@ scan is rejected with the reason, and the next scan reads the file again.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -162,9 +161,10 @@ class CdiStage(Stage):
     config: CdiStageConfig
 
     def setup(self) -> None:
-        import torch
+        from phasestream.models.execution import default_device, set_torch_threads
 
-        torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
+        set_torch_threads(self.config.torch_threads)
+        self._device = default_device(self.config.device)
         self._series: dict[str, CdiScan] = {}
         # U depends only on the file: reconstructed again only when the file changes.
         self._static_cache: tuple[tuple[str, int], StaticReference, np.ndarray] | None = None
@@ -206,9 +206,7 @@ class CdiStage(Stage):
             return reference, estimate
         reference = load_static_reference(path)
         check_reference(reference, detector_shape_px)
-        estimate = reconstruct_static(
-            reference.static_pattern, reference.static_support, device=self.config.device or "cpu"
-        )
+        estimate = reconstruct_static(reference.static_pattern, reference.static_support, device=self._device)
         self._static_cache = (key, reference, estimate)
         self.report_status(static_reference=str(path))
         return reference, estimate
@@ -256,11 +254,11 @@ class CdiStage(Stage):
 
     def _solve(self, scan: CdiScan, pattern: np.ndarray, frame_index: int) -> Reconstruction:
         from phasestream.models.cdi.lodip import HIO_STAT_SCHEDULE, hio_stat, lodip
-        from phasestream.models.nets.dip import DipArchitecture
+        from phasestream.models.nets.skip_net import DipArchitecture
 
         reference = scan.reference
         problem = (pattern, scan.static_field, reference.sample_support, reference.static_support)
-        device = self.config.device or "cpu"
+        device = self._device
         start_s = time.perf_counter()
         if self.config.algorithm is CdiMethod.LODIP:
             config = self.config

@@ -45,7 +45,6 @@ publish waits for all N ScanEnds. So:
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -54,21 +53,20 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError, PhasestreamError
+from phasestream.models.execution import default_device, set_torch_threads
 from phasestream.models.nets.dip import (
     DEFAULT_INPUT_NOISE_STD,
     DEFAULT_LEARNING_RATE,
     DEFAULT_PATIENCE,
     DEFAULT_WINDOW,
     ComplexChannels,
-    DipArchitecture,
     DipResult,
-    SkipNetConfig,
     dip_denoise,
 )
+from phasestream.models.nets.skip_net import DipArchitecture, SkipNetConfig
 from phasestream.runtime import metrics
 from phasestream.runtime.messages import Message, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.stage import Stage
@@ -255,8 +253,7 @@ class DipRunner:
             return job
 
     def _serve(self) -> None:
-        if self._torch_threads is not None:
-            torch.set_num_threads(self._torch_threads)  # OpenMP's thread count is per calling thread
+        set_torch_threads(self._torch_threads)  # OpenMP's thread count is per calling thread
         while (job := self._next_job()) is not None:
             started = time.perf_counter()
             result, error = None, None
@@ -292,19 +289,9 @@ class DenoiseStage(Stage):
                 f"stage {self.stage_name!r} (denoise) is last in the chain: put publish after it so the "
                 "denoised objects reach Tiled"
             )
-        if self.config.device is DenoiseDevice.CUDA and not torch.cuda.is_available():
-            raise ConfigError(
-                f"stage {self.stage_name!r}: device 'cuda' but torch sees no CUDA device here; use "
-                "device: auto (falls back to cpu) or run this worker on a GPU host"
-            )
-        if self.config.torch_threads is not None:
-            torch.set_num_threads(self.config.torch_threads)
-        self._device = (
-            torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            if self.config.device is DenoiseDevice.AUTO
-            else torch.device(self.config.device.value)
-        )
-        self._runner = DipRunner(self._fit, self.config.torch_threads or os.cpu_count())
+        self._device = default_device(self.config.device.value)
+        set_torch_threads(self.config.torch_threads)
+        self._runner = DipRunner(self._fit, self.config.torch_threads)
         self._held: dict[str, HeldScanEnd] = {}
         self._closed: set[str] = set()
         """Scans whose ScanEnd this worker has forwarded: nothing of theirs may follow it."""

@@ -2,7 +2,8 @@
 
 Each FrameBatch is forwarded unchanged before the network sees it, so refine never waits for inference.
 Frames are fitted to the network's input (a centred crop, or binning where the pattern is oversampled
-enough; :func:`phasestream.models.nets.autophasenn.fit_pattern`), inverted in batches, and each predicted
+enough;
+:func:`phasestream.models.nets.autophasenn.fit.fit_pattern`), inverted in batches, and each predicted
 transmission patch is added to a mosaic on the real-space grid refine uses (Yao et al., npj Comput. Mater.
 8, 124 (2022); PtychoNN, Cherukara et al., Appl. Phys. Lett. 117, 044103 (2020), stitch per-position
 predictions the same way). Where patches overlap, each counts with the probe intensity |P|² it was lit
@@ -15,7 +16,6 @@ final one at scan end, before the ScanEnd.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,17 +26,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from phasestream.errors import ConfigError, FrameValidationError
+from phasestream.errors import FrameValidationError
 from phasestream.models.nets.shipped_weights import shipped_weights
 from phasestream.runtime.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.stage import Stage
 
 if TYPE_CHECKING:
-    from phasestream.models.nets.autophasenn import AutoPhaseNN, PatternFit
+    from phasestream.models.nets.autophasenn.fit import PatternFit
+    from phasestream.models.nets.autophasenn.network import AutoPhaseNN
 
 DEMO_WEIGHTS = shipped_weights("autophasenn_2d_selun192.pt")
 """2D weights trained with the demo's probe as a 192-px SELUN frame binned 2×2 and cropped to 64 px shows it
-(:func:`phasestream.models.nets.autophasenn.fitted_probe`)."""
+(:func:`phasestream.models.nets.autophasenn.fit.fitted_probe`)."""
 
 
 class DeviceChoice(StrEnum):
@@ -223,17 +224,12 @@ class InversionStage(Stage):
     idle_poll_ms = 50
 
     def setup(self) -> None:
-        import torch
+        from phasestream.models.execution import default_device, set_torch_threads
+        from phasestream.models.nets.autophasenn.weights import load_autophasenn
 
-        from phasestream.models.nets.autophasenn import load_autophasenn
-
-        torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
-        device = self.config.device
-        if device is DeviceChoice.CUDA and not torch.cuda.is_available():
-            raise ConfigError("inversion device=cuda but torch sees no CUDA device: set device: auto or cpu")
-        self._model: AutoPhaseNN = load_autophasenn(
-            2, self.config.weights_path, device=None if device is DeviceChoice.AUTO else device.value
-        )
+        set_torch_threads(self.config.torch_threads)
+        device = default_device(self.config.device.value)
+        self._model: AutoPhaseNN = load_autophasenn(2, self.config.weights_path, device=device)
         self._input_px = self._model.architecture.input_size_px
         self._weight = np.abs(self._model.probe.cpu().numpy()) ** 2
         self._inversions: dict[str, ScanInversion] = {}
@@ -281,7 +277,7 @@ class InversionStage(Stage):
     def _usable(self, scan: ScanInversion, batch: FrameBatch) -> tuple[np.ndarray, np.ndarray]:
         """The batch's frames fitted to the network (amplitude per detector frame) and their positions;
         frames the network must not see are counted with the reason and left out."""
-        from phasestream.models.nets.autophasenn import apply_fit, validate_network_input
+        from phasestream.models.nets.autophasenn.fit import apply_fit, validate_network_input
 
         frames = np.asarray(batch.frames)
         positions = np.asarray(batch.positions_m, dtype=np.float64)
@@ -324,7 +320,7 @@ class InversionStage(Stage):
 
     def _first_fits(self, frame: np.ndarray) -> list[PatternFit]:
         """The steps that bring this scan's frames to the network: binning by ``bin_factor``, then the fit."""
-        from phasestream.models.nets.autophasenn import FitAction, PatternFit, apply_fit, fit_pattern
+        from phasestream.models.nets.autophasenn.fit import FitAction, PatternFit, apply_fit, fit_pattern
 
         size, factor = self._input_px, self.config.bin_factor
         shape = tuple(frame.shape)
@@ -355,7 +351,7 @@ class InversionStage(Stage):
 
     # ---- network and mosaic --------------------------------------------------------------------------
     def _invert(self, scan: ScanInversion, n: int) -> None:
-        from phasestream.models.nets.autophasenn import predict
+        from phasestream.models.nets.autophasenn.inference import predict
         from phasestream.models.physics import object_pixel_size_m
 
         frames = np.concatenate(scan.pending_frames)

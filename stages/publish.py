@@ -36,7 +36,8 @@ from phasestream.runtime import metrics
 from phasestream.runtime.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.scan_uid import check_scan_uid
 from phasestream.runtime.stage import Stage
-from phasestream.runtime.tiled_publisher import FinalResult, TiledPublisher
+from phasestream.runtime.tiled.publisher import TiledPublisher
+from phasestream.runtime.tiled.updates import FinalResult
 
 RESULTS_PENDING = "results_pending"  # the accounting key of a scan whose final result waits for Tiled
 

@@ -24,15 +24,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError, PhasestreamError
-from phasestream.formats.cxi import CXI_VERSION, CxiPath, nx_group, write_quantity
-from phasestream.formats.recorded_scan import (
+from phasestream.formats.cxi import CXI_VERSION, CxiPath
+from phasestream.formats.hdf5_fields import nx_group, write_quantity
+from phasestream.formats.recorded_scan import FrameCompression, compression_options
+from phasestream.formats.scan_geometry import (
     DEFAULT_COLUMN_DIRECTION,
     DEFAULT_ROW_DIRECTION,
-    JOULES_PER_EV,
-    FrameCompression,
-    compression_options,
     sample_translation_from_positions,
 )
+from phasestream.formats.units import JOULES_PER_EV
 from phasestream.runtime import metrics
 from phasestream.runtime.messages import FrameBatch, Message, ScanEnd, ScanStart
 from phasestream.runtime.scan_uid import UNSAFE_SCAN_UID, check_scan_uid

@@ -31,19 +31,15 @@ from pydantic import Field, model_validator
 
 from phasestream.errors import DetectorMessageError, FrameValidationError
 from phasestream.formats.position_channel import PositionBatch, PositionsEnd
-from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, StartMessage
-from phasestream.formats.tpx3_decode import (
-    CHIP_SIZE_PX,
-    TICK_NS,
-    TdcEdge,
-    Tpx3Decoded,
-    Tpx3Decoder,
-)
-from phasestream.formats.tpx3_frames import BuiltFrame, FrameBuilder
+from phasestream.formats.stream_v2.decode import EndMessage, ImageMessage, StartMessage
+from phasestream.formats.tpx3.decode import Tpx3Decoder
+from phasestream.formats.tpx3.frames import BuiltFrame, FrameBuilder
+from phasestream.formats.tpx3.packets import CHIP_SIZE_PX, TICK_NS, TdcEdge, Tpx3Decoded
 from phasestream.runtime import metrics
+from phasestream.runtime.inbox import RawInput
 from phasestream.runtime.messages import Message
-from phasestream.runtime.stage import RawInput
-from phasestream.stages.ingest import IngestConfig, IngestStage
+from phasestream.stages.ingest.config import IngestConfig
+from phasestream.stages.ingest.stage import IngestStage
 
 # A series id no position channel sends (they are non-negative): the scan has not adopted one yet.
 _NO_SERIES = -1

@@ -48,6 +48,12 @@ class PositionError(PhasestreamError):
     reason = "position"
 
 
+class ScanFileError(PhasestreamError):
+    """A scan file lacks a dataset, or holds one with an impossible shape or value."""
+
+    reason = "scan_file"
+
+
 class PublishError(PhasestreamError):
     """The Tiled server refused a write or could not be reached."""
 

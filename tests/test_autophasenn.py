@@ -6,23 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from phasestream_bench.training.autophasenn import spawn_local_training, train_autophasenn, training_batch
 from phasestream_bench.training import autophasenn as trainer
+from phasestream_bench.training.autophasenn import spawn_local_training, train_autophasenn, training_batch
 
 from phasestream.errors import ConfigError, FrameValidationError
 from phasestream.models.cdi.phasing import cdi_far_field
-from phasestream.models.nets.autophasenn import (
+from phasestream.models.nets.autophasenn.fit import FitAction, estimate_oversampling, fit_pattern
+from phasestream.models.nets.autophasenn.inference import predict
+from phasestream.models.nets.autophasenn.network import (
     INPUT_SIZE_PX,
     SUPPORT_THRESHOLD,
     AutoPhaseNN,
     AutoPhaseNNArchitecture,
-    FitAction,
-    default_weights_path,
-    estimate_oversampling,
-    fit_pattern,
-    load_autophasenn,
     physics_loss,
-    predict,
+)
+from phasestream.models.nets.autophasenn.weights import (
+    default_weights_path,
+    load_autophasenn,
     weights_payload,
 )
 from phasestream.models.physics import far_field
@@ -41,12 +41,7 @@ NOISELESS_CRYSTALS = CrystalConfig(peak_counts_min=1e13, peak_counts_max=1e13)
 CENTRAL_HALF = (slice(16, 48),) * 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(architecture: AutoPhaseNNArchitecture, seed: int = 0) -> AutoPhaseNN:
@@ -64,6 +59,7 @@ def numpy_far_field(exit_wave: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 # Tier 1: the forward model inside the loss against NumPy and models/physics
 
 
+@pytest.mark.slow
 def test_2d_forward_model_is_physics_far_field_of_probe_times_object():
     model = tiny_model(TINY_2D).eval()
     batch = torch.from_numpy(simulate_ptycho_patches(2, np.random.default_rng(0)).amplitudes)
@@ -181,6 +177,7 @@ def test_ssim_matches_the_closed_form_on_a_single_window():
 @pytest.mark.parametrize(
     "architecture", [TINY_2D, AutoPhaseNNArchitecture(dim=3, widths=(4, 8))], ids=["2d", "3d"]
 )
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss_on_a_tiny_batch(architecture):
     model = tiny_model(architecture)
     batch = training_batch(architecture.dim, np.random.default_rng(5), 2)
@@ -197,6 +194,7 @@ def test_a_few_steps_lower_the_loss_on_a_tiny_batch(architecture):
     assert min(losses[-3:]) < 0.85 * losses[0]
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_continues_from_the_saved_step(tmp_path, monkeypatch):
     options = dict(steps=4, batch_size=2, widths=(2, 4), lr=1e-3, seed=7, checkpoint_every=1, progress=False)
     straight = train_autophasenn(2, tmp_path / "straight.pt", **options)
@@ -298,6 +296,7 @@ def normalised_far_field(obj: np.ndarray) -> np.ndarray:
     return modelled / modelled.max()
 
 
+@pytest.mark.slow
 def test_3d_prediction_beats_uninformed_blobs_on_held_out_crystals():
     """Baselines that know nothing of the pattern: the whole central half (the network's output box) filled
     uniformly, and a uniform sphere as large as the mean training crystal (9.8 px, the radius of the mean
@@ -345,6 +344,7 @@ def test_2d_prediction_recovers_the_transmission_under_the_probe():
 # Pattern fitting and refusals
 
 
+@pytest.mark.slow
 def test_large_patterns_are_binned_when_oversampled_and_cropped_otherwise():
     small_crystal = simulate_crystals(
         1, np.random.default_rng(6), CrystalConfig(box_px=128, radius_min_px=9, radius_max_px=11)

@@ -250,6 +250,7 @@ def test_detector_effects_reject_bad_settings() -> None:
 
 
 @pytest.mark.parametrize("case", list(BeamlineCase))
+@pytest.mark.slow
 def test_every_beamline_case_simulates_quickly_with_its_truth(case: BeamlineCase) -> None:
     start_s = time.perf_counter()
     scan = simulate_beamline_scan(case, 150, frame_px=64, seed=0)
@@ -269,6 +270,7 @@ def test_every_beamline_case_simulates_quickly_with_its_truth(case: BeamlineCase
     assert centres_px.min() >= 32 and (np.array(scan.object_truth.shape) - centres_px.max(axis=0) >= 32).all()
 
 
+@pytest.mark.slow
 def test_position_error_case_records_nominal_positions_off_the_true_ones() -> None:
     scan = simulate_beamline_scan(BeamlineCase.POSITION_ERRORS, 150, seed=5)
     errors_m = scan.true_positions_m - scan.positions_m

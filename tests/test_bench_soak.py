@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from phasestream_bench.soak import SoakResult, bench_soak, format_soak_report
+from phasestream_bench.soak import bench_soak
+from phasestream_bench.soak_report import SoakResult, format_soak_report
 
 
 @pytest.mark.slow

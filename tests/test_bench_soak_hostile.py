@@ -8,23 +8,14 @@ from collections import Counter
 import cbor2
 import numpy as np
 import pytest
-from phasestream_bench.ingest import POSITIONS_PER_MESSAGE, SERIES_ID, SHAPE_PX, RawMessage
-from phasestream_bench.soak import (
-    BOMB_SHAPE_PX,
-    DROPPED,
-    LOG_LIMIT_BYTES,
-    REJECTED,
-    WRONG_SHAPE_PX,
-    Hostile,
-    HostileMix,
-    SoakResult,
-    bench_soak,
-    format_soak_report,
-)
+from phasestream_bench.detector_emitter import POSITIONS_PER_MESSAGE, SERIES_ID, SHAPE_PX, RawMessage
+from phasestream_bench.hostile_sender import BOMB_SHAPE_PX, WRONG_SHAPE_PX, Hostile, HostileMix
+from phasestream_bench.soak import bench_soak
+from phasestream_bench.soak_report import DROPPED, LOG_LIMIT_BYTES, REJECTED, SoakResult, format_soak_report
 
 from phasestream.errors import DetectorMessageError, PositionError
 from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.formats.stream_v2_decode import EncodedImage, EndMessage, StartMessage, decode_stream_v2
+from phasestream.formats.stream_v2.decode import EncodedImage, EndMessage, StartMessage, decode_stream_v2
 
 N_FRAMES = 640
 

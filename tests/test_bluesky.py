@@ -7,7 +7,6 @@ encoders do), the simulated SELUN device, msgpack documents, and in the end-to-e
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import pickle
@@ -15,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -41,17 +39,15 @@ from phasestream.apps.bluesky.bridge import (
     Rejection,
     decode_document,
     encode_document,
-    run_bluesky_bridge,
 )
+from phasestream.apps.cli.main import main
 from phasestream.apps.demo_figure import compare_with_truth
-from phasestream.apps.launcher import Launcher
-from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.apps.tiled_server import EmbeddedTiledServer
 from phasestream.errors import ConfigError, PhasestreamError, PositionError, WireFormatError
 from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
+from phasestream.formats.stream_v2.decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
 from phasestream.formats.units import LengthUnit, parse_length_unit
 from phasestream.runtime.accounting import unaccounted_frames
-from phasestream.runtime.config import validate_pipeline
 from phasestream.simulators.ophyd_selun import SelunDetector, SimulatedSample
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
 
@@ -239,37 +235,20 @@ def test_a_bare_proxy_port_is_refused() -> None:
         BridgeConfig(proxy_address="5578", y_motor="y", x_motor="x")
 
 
-def _bridge_args(**overrides: Any) -> argparse.Namespace:
-    """What ``phasestream bluesky-bridge`` parses into (see the CLI wiring in the bridge's report)."""
-    options = {
-        "proxy": "127.0.0.1:5578",
-        "positions_endpoint": "tcp://127.0.0.1:0",
-        "y_motor": "sample_y",
-        "x_motor": "sample_x",
-        "motor_unit": "um",
-        "invert_y": False,
-        "invert_x": False,
-        "stream": "primary",
-        "image_id_key": "selun_image_id",
-        "series_id_key": "selun_series_id",
-        "metrics_port": None,
-    }
-    return argparse.Namespace(**{**options, **overrides})
+def test_bridge_command_reports_bad_options_as_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    # bluesky would expand a bare port to every interface: the command exits 2 naming the option's fix.
+    assert main(["bluesky-bridge", "--proxy", "5578", "--y-motor", "y", "--x-motor", "x"]) == 2
+    error = capsys.readouterr().err
+    assert "bluesky-bridge options" in error and "give host:port" in error
 
 
-def test_bridge_command_reports_bad_options_as_config_errors() -> None:
-    with pytest.raises(ConfigError, match="motor_unit"):
-        run_bluesky_bridge(_bridge_args(motor_unit="furlong"))
-
-
+@pytest.mark.slow
 def test_bridge_command_stops_cleanly_on_sigterm() -> None:
-    code = (
-        "import argparse, sys; from phasestream.apps.bluesky.bridge import run_bluesky_bridge; "
-        f"sys.exit(run_bluesky_bridge(argparse.Namespace(**{vars(_bridge_args(metrics_port=0))!r})))"
-    )
-    bridge = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    command = [
+        sys.executable, "-m", "phasestream", "bluesky-bridge", "--positions-endpoint", "tcp://127.0.0.1:0",
+        "--y-motor", "sample_y", "--x-motor", "sample_x", "--metrics-port", "0",
+    ]  # fmt: skip
+    bridge = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert bridge.stdout is not None
     first = bridge.stdout.readline()  # printed once the stop signals are handled: a handshake
     assert first.startswith("Bluesky bridge: documents from 127.0.0.1:5578"), first
@@ -486,35 +465,21 @@ def test_a_run_that_began_before_the_bridge_is_reported_once(session) -> None:
 
 
 # ---- end to end: RunEngine → 0MQ proxy → bridge + SELUN → pipeline → Tiled ------------------------------
-def _pipeline(run_dir: Path, tiled_uri: str, api_key: str) -> Any:
-    return validate_pipeline(
-        {
-            "name": "bluesky",
-            "run_dir": str(run_dir),
-            "exit_after_scan": False,
-            "tiled": {"uri": tiled_uri, "api_key": api_key},
-            "detector": {
-                "data_endpoint": f"ipc://{run_dir}/det.sock",
-                "positions_endpoint": f"ipc://{run_dir}/pos.sock",
-            },
-            "stages": [
-                {"name": "ingest", "stage": "ingest", "config": {"batch_size": 16}},
-                {"name": "binning", "stage": "binning"},
-                {
-                    "name": "refine",
-                    "stage": "refine",
-                    "config": {
-                        "min_positions": 20,
-                        "epochs_after_scan": EPOCHS_AFTER_SCAN,
-                        "emit_every_epochs": 10,
-                        "batch_size": 16,
-                        "torch_threads": 1,
-                    },
-                },
-                {"name": "publish", "stage": "publish"},
-            ],
-        }
-    )
+STAGES = [
+    {"name": "ingest", "stage": "ingest", "config": {"batch_size": 16}},
+    {"name": "binning", "stage": "binning"},
+    {
+        "name": "refine",
+        "stage": "refine",
+        "config": {
+            "min_positions": 20,
+            "epochs_after_scan": EPOCHS_AFTER_SCAN,
+            "emit_every_epochs": 10,
+            "execution": {"batch_size": 16, "num_threads": 1},
+        },
+    },
+    {"name": "publish", "stage": "publish"},
+]
 
 
 def _start_proxy(run_dir: Path) -> tuple[subprocess.Popen, str, str]:
@@ -552,14 +517,13 @@ def _handshake(publisher: Publisher, bridge: BlueskyBridge, timeout_s: float = 2
 
 
 @pytest.mark.slow
-def test_bluesky_runs_reconstruct_in_tiled_under_their_run_uid(sample_scan, tmp_path: Path) -> None:
-    run_dir = Path(tempfile.mkdtemp(prefix="ps-bluesky-", dir="/tmp"))  # short: ipc paths are limited
-    api_key = generate_api_key()
+def test_bluesky_runs_reconstruct_in_tiled_under_their_run_uid(
+    sample_scan, launch_pipeline, short_run_dir: Path, tiled_server: EmbeddedTiledServer
+) -> None:
+    run_dir = short_run_dir
     y, x, z = _motor("sample_y", 1), _motor("sample_x", 2), _motor("sample_z", 3)
-    with EmbeddedTiledServer(tmp_path / "tiled", api_key=api_key) as server:
-        pipeline = _pipeline(run_dir, server.uri, api_key)
-        launcher = Launcher(pipeline)
-        launcher.start()
+    with launch_pipeline("bluesky", STAGES) as running:
+        pipeline, launcher = running.config, running.launcher
         proxy, in_address, out_address = _start_proxy(run_dir)
         bridge = BlueskyBridge(
             BridgeConfig(
@@ -607,14 +571,12 @@ def test_bluesky_runs_reconstruct_in_tiled_under_their_run_uid(sample_scan, tmp_
             selun.close()
             proxy.terminate()
             proxy.wait(10)
-            launcher.stop()
-            shutil.rmtree(run_dir, ignore_errors=True)
-        client = from_uri(server.uri, api_key=api_key)["reconstructions"]
-        nodes = {
-            uid: {"metadata": dict(client[uid].metadata), "object": client[uid]["object"].read()}
-            for uid in (grid, spiral)
-        }
-        wrong_metadata = dict(client[wrong].metadata)
+    client = from_uri(tiled_server.uri, api_key=tiled_server.api_key)["reconstructions"]
+    nodes = {
+        uid: {"metadata": dict(client[uid].metadata), "object": client[uid]["object"].read()}
+        for uid in (grid, spiral)
+    }
+    wrong_metadata = dict(client[wrong].metadata)
 
     assert not bridge_thread.is_alive()
     # The run without the sample motors: a clear, counted error; its frames are accounted as frames

@@ -103,17 +103,9 @@ def twin_aware_error_2d(estimate: np.ndarray, truth: np.ndarray) -> float:
     return min(aligned_error(estimate, truth), aligned_error(np.conj(np.flip(estimate)), truth))
 
 
-SMALL_PROBLEM_THREADS = 1
-"""Arrays of 64² to 64³ gain little from a second thread, and with the second core busy (other tests
-beside these) two threads made this file 10x slower (45 s instead of 4 s)."""
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(SMALL_PROBLEM_THREADS)
-    yield
-    torch.set_num_threads(before)
+# Arrays of 64² to 64³ gain little from a second thread, and with the second core busy (other tests
+# beside these) two threads made this file 10x slower (45 s instead of 4 s).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -232,6 +224,7 @@ def test_shrink_wrap_sigma_floor_and_interval():
 # Tier 3: convergence on simulated data
 
 
+@pytest.mark.slow
 def test_convergence_2d_hio_er_shrink_wrap():
     obj, loose_support = blob_2d()
     amplitude = np.abs(centred_far_field(obj))
@@ -246,6 +239,7 @@ def test_convergence_2d_hio_er_shrink_wrap():
     assert len(result.fourier_errors) == 2000
 
 
+@pytest.mark.slow
 def test_convergence_3d_faceted_crystal_best_of_random_starts():
     obj, loose_support = faceted_crystal_3d()
     amplitude = np.abs(centred_far_field(obj))
@@ -259,6 +253,7 @@ def test_convergence_3d_faceted_crystal_best_of_random_starts():
     assert twin_aware_error_3d(result.image.numpy(), obj) < 0.02
 
 
+@pytest.mark.slow
 def test_warm_start_from_noisy_truth_converges_fast():
     obj, _ = faceted_crystal_3d()
     amplitude = np.abs(centred_far_field(obj))
@@ -275,6 +270,7 @@ def test_warm_start_from_noisy_truth_converges_fast():
 
 
 @pytest.mark.skipif(not BCDI_AMPLITUDE.exists(), reason="public BCDI amplitude not present")
+@pytest.mark.slow
 def test_public_bcdi_amplitude_error_falls():
     amplitude = np.load(BCDI_AMPLITUDE)  # already sqrt(counts): an amplitude, not an intensity
     autocorrelation = np.abs(np.fft.ifftn(np.fft.ifftshift(amplitude.astype(np.float64) ** 2)))

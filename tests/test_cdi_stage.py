@@ -4,7 +4,6 @@ series streamed through the launched pipeline (ingest → cdi → publish) into 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 from tiled.client import from_uri
 
-from phasestream.apps.launcher import Launcher
-from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.apps.tiled_server import EmbeddedTiledServer
 from phasestream.errors import ConfigError
 from phasestream.models.quality import psnr
 from phasestream.runtime.accounting import unaccounted_frames
@@ -82,6 +80,7 @@ def sample_psnr(obj: np.ndarray, data: InSituCdiData) -> float:
     return psnr(obj.real[support], data.sample_truth[support], data_range=1.0)
 
 
+@pytest.mark.slow
 def test_hio_stat_recovers_each_pattern_and_leaves_out_a_dark_one(reference, data) -> None:
     stage = cdi_stage(reference, data, algorithm="hio_stat")
     assert list(stage.on_scan_start(start("hio"))) == [start("hio")]
@@ -105,6 +104,7 @@ def test_hio_stat_recovers_each_pattern_and_leaves_out_a_dark_one(reference, dat
     assert final.final and final.iteration == 2 and isinstance(end, ScanEnd)
 
 
+@pytest.mark.slow
 def test_lodip_runs_within_its_iteration_cap(reference, data) -> None:
     stage = cdi_stage(reference, data, algorithm="lodip", max_iterations=40, window=10, patience=20)
     list(stage.on_scan_start(start("lodip")))
@@ -128,6 +128,7 @@ def _counted(stage, message) -> None:
         (None, 48, "outside the array"),
     ],
 )
+@pytest.mark.slow
 def test_a_bad_reference_rejects_the_scans_frames_and_the_next_scan_goes_on(
     tmp_path, data, change, shape_px, expected
 ) -> None:
@@ -162,7 +163,7 @@ def test_a_missing_reference_file_is_a_counted_rejection(tmp_path, data) -> None
 
 def test_emitter_messages_carry_every_pattern_at_the_origin(data) -> None:
     from phasestream.formats.position_channel import PositionBatch, decode_positions
-    from phasestream.formats.stream_v2_decode import ImageMessage, decode_stream_v2
+    from phasestream.formats.stream_v2.decode import ImageMessage, decode_stream_v2
 
     patterns = [data.pattern, another_draw(data, 2)]
     frames, positions = insitu_cdi_messages(patterns, "uid")
@@ -176,12 +177,12 @@ def test_emitter_messages_carry_every_pattern_at_the_origin(data) -> None:
 
 
 @pytest.mark.slow
-def test_an_insitu_series_streams_through_cdi_into_tiled(tmp_path, data) -> None:
-    run_dir = Path(tempfile.mkdtemp(prefix="ps-cdi-", dir="/tmp"))
-    reference = save_static_reference(run_dir / "static_reference.npz", data)
+def test_an_insitu_series_streams_through_cdi_into_tiled(
+    launch_pipeline, short_run_dir: Path, tiled_server: EmbeddedTiledServer, data
+) -> None:
+    reference = save_static_reference(short_run_dir / "static_reference.npz", data)
     patterns = [data.pattern, np.zeros_like(data.pattern), another_draw(data, 3)]
     scan_uid = str(uuid.uuid4())
-    api_key = generate_api_key()
     pipeline = load_pipeline(DEPLOY / "lodip.yaml")
     stages = []
     for spec in pipeline.stages:
@@ -192,37 +193,14 @@ def test_an_insitu_series_streams_through_cdi_into_tiled(tmp_path, data) -> None
             }  # fmt: skip
             spec = spec.model_copy(update={"config": config})
         stages.append(spec)
-    with EmbeddedTiledServer(tmp_path / "tiled", api_key=api_key) as server:
-        from phasestream.runtime.config import DetectorSettings, TiledSettings
-
-        resolved = pipeline.model_copy(
-            update={
-                "run_dir": run_dir, "exit_after_scan": False, "stages": stages,
-                "tiled": TiledSettings(uri=server.uri, api_key=api_key),
-                "detector": DetectorSettings(
-                    data_endpoint=f"ipc://{run_dir}/det.sock", positions_endpoint=f"ipc://{run_dir}/pos.sock"
-                ),
-            }
-        )  # fmt: skip
-        launcher = Launcher(resolved)
-        launcher.start()
-        try:
-            data_messages, position_messages = insitu_cdi_messages(patterns, scan_uid)
-            with SelunEmitter(
-                resolved.detector.data_endpoint, resolved.detector.positions_endpoint, send_timeout_s=60
-            ) as emitter:
-                emitter.emit_messages(data_messages, position_messages)
-                ends = {}
-                for event in launcher.events(timeout_s=120):
-                    assert event["event"] != "died", event
-                    if event["event"] == "scan_end":
-                        ends[event["sender"]] = event
-                    if "publish.0" in ends:
-                        break
-        finally:
-            launcher.stop()
-        node = from_uri(server.uri, api_key=api_key)["reconstructions"][scan_uid]
-        obj, metadata = node["object"].read(), dict(node.metadata)
+    with launch_pipeline(pipeline.name, stages) as running:
+        data_messages, position_messages = insitu_cdi_messages(patterns, scan_uid)
+        detector = running.config.detector
+        with SelunEmitter(detector.data_endpoint, detector.positions_endpoint, send_timeout_s=60) as emitter:
+            emitter.emit_messages(data_messages, position_messages)
+            ends = running.until_published(timeout_s=120)
+    node = from_uri(tiled_server.uri, api_key=tiled_server.api_key)["reconstructions"][scan_uid]
+    obj, metadata = node["object"].read(), dict(node.metadata)
 
     final = ends["publish.0"]
     assert final["frames_sent"] == 3

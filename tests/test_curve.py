@@ -16,6 +16,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from phasestream.apps.keys import run_keys_generate
 from phasestream.errors import ConfigError
 from phasestream.runtime.config import PipelineConfig, validate_pipeline
 from phasestream.runtime.curve import (
@@ -30,7 +31,6 @@ from phasestream.runtime.curve import (
     load_public_key,
     make_curve_client,
     make_curve_server,
-    run_keys_generate,
 )
 from phasestream.runtime.registry import resolve_stage
 from phasestream.runtime.stage import Stage

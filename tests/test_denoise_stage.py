@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import queue
 import subprocess
-import sys
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -18,10 +16,9 @@ import numpy as np
 import pytest
 from tiled.client import from_uri
 
-from phasestream.apps.launcher import Launcher
-from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.apps.tiled_server import EmbeddedTiledServer
 from phasestream.errors import ConfigError
-from phasestream.models.nets.dip import DipArchitecture
+from phasestream.models.nets.skip_net import DipArchitecture
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.config import load_pipeline, validate_pipeline
 from phasestream.runtime.messages import (
@@ -145,6 +142,7 @@ def kinds(messages: list[Message]) -> list[str]:
 # ---- message handling ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_final_object_goes_out_at_once_its_denoised_copy_next_and_scan_end_last(stages) -> None:
     stage = stages()
     gate = GatedFit(stage)
@@ -300,6 +298,7 @@ def test_representation_channels_stay_within_the_input_range(stages, representat
         assert ref.min() - 1e-5 <= got.min() and got.max() <= ref.max() + 1e-5
 
 
+@pytest.mark.slow
 def test_the_denoised_final_is_closer_to_the_clean_object_than_the_noisy_one(stages) -> None:
     size_px = 32
     y, x = np.mgrid[:size_px, :size_px] / size_px
@@ -346,8 +345,8 @@ def test_the_deploy_topology_fans_denoise_out_to_two_workers_that_publish_waits_
 N_POSITIONS = 40
 DIP_CAP = 40
 REFINE = {
-    "min_positions": 20, "epochs_after_scan": 4, "emit_every_epochs": 2, "batch_size": 16,
-    "probe_search_epochs": 2, "torch_threads": 1,
+    "min_positions": 20, "epochs_after_scan": 4, "emit_every_epochs": 2, "probe_search_epochs": 2,
+    "execution": {"batch_size": 16, "num_threads": 1},
 }  # fmt: skip
 """Refine sends a snapshot every 2 epochs: one sent just before the final through the other denoise worker
 can reach publish after it (two sockets, fair-queued); publish must drop it rather than overwrite the final
@@ -355,60 +354,36 @@ object in Tiled."""
 
 
 @pytest.mark.slow
-def test_pipeline_publishes_the_denoised_final_object_beside_the_object(tmp_path: Path) -> None:
+def test_pipeline_publishes_the_denoised_final_object_beside_the_object(
+    launch_pipeline, short_run_dir: Path, tiled_server: EmbeddedTiledServer
+) -> None:
     scan = simulate_scan(
         ScanSimulationConfig(
             detector_size_px=64, probe_diameter_px=24, probe_bright_field_diameter_px=32,
             n_positions=N_POSITIONS, seed=3,
         )
     )  # fmt: skip
-    run_dir = Path(tempfile.mkdtemp(prefix="ps-dn-", dir="/tmp"))
-    scan_file = run_dir / "scan.npz"
+    scan_file = short_run_dir / "scan.npz"
     save_scan(scan, scan_file)
     scan_uid = str(uuid.uuid4())
-    api_key = generate_api_key()
-    with EmbeddedTiledServer(tmp_path / "tiled", api_key=api_key) as server:
-        pipeline = validate_pipeline(
-            {
-                "name": "e2e-denoise",
-                "run_dir": str(run_dir),
-                "tiled": {"uri": server.uri, "api_key": api_key},
-                "detector": {
-                    "data_endpoint": f"ipc://{run_dir}/det.sock",
-                    "positions_endpoint": f"ipc://{run_dir}/pos.sock",
-                },
-                "stages": [
-                    {"name": "ingest", "stage": "ingest", "config": {"batch_size": 16}},
-                    {"name": "refine", "stage": "refine", "config": REFINE},
-                    {
-                        "name": "denoise",
-                        "stage": STAGE_REF,
-                        "workers": 2,
-                        "config": {**FAST, "max_iterations": DIP_CAP, "window": 5, "patience": 10},
-                    },
-                    {"name": "publish", "stage": "publish"},
-                ],
-            }
-        )
-        with Launcher(pipeline) as launcher:
-            emitter = subprocess.Popen(
-                [
-                    sys.executable, "-m", "phasestream", "simulate", "--from", str(scan_file),
-                    "--data-endpoint", pipeline.detector.data_endpoint,
-                    "--positions-endpoint", pipeline.detector.positions_endpoint,
-                    "--scan-uid", scan_uid, "--no-progress",
-                ]
-            )  # fmt: skip
-            end = None
-            for event in launcher.events(timeout_s=120):
-                assert event["event"] != "died", event
-                if event["event"] == "scan_end" and event["sender"] == "publish.0":
-                    end = event
-                    break
-            assert emitter.wait(30) == 0
-        node = from_uri(server.uri, api_key=api_key)["reconstructions"][scan_uid]
-        obj, denoised = node["object"].read(), node["denoised"].read()
-        meta, denoised_meta = dict(node.metadata), dict(node["denoised"].metadata)
+    stages = [
+        {"name": "ingest", "stage": "ingest", "config": {"batch_size": 16}},
+        {"name": "refine", "stage": "refine", "config": REFINE},
+        {
+            "name": "denoise",
+            "stage": STAGE_REF,
+            "workers": 2,
+            "config": {**FAST, "max_iterations": DIP_CAP, "window": 5, "patience": 10},
+        },
+        {"name": "publish", "stage": "publish"},
+    ]
+    with launch_pipeline("e2e-denoise", stages) as running:
+        emitter = subprocess.Popen(running.simulate_command(scan_file, scan_uid))
+        end = running.until_published(timeout_s=120).get("publish.0")
+        assert emitter.wait(30) == 0
+    node = from_uri(tiled_server.uri, api_key=tiled_server.api_key)["reconstructions"][scan_uid]
+    obj, denoised = node["object"].read(), node["denoised"].read()
+    meta, denoised_meta = dict(node.metadata), dict(node["denoised"].metadata)
 
     assert end is not None, "publish never closed the scan"
     # Publish closed the scan after both denoise workers' ScanEnds; every frame is accounted for, and

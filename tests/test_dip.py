@@ -25,16 +25,18 @@ from phasestream.models.cdi.lodip import (
     static_in_pattern_units,
 )
 from phasestream.models.nets.dip import (
-    ARCHITECTURES,
     ComplexChannels,
-    DipArchitecture,
     EsWmv,
-    SkipNet,
-    SkipNetConfig,
     channels_to_image,
     dip_denoise,
-    dip_grid_shape,
     image_to_channels,
+)
+from phasestream.models.nets.skip_net import (
+    ARCHITECTURES,
+    DipArchitecture,
+    SkipNet,
+    SkipNetConfig,
+    dip_grid_shape,
     skip_net_config,
 )
 from phasestream.models.quality import psnr
@@ -51,13 +53,7 @@ TINY = SkipNetConfig(channels=(8, 16), skip_channels=(4, 4), input_channels=8)
 SMALL_GEOMETRY = {"size_px": 32, "sample_size_px": 8, "static_shape_px": (8, 6)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: every fit here runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dead_leaves(size_px: int, seed: int) -> np.ndarray:
@@ -190,6 +186,7 @@ def test_dip_denoise_keeps_shape_and_dtype(image, mode) -> None:
     assert np.isfinite(result.denoised).all()
 
 
+@pytest.mark.slow
 def test_dip_denoise_removes_noise_from_a_smooth_image() -> None:
     """A smooth 32-px image with σ = 0.2 noise: a DIP fits the smooth content before the noise, so the
     ES-WMV output must beat the noisy input by a clear margin (3 dB = half the squared error)."""
@@ -221,6 +218,7 @@ def test_dip_denoise_rejects_bad_images() -> None:
 @pytest.mark.parametrize(
     ("architecture", "iterations"), [(DipArchitecture.ARCH1, 120), (DipArchitecture.ARCH2, 12)]
 )
+@pytest.mark.slow
 def test_dip_output_has_no_new_periodic_peaks(architecture, iterations) -> None:
     """Strided downsampling and upsampling can print a grid onto DIP outputs (the hallucination Erin et al.
     saw); on an image with no periodic content the output must add no isolated spectral peak. The detector
@@ -331,6 +329,7 @@ def test_hio_stat_recovers_the_sample_at_high_dose() -> None:
     assert not sample[~data.sample_support].any()
 
 
+@pytest.mark.slow
 def test_lodip_recovers_the_sample_at_high_dose() -> None:
     """At 1e4 photons per pixel the data allow about 50 dB (HIO-stat above); a DIP reaches that slowly,
     but within 400 iterations it must resolve the leaves: 20 dB (RMS error 10 % of the range) against
@@ -393,6 +392,7 @@ def test_twin_keeps_the_fourier_modulus_and_alignment_undoes_it() -> None:
     np.testing.assert_allclose(align_to_truth(moved, image), image, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_double_dip_fits_a_plane_wave_pattern_inside_its_half_size_box() -> None:
     data = simulate_insitu_cdi(InSituCdiConfig(**SMALL_GEOMETRY, photons_per_px=1e4))
     result = double_dip(

@@ -25,18 +25,10 @@ from phasestream.simulators.dead_leaves_shapes import (
 )
 from phasestream.simulators.samples import siemens_star_material
 
-THREADS = 1
-"""Small convolutions gain nothing from a second thread on a busy two-core machine."""
 HELD_OUT_SEED = 20_240_601
 """Training draws from SeedSequence([seed, step, 0]); a plain integer seed is a different stream."""
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +123,7 @@ def test_operator_norm_rejects_a_mismatched_shape() -> None:
 # The shipped denoiser
 
 
+@pytest.mark.slow
 def test_every_shipped_layer_is_nonexpansive(shipped: NonexpansiveDncnn) -> None:
     layers = realsn_layers(shipped)
     assert len(layers) == shipped.architecture.depth
@@ -168,6 +161,7 @@ def check_images() -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(image.astype(np.float32))[None, None] for name, image in images.items()}
 
 
+@pytest.mark.slow
 def test_shipped_denoiser_is_nonexpansive(shipped: NonexpansiveDncnn) -> None:
     """Lip(D) ≤ 1.05 at three kinds of images; ReLU networks are piecewise linear, so local Jacobian norms
     are what Lip(D) is made of. Random pairs give a lower bound that must also stay below 1."""
@@ -303,6 +297,7 @@ def test_leaf_rasterisation_area_matches_geometry(
 TINY = {"batch_size": 8, "patch_px": 16, "depth": 3, "width": 8, "progress": False, "device": "cpu"}
 
 
+@pytest.mark.slow
 def test_a_few_training_steps_lower_the_loss(tmp_path) -> None:
     """At σ = 0.1 the identity scores a mean squared error of σ² = 0.01; 40 steps of a tiny network must
     already do 10 % better than that and better than its own first steps."""
@@ -323,6 +318,7 @@ class InterruptedRunError(Exception):
     """Stands for a run killed between checkpoints."""
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(tmp_path, monkeypatch) -> None:
     """A run killed after its step-3 checkpoint and resumed ends where an uninterrupted run does: the batch
     of a step depends only on (seed, step), and the checkpoint restores weights, power vectors and Adam."""
@@ -347,6 +343,7 @@ def test_resume_continues_from_the_saved_step(tmp_path, monkeypatch) -> None:
         assert torch.allclose(tensor, second[name], atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_resume_rejects_another_architecture(tmp_path) -> None:
     train_dncnn(tmp_path / "d.pt", steps=1, checkpoint_every=1, **TINY)
     with pytest.raises(ConfigError, match="depth 4"):

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 from phasestream_bench.solvers import bench_epie, simulate_scan
+from pydantic import ValidationError
 
 from phasestream.errors import ConfigError, FrameValidationError, PositionError
 from phasestream.models.physics import far_field
-from phasestream.models.ptycho.epie import EpieSolver, EpieVariant, UpdateRule
+from phasestream.models.ptycho.epie import EpieSolver
 from phasestream.models.ptycho.illumination import (
     max_summed_illumination_scatter,
     max_summed_illumination_slices,
 )
+from phasestream.models.ptycho.options import EpieOptions, EpieVariant, UpdateRule
 from phasestream.models.quality import aligned_error
 
 TIKE_DATASET = Path(__file__).parent / "data" / "ptycho_sim_tike_setup.npz"
@@ -125,8 +127,10 @@ def random_problem(n_positions: int, seed: int = 0, window_px: int = 16, canvas_
     return obj.astype(np.complex64), probe.astype(np.complex64), corners, intensities
 
 
-def solver_for(obj, probe, corners, intensities, **options) -> EpieSolver:
-    solver = EpieSolver(probe=probe, object_guess=obj, probe_update_start_epoch=0, **options)
+def solver_for(obj, probe, corners, intensities, /, **changes) -> EpieSolver:
+    """A solver on the problem, the probe updated from the first epoch; ``changes`` as EpieOptions.replace."""
+    options = EpieOptions(probe={"update_start_epoch": 0}).replace(**changes)
+    solver = EpieSolver(options, probe=probe, object_guess=obj)
     solver.add_patterns(intensities, corners)
     return solver
 
@@ -138,8 +142,9 @@ def relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
 def test_sequential_step_matches_the_numpy_reference() -> None:
     obj, probe, corners, intensities = random_problem(1)
     solver = solver_for(
-        obj, probe, corners, intensities, variant=EpieVariant.SEQUENTIAL, object_step=0.7, probe_step=0.5
-    )
+        obj, probe, corners, intensities, execution={"variant": EpieVariant.SEQUENTIAL},
+        object={"step": 0.7}, probe={"step": 0.5},
+    )  # fmt: skip
     error = solver.run_epoch()
     expected_obj, expected_probe, squared_error = reference_epie_step(
         obj, probe, corners[0], intensities[0], 0.7, 0.5
@@ -152,8 +157,9 @@ def test_sequential_step_matches_the_numpy_reference() -> None:
 def test_sequential_epoch_matches_the_reference_in_the_seeded_order() -> None:
     obj, probe, corners, intensities = random_problem(6, seed=1)
     solver = solver_for(
-        obj, probe, corners, intensities, variant=EpieVariant.SEQUENTIAL, object_step=0.9, seed=7
-    )
+        obj, probe, corners, intensities, execution={"variant": EpieVariant.SEQUENTIAL, "seed": 7},
+        object={"step": 0.9},
+    )  # fmt: skip
     error = solver.run_epoch()
     # The documented order: torch.randperm from a generator seeded with ``seed``.
     order = torch.randperm(6, generator=torch.Generator().manual_seed(7)).tolist()
@@ -172,15 +178,9 @@ def test_batched_step_matches_the_numpy_reference() -> None:
     # One batch holding every position: the sums do not depend on the order.
     obj, probe, corners, intensities = random_problem(5, seed=2)
     solver = solver_for(
-        obj,
-        probe,
-        corners,
-        intensities,
-        variant=EpieVariant.BATCHED,
-        batch_size=8,
-        object_step=0.8,
-        probe_step=0.6,
-    )
+        obj, probe, corners, intensities, execution={"variant": EpieVariant.BATCHED, "batch_size": 8},
+        object={"step": 0.8}, probe={"step": 0.6},
+    )  # fmt: skip
     error = solver.run_epoch()
     expected_obj, expected_probe, squared_error = reference_batched_step(
         obj, probe, corners, intensities, 0.8, 0.6
@@ -196,10 +196,11 @@ def test_batched_with_batch_size_one_equals_sequential(update_rule: UpdateRule) 
     results = []
     for variant in (EpieVariant.SEQUENTIAL, EpieVariant.BATCHED):
         # rpie_beta 0.5 so that rPIE's probe denominator differs from ePIE's (it is ignored by ePIE).
-        solver = EpieSolver(
-            variant=variant, batch_size=1, probe_update_start_epoch=1, seed=5,
-            update_rule=update_rule, rpie_beta=0.5,
+        options = EpieOptions(
+            update_rule=update_rule, probe={"update_start_epoch": 1, "rpie_beta": 0.5},
+            execution={"variant": variant, "batch_size": 1, "seed": 5},
         )  # fmt: skip
+        solver = EpieSolver(options)
         solver.add_patterns(scan.intensities, scan.top_left_px)
         errors = [solver.run_epoch() for _ in range(3)]
         results.append((solver.object, solver.probe, errors))
@@ -216,8 +217,8 @@ def test_rpie_step_matches_the_numpy_reference(variant) -> None:
     # β = 0.3 rather than the default 1 so the probe update's regularised denominator is exercised too.
     obj, probe, corners, intensities = random_problem(1, seed=12)
     solver = solver_for(
-        obj, probe, corners, intensities, variant=variant, update_rule=UpdateRule.RPIE,
-        rpie_alpha=0.1, rpie_beta=0.3, object_step=0.8, probe_step=0.6,
+        obj, probe, corners, intensities, execution={"variant": variant}, update_rule=UpdateRule.RPIE,
+        object={"rpie_alpha": 0.1, "step": 0.8}, probe={"rpie_beta": 0.3, "step": 0.6},
     )  # fmt: skip
     error = solver.run_epoch()
     expected_obj, expected_probe, squared_error = reference_rpie_step(
@@ -234,8 +235,8 @@ def test_rpie_step_matches_the_numpy_reference(variant) -> None:
 def test_batched_rpie_step_matches_the_numpy_reference() -> None:
     obj, probe, corners, intensities = random_problem(5, seed=13)
     solver = solver_for(
-        obj, probe, corners, intensities, variant=EpieVariant.BATCHED, batch_size=8,
-        update_rule=UpdateRule.RPIE, rpie_alpha=0.2, rpie_beta=0.5,
+        obj, probe, corners, intensities, execution={"variant": EpieVariant.BATCHED, "batch_size": 8},
+        update_rule=UpdateRule.RPIE, object={"rpie_alpha": 0.2}, probe={"rpie_beta": 0.5},
     )  # fmt: skip
     solver.run_epoch()
     expected_obj, expected_probe = reference_batched_rpie_step(obj, probe, corners, intensities, 0.2, 0.5)
@@ -246,10 +247,11 @@ def test_batched_rpie_step_matches_the_numpy_reference() -> None:
 def test_rpie_with_weights_one_is_epie() -> None:
     obj, probe, corners, intensities = random_problem(4, seed=14)
     for variant in EpieVariant:
-        epie = solver_for(obj, probe, corners, intensities, variant=variant, batch_size=2)
+        execution = {"variant": variant, "batch_size": 2}
+        epie = solver_for(obj, probe, corners, intensities, execution=execution)
         rpie = solver_for(
-            obj, probe, corners, intensities, variant=variant, batch_size=2,
-            update_rule=UpdateRule.RPIE, rpie_alpha=1.0, rpie_beta=1.0,
+            obj, probe, corners, intensities, execution=execution,
+            update_rule=UpdateRule.RPIE, object={"rpie_alpha": 1.0}, probe={"rpie_beta": 1.0},
         )  # fmt: skip
         assert rpie.run_epoch() == pytest.approx(epie.run_epoch(), rel=1e-6)
         assert relative_difference(rpie.object, epie.object) < 1e-6
@@ -277,7 +279,7 @@ def test_summed_illumination_maximum_is_the_same_by_scatter_and_by_slices() -> N
 
 def test_a_fixed_probe_stays_fixed() -> None:
     obj, probe, corners, intensities = random_problem(4, seed=11)
-    solver = EpieSolver(probe=probe, object_guess=obj, probe_update_start_epoch=None)
+    solver = EpieSolver(EpieOptions(probe={"update_start_epoch": None}), probe=probe, object_guess=obj)
     solver.add_patterns(intensities, corners)
     solver.run_epoch()
     np.testing.assert_array_equal(solver.probe, probe)
@@ -294,8 +296,9 @@ def test_cuda_epoch_matches_the_cpu_epoch(variant, update_rule) -> None:
     results = {}
     for device in ("cpu", "cuda"):
         solver = solver_for(
-            obj, probe, corners, intensities, variant=variant, batch_size=4, device=device,
-            update_rule=update_rule, rpie_beta=0.5,
+            obj, probe, corners, intensities,
+            execution={"variant": variant, "batch_size": 4, "device": device},
+            update_rule=update_rule, probe={"rpie_beta": 0.5},
         )  # fmt: skip
         results[device] = (solver.run_epoch(), solver.object, solver.probe)
     assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=1e-4)
@@ -318,9 +321,10 @@ def test_pattern_dtypes_give_the_same_epoch_and_the_input_is_left_alone(dtype) -
 
 def test_patterns_added_in_pieces_equal_patterns_added_at_once() -> None:
     scan = simulate_scan(n_positions=20, size_px=32, seed=6)
-    at_once = EpieSolver(probe=scan.probe, variant=EpieVariant.SEQUENTIAL)
+    sequential = EpieOptions(execution={"variant": EpieVariant.SEQUENTIAL})
+    at_once = EpieSolver(sequential, probe=scan.probe)
     at_once.add_patterns(scan.intensities, scan.top_left_px)
-    in_pieces = EpieSolver(probe=scan.probe, variant=EpieVariant.SEQUENTIAL)
+    in_pieces = EpieSolver(sequential, probe=scan.probe)
     for piece in (slice(0, 1), slice(1, 4), slice(4, 11), slice(11, 20)):  # grows the buffer several times
         in_pieces.add_patterns(scan.intensities[piece], scan.top_left_px[piece])
     assert in_pieces.n_positions == 20
@@ -331,7 +335,7 @@ def test_patterns_added_in_pieces_equal_patterns_added_at_once() -> None:
 @pytest.mark.parametrize("variant", list(EpieVariant))
 def test_canvas_grows_with_ones_when_a_new_window_falls_outside(variant) -> None:
     scan = simulate_scan(n_positions=12, size_px=32, seed=7)
-    solver = EpieSolver(probe=scan.probe, variant=variant, batch_size=4)
+    solver = EpieSolver(EpieOptions(execution={"variant": variant, "batch_size": 4}), probe=scan.probe)
     solver.add_patterns(scan.intensities[:10], scan.top_left_px[:10])
     solver.run_epoch()
     before = solver.object
@@ -365,20 +369,21 @@ def test_invalid_input_is_refused_with_the_value_and_the_fix() -> None:
     with pytest.raises(PositionError, match=r"\(2, 2\)"):
         solver.add_patterns(intensities, corners[:1])
     assert solver.n_positions == 0
-    with pytest.raises(ConfigError, match="batch_size"):
-        EpieSolver(batch_size=0)
-    with pytest.raises(ConfigError, match="object_step"):
-        EpieSolver(object_step=0.0)
-    with pytest.raises(ConfigError, match="rpie_alpha"):
-        EpieSolver(update_rule=UpdateRule.RPIE, rpie_alpha=0.0)
-    with pytest.raises(ConfigError, match="probe_modes"):
-        EpieSolver(probe_modes=0)
-    with pytest.raises(ConfigError, match=r"probe has shape \(3, 4, 4\) for probe_modes=2"):
-        EpieSolver(probe=np.ones((3, 4, 4), np.complex64), probe_modes=2)
-    with pytest.raises(ConfigError, match="max_position_step_px"):
-        EpieSolver(max_position_step_px=0.0)
-    with pytest.raises(ConfigError, match="rpie_beta"):
-        EpieSolver(update_rule=UpdateRule.RPIE, rpie_beta=1.5)
+    # Every bound is the options' own: checked when the options are built, before any solver exists.
+    with pytest.raises(ValidationError, match=r"execution\.batch_size\n.*greater than or equal to 1"):
+        EpieOptions(execution={"batch_size": 0})
+    with pytest.raises(ValidationError, match=r"object\.step\n.*greater than 0"):
+        EpieOptions(object={"step": 0.0})
+    with pytest.raises(ValidationError, match=r"object\.rpie_alpha\n.*greater than 0"):
+        EpieOptions(update_rule=UpdateRule.RPIE, object={"rpie_alpha": 0.0})
+    with pytest.raises(ValidationError, match=r"probe\.modes\n.*greater than or equal to 1"):
+        EpieOptions(probe={"modes": 0})
+    with pytest.raises(ConfigError, match=r"probe has shape \(3, 4, 4\) for probe\.modes=2"):
+        EpieSolver(EpieOptions(probe={"modes": 2}), probe=np.ones((3, 4, 4), np.complex64))
+    with pytest.raises(ValidationError, match=r"positions\.max_step_px\n.*greater than 0"):
+        EpieOptions(positions={"max_step_px": 0.0})
+    with pytest.raises(ValidationError, match=r"probe\.rpie_beta\n.*less than or equal to 1"):
+        EpieOptions(update_rule=UpdateRule.RPIE, probe={"rpie_beta": 1.5})
     with pytest.raises(ConfigError, match="leave canvas_shape_px out"):
         EpieSolver(object_guess=obj, canvas_shape_px=(3, 3))
 
@@ -390,14 +395,12 @@ def converge(
     scan, variant: EpieVariant, epochs: int, batch_size: int = 1, update_rule: UpdateRule = UpdateRule.EPIE
 ) -> tuple[EpieSolver, list[float]]:
     """ePIE from a blank object and the probe guessed from the patterns, probe retrieval from epoch 3."""
-    solver = EpieSolver(
-        variant=variant,
+    options = EpieOptions(
         update_rule=update_rule,
-        batch_size=batch_size,
-        probe_update_start_epoch=3,
-        canvas_shape_px=scan.object.shape,
-        num_threads=SMALL_PROBLEM_THREADS,
+        probe={"update_start_epoch": 3},
+        execution={"variant": variant, "batch_size": batch_size, "num_threads": SMALL_PROBLEM_THREADS},
     )
+    solver = EpieSolver(options, canvas_shape_px=scan.object.shape)
     solver.add_patterns(scan.intensities, scan.top_left_px)
     return solver, [solver.run_epoch() for _ in range(epochs)]
 
@@ -415,6 +418,7 @@ def object_error(solver: EpieSolver, truth: np.ndarray) -> float:
     )
 
 
+@pytest.mark.slow
 def test_sequential_epie_recovers_a_simulated_object_and_probe() -> None:
     scan = simulate_scan(n_positions=100, size_px=32, overlap=0.7, seed=1)
     solver, errors = converge(scan, EpieVariant.SEQUENTIAL, epochs=100)
@@ -429,6 +433,7 @@ def test_sequential_epie_recovers_a_simulated_object_and_probe() -> None:
     assert object_error(solver, scan.object) < 5e-3
 
 
+@pytest.mark.slow
 def test_batched_epie_recovers_a_simulated_object_and_probe() -> None:
     scan = simulate_scan(n_positions=100, size_px=32, overlap=0.7, seed=1)
     solver, errors = converge(scan, EpieVariant.BATCHED, epochs=150, batch_size=4)
@@ -438,6 +443,7 @@ def test_batched_epie_recovers_a_simulated_object_and_probe() -> None:
     assert object_error(solver, scan.object) < 2e-2
 
 
+@pytest.mark.slow
 def test_rpie_reaches_the_object_faster_than_epie_on_a_simulated_scan() -> None:
     scan = simulate_scan(n_positions=100, size_px=32, overlap=0.7, seed=1)
     rpie, rpie_errors = converge(scan, EpieVariant.SEQUENTIAL, epochs=20, update_rule=UpdateRule.RPIE)
@@ -532,16 +538,16 @@ def test_tike_convention_zero_padded_uncentred_orthonormal_sum_over_modes(tike_s
     assert residual(32**2 * tike_forward(obj, modes, corners, embed="pad", centred=False)) > 0.5
 
 
+@pytest.mark.slow
 def test_single_mode_epie_on_the_tike_scan(tike_scan) -> None:
     data = np.fft.fftshift(tike_scan["data"], axes=(-2, -1))  # tike's patterns are uncentred
     truth = tike_scan["object"][0]
     first_mode = np.pad(tike_scan["probe"][0, 0, 0], 8)  # the probe guess a beamline would bring
-    solver = EpieSolver(
-        probe=first_mode,
-        variant=EpieVariant.SEQUENTIAL,
-        probe_update_start_epoch=3,
-        num_threads=SMALL_PROBLEM_THREADS,
+    options = EpieOptions(
+        probe={"update_start_epoch": 3},
+        execution={"variant": EpieVariant.SEQUENTIAL, "num_threads": SMALL_PROBLEM_THREADS},
     )
+    solver = EpieSolver(options, probe=first_mode)
     # Windows are 32 px with the 16 px probe in the middle: corners move 8 px up and left, off the object.
     solver.add_patterns(data, tike_scan["scan_px"].astype(np.int64) - 8)
     errors = [solver.run_epoch() for _ in range(30)]
@@ -565,14 +571,12 @@ def test_single_mode_epie_on_the_tike_scan(tike_scan) -> None:
 
 @pytest.mark.parametrize(("algorithm", "rule"), [("epie", UpdateRule.EPIE), ("rpie", UpdateRule.RPIE)])
 def test_refine_builds_the_solver_with_the_configured_update_rule(algorithm, rule) -> None:
-    from pydantic import ValidationError
-
-    from phasestream.stages.refine import RefineConfig, RefineStage
+    from phasestream.stages.refine.stage import RefineConfig, RefineStage
 
     stage = RefineStage.__new__(RefineStage)  # only the solver factory: no placement or pipeline needed
-    stage.config = RefineConfig(algorithm=algorithm, rpie_alpha=0.25)
+    stage.config = RefineConfig(algorithm=algorithm, object={"rpie_alpha": 0.25})
     solver = stage._new_solver(None, (40, 40))
-    assert solver.update_rule is rule and solver.rpie_alpha == 0.25
+    assert solver.options.update_rule is rule and solver.options.object.rpie_alpha == 0.25
     for bad_alpha in (0.0, 1.5):
-        with pytest.raises(ValidationError, match="rpie_alpha"):
-            RefineConfig(algorithm=algorithm, rpie_alpha=bad_alpha)
+        with pytest.raises(ValidationError, match=r"object\.rpie_alpha"):
+            RefineConfig(algorithm=algorithm, object={"rpie_alpha": bad_alpha})

@@ -46,6 +46,7 @@ def test_a_bin_size_that_does_not_divide_a_row_is_refused(tiny_scan) -> None:
         binned_scan(tiny_scan, 4)
 
 
+@pytest.mark.slow
 def test_the_bench_runs_end_to_end_on_a_tiny_scan(tmp_path, capsys) -> None:
     threads = torch.get_num_threads()
     figure = tmp_path / "flyscan.png"

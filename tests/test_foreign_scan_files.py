@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 
 from phasestream.apps.replay.replay import _image_batches, _start_message, wire_dtype
-from phasestream.errors import DetectorMessageError
+from phasestream.errors import DetectorMessageError, ScanFileError
 from phasestream.formats.cxi import CxiPath, read_cxi, split_dataset_spec
 from phasestream.formats.nxmx import read_nxmx
-from phasestream.formats.recorded_scan import COUNTS_DTYPE, INTENSITIES_DTYPE, JOULES_PER_EV, ScanFileError
-from phasestream.formats.stream_v2_decode import ImageMessage, StartMessage, decode_stream_v2
-from phasestream.formats.stream_v2_encode import channel_array, encode_message, start_fields
+from phasestream.formats.recorded_scan import COUNTS_DTYPE, INTENSITIES_DTYPE
+from phasestream.formats.stream_v2.decode import ImageMessage, StartMessage, decode_stream_v2
+from phasestream.formats.stream_v2.encode import channel_array, encode_message, start_fields
+from phasestream.formats.units import JOULES_PER_EV
 
 N_FRAMES = 20
 SHAPE = (32, 32)

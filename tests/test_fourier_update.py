@@ -5,19 +5,15 @@ import pytest
 import torch
 from phasestream_bench.pine import (
     field_of_view,
-    known_probe_options,
+    known_probe_start,
     low_dose_scan,
     nrmse_against_truth,
 )
 
-from phasestream.models.ptycho.epie import EpieSolver, EpieVariant
-from phasestream.models.ptycho.fourier_update import (
-    FourierConstraint,
-    amplitude_misfit,
-    poisson_ratio,
-    replace_modulus_,
-)
+from phasestream.models.ptycho.epie import EpieSolver
+from phasestream.models.ptycho.fourier_update import amplitude_misfit, poisson_ratio, replace_modulus_
 from phasestream.models.ptycho.modes import modal_fourier_update
+from phasestream.models.ptycho.options import EpieOptions, EpieVariant, FourierConstraint
 
 
 def poisson_nll(wave: np.ndarray, counts: np.ndarray) -> float:
@@ -87,6 +83,7 @@ def test_modes_share_one_factor():
 
 
 @pytest.mark.parametrize("variant, at_most", [(EpieVariant.SEQUENTIAL, 0.85), (EpieVariant.BATCHED, 0.93)])
+@pytest.mark.slow
 def test_at_low_dose_the_poisson_step_gives_a_better_object_than_the_projection(variant, at_most):
     """200 photons per frame (0.05 per pixel), true probe, 10 sweeps: NRMSE 0.60 → 0.44 (0.73×) sequential,
     0.44 → 0.38 (0.86×) in batches of 32, whose averaged updates already damp the noise; the bounds leave
@@ -96,8 +93,9 @@ def test_at_low_dose_the_poisson_step_gives_a_better_object_than_the_projection(
     view = field_of_view(scan)
     nrmse = {}
     for constraint in FourierConstraint:
-        options = {**known_probe_options(scan, seed=0), "variant": variant}
-        solver = EpieSolver(fourier_constraint=constraint, **options)
+        solver = known_probe_start(scan, seed=0).solver(
+            execution={"variant": variant}, constraints={"fourier_constraint": constraint}
+        )
         solver.add_patterns(scan.frames, corners_px)
         errors = [solver.run_epoch() for _ in range(10)]
         assert all(np.isfinite(errors))
@@ -110,10 +108,11 @@ def test_the_true_object_and_probe_stay_put_under_the_poisson_step(variant):
     from phasestream_bench.solvers import simulate_scan
 
     scan = simulate_scan(n_positions=40, size_px=32, seed=4)
-    solver = EpieSolver(
-        probe=scan.probe, variant=variant, fourier_constraint=FourierConstraint.POISSON,
-        object_guess=scan.object, device="cpu",
-    )  # fmt: skip
+    options = EpieOptions(
+        constraints={"fourier_constraint": FourierConstraint.POISSON},
+        execution={"variant": variant, "device": "cpu"},
+    )
+    solver = EpieSolver(options, probe=scan.probe, object_guess=scan.object)
     solver.add_patterns(scan.intensities, scan.top_left_px)
     assert solver.run_epoch() < 1e-9
     np.testing.assert_allclose(solver.object, scan.object, atol=2e-5)

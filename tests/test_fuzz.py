@@ -20,20 +20,20 @@ from hypothesis import strategies as st
 
 from phasestream.errors import DetectorMessageError, PositionError, WireFormatError
 from phasestream.formats.position_channel import decode_positions, encode_positions, encode_positions_end
-from phasestream.formats.stream_v2_decode import (
+from phasestream.formats.stream_v2.decode import (
     COMPRESSION_TAG,
     MULTIDIM_ARRAY_TAG,
     ImageMessage,
     decode_stream_v2,
 )
-from phasestream.formats.stream_v2_encode import (
+from phasestream.formats.stream_v2.encode import (
     channel_array,
     encode_message,
     end_fields,
     image_fields,
     start_fields,
 )
-from phasestream.formats.tpx3_decode import Tpx3Decoder
+from phasestream.formats.tpx3.decode import Tpx3Decoder
 from phasestream.runtime.messages import FrameBatch, ScanEnd, decode, encode
 
 FUZZ = settings(
@@ -147,12 +147,14 @@ def _only_named_errors(decoder, payload: bytes, errors: tuple[type[Exception], .
 
 @FUZZ
 @given(st.binary(max_size=512))
+@pytest.mark.slow
 def test_stream_v2_decoder_refuses_arbitrary_bytes_with_its_own_error(payload: bytes) -> None:
     _only_named_errors(decode_stream_v2, payload, (DetectorMessageError,))
 
 
 @FUZZ
 @given(mutated(VALID_STREAM_V2))
+@pytest.mark.slow
 def test_stream_v2_decoder_survives_corrupted_messages(payload: bytes) -> None:
     decoded = _only_named_errors(decode_stream_v2, payload, (DetectorMessageError,))
     if isinstance(decoded, ImageMessage):
@@ -162,6 +164,7 @@ def test_stream_v2_decoder_survives_corrupted_messages(payload: bytes) -> None:
 
 @FUZZ
 @given(plausible_images())
+@pytest.mark.slow
 def test_stream_v2_decoder_refuses_hostile_sizes_and_types(payload: bytes) -> None:
     decoded = _only_named_errors(decode_stream_v2, payload, (DetectorMessageError,))
     if isinstance(decoded, ImageMessage):
@@ -200,6 +203,7 @@ def test_position_channel_refuses_bad_messages_with_its_own_errors(payload: byte
         optional={"series_id": ODD_VALUES, "image_id": ODD_VALUES, "y_m": ODD_VALUES, "x_m": ODD_VALUES},
     )
 )
+@pytest.mark.slow
 def test_position_channel_refuses_mistyped_fields(fields: dict) -> None:
     _only_named_errors(decode_positions, cbor2.dumps(fields), (DetectorMessageError, PositionError))
 
@@ -244,5 +248,6 @@ def mutated_wire(draw: st.DrawFn) -> list[bytes]:
 
 @FUZZ
 @given(mutated_wire())
+@pytest.mark.slow
 def test_wire_format_refuses_corrupted_messages_with_its_own_error(parts: list[bytes]) -> None:
     _only_named_errors(decode, parts, (WireFormatError,))

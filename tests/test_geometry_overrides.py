@@ -168,7 +168,7 @@ def _scan(series: Series, n: int, user_geometry: object) -> tuple[list[bytes], l
 
 
 def _start_with_geometry(series: Series, n: int, geometry: object) -> bytes:
-    from phasestream.formats.stream_v2_encode import encode_message, start_fields
+    from phasestream.formats.stream_v2.encode import encode_message, start_fields
 
     fields = start_fields(
         series_id=series.series_id,
@@ -186,6 +186,7 @@ def _start_with_geometry(series: Series, n: int, geometry: object) -> bytes:
     return encode_message(fields)
 
 
+@pytest.mark.slow
 def test_ingest_applies_the_overrides_crops_and_masks(overriding_pipeline: IngestPipeline) -> None:
     series = Series.new("geometry")
     data, positions, frames = _scan(series, 6, {"detector_distance_m": 3.25})
@@ -210,6 +211,7 @@ def test_ingest_applies_the_overrides_crops_and_masks(overriding_pipeline: Inges
     assert any("detector_distance_m from the scan" in text for text in _notes(result))
 
 
+@pytest.mark.slow
 def test_a_bad_per_scan_override_is_reported_and_the_scan_goes_on(
     overriding_pipeline: IngestPipeline,
 ) -> None:

@@ -41,11 +41,11 @@ from test_ingest import (
 )
 
 from phasestream.errors import PhasestreamError
-from phasestream.formats.stream_v2_decode import (
+from phasestream.formats.stream_v2.decode import (
     ImageMessage,
     decode_stream_v2,
 )
-from phasestream.formats.stream_v2_encode import (
+from phasestream.formats.stream_v2.encode import (
     BSLZ4_BLOCK_BYTES,
     channel_array,
     encode_message,
@@ -209,6 +209,7 @@ UNSAFE_UIDS = {
 
 
 @pytest.mark.parametrize("case", list(UNSAFE_UIDS))
+@pytest.mark.slow
 def test_an_unsafe_scan_uid_is_replaced_by_a_safe_one_and_kept_as_sent(hostile, case: str) -> None:
     sent = UNSAFE_UIDS[case]
     series, n = Series.new("unsafe-uid"), 6
@@ -237,6 +238,7 @@ def test_an_unsafe_scan_uid_is_replaced_by_a_safe_one_and_kept_as_sent(hostile, 
     assert not Path("/tmp/ps-hostile-absolute.npz").exists()
 
 
+@pytest.mark.slow
 def test_an_empty_scan_uid_falls_back_to_the_detectors_series_uid(hostile) -> None:
     series, n = Series.new("empty-uid"), 4
     frames, positions = make_frames(n, seed=22), make_positions(n)
@@ -265,6 +267,7 @@ def test_check_scan_uid_names_the_uid_and_where_it_came_from() -> None:
 
 
 # ---- 2. a start announcing 10^9 images ----------------------------------------------------------------
+@pytest.mark.slow
 def test_a_start_announcing_a_billion_images_is_refused_and_the_next_scan_runs(hostile) -> None:
     greedy = Series.new("billion")
     frames = make_frames(3, seed=23)
@@ -291,6 +294,7 @@ def test_a_start_announcing_a_billion_images_is_refused_and_the_next_scan_runs(h
     assert not (hostile.run_dir / f"{greedy.scan_uid}.npz").exists()
 
 
+@pytest.mark.slow
 def test_a_scan_announcing_millions_of_images_closes_without_allocating_them(hostile) -> None:
     series, n, sent = Series.new("millions"), DEFAULT_MAX_IMAGES, 4
     frames, positions = make_frames(sent, seed=24), make_positions(sent)
@@ -318,6 +322,7 @@ def test_the_bomb_payload_is_a_genuine_bslz4_stream() -> None:
     assert isinstance(image, ImageMessage) and image.frame.shape == (64, 64) and not image.frame.any()
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_is_refused_before_it_is_decompressed(hostile) -> None:
     series, n = Series.new("bomb"), 6
     frames, positions = make_frames(n, seed=25), make_positions(n)
@@ -377,6 +382,7 @@ def test_a_decompression_bomb_is_refused_before_it_is_decompressed(hostile) -> N
 
 
 # ---- 4. positions for a series that never starts ------------------------------------------------------
+@pytest.mark.slow
 def test_positions_of_a_series_that_never_starts_expire_by_age(hostile) -> None:
     orphan = Series.new("orphan-age")
     messages = [orphan.positions(range(10 * i, 10 * i + 10), make_positions(10)) for i in range(3)]
@@ -400,6 +406,7 @@ def test_positions_of_a_series_that_never_starts_expire_by_age(hostile) -> None:
     assert result.metric(REJECTED, "orphan_positions") == len(messages)
 
 
+@pytest.mark.slow
 def test_a_flood_of_orphan_positions_is_bounded_by_count(hostile) -> None:
     orphan = Series.new("orphan-flood")
     n_messages, per_message = 30, 50_000  # 1.5 million positions, 36 MB if all were held
@@ -431,6 +438,7 @@ def test_a_flood_of_orphan_positions_is_bounded_by_count(hostile) -> None:
 
 
 # ---- 5. one message of a hundred thousand parts -----------------------------------------------------
+@pytest.mark.slow
 def test_a_message_of_a_hundred_thousand_parts_is_refused_without_keeping_its_parts(hostile) -> None:
     series, n = Series.new("parts"), 4
     frames, positions = make_frames(n, seed=26), make_positions(n)
@@ -471,6 +479,7 @@ def _garbage_lines(log: bytes) -> tuple[int, int]:
     return len(_LOGGED.findall(log)), sum(int(n) for n in _LEFT_OUT.findall(log))
 
 
+@pytest.mark.slow
 def test_a_flood_of_garbage_is_counted_in_full_and_logged_in_a_few_lines(hostile) -> None:
     n = 5_000
     log_before = hostile.ingest_log.stat().st_size
@@ -510,6 +519,7 @@ BAD_USER_DATA = {
 
 
 @pytest.mark.parametrize("case", list(BAD_USER_DATA))
+@pytest.mark.slow
 def test_a_user_data_field_of_the_wrong_type_is_named_and_left_out(hostile, case: str) -> None:
     bad, fragments = BAD_USER_DATA[case]
     (field,) = bad
@@ -543,7 +553,7 @@ def test_a_user_data_field_of_the_wrong_type_is_named_and_left_out(hostile, case
 
 
 def test_a_sustained_flood_logs_one_line_per_flood_interval_per_reason() -> None:
-    from phasestream.runtime.stage import LogLimiter
+    from phasestream.runtime.stage_log import LogLimiter
 
     limiter = LogLimiter(interval_s=5.0, burst=10, flood_interval_s=30.0)
     admitted = 0

@@ -28,7 +28,7 @@ from test_ingest import (
 
 from phasestream.errors import DetectorMessageError, PhasestreamError, PositionError
 from phasestream.formats.position_channel import PositionBatch, decode_positions
-from phasestream.formats.stream_v2_decode import (
+from phasestream.formats.stream_v2.decode import (
     COMPRESSION_TAG,
     MULTIDIM_ARRAY_TAG,
     EncodedImage,
@@ -37,14 +37,16 @@ from phasestream.formats.stream_v2_decode import (
     StartMessage,
     decode_stream_v2,
 )
-from phasestream.formats.stream_v2_encode import (
+from phasestream.formats.stream_v2.encode import (
     BSLZ4_BLOCK_BYTES,
 )
 from phasestream.runtime.config import validate_pipeline
 from phasestream.runtime.messages import ScanEnd, ScanStart
 from phasestream.runtime.scan_uid import SAFE_SCAN_UID
 from phasestream.runtime.topology import place
-from phasestream.stages.ingest import IngestStage
+from phasestream.stages.ingest.stage import IngestStage
+
+pytestmark = pytest.mark.slow  # 2000 examples per property: tens of seconds each
 
 # ---- 8. property-based fuzzing of the decoders, in process ------------------------------------------------
 FUZZ = settings(

@@ -39,26 +39,24 @@ from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
 from phasestream.apps.cli.main import main
-from phasestream.apps.launcher import (
+from phasestream.apps.launch.control import (
     CONTROL_MAX_MESSAGE_BYTES,
-    REJECTION_LOG_INTERVAL_S,
     ControlMessageError,
     ControlRejection,
-    Launcher,
-    LaunchError,
     LogEvent,
     ReadyEvent,
-    RunDirLock,
     ScanEndEvent,
     StatusEvent,
     StoppedEvent,
     parse_control_message,
 )
+from phasestream.apps.launch.launcher import REJECTION_LOG_INTERVAL_S, Launcher
+from phasestream.apps.launch.run_dir import LaunchError, RunDirLock
 from phasestream.apps.serve import EMBEDDED_API_KEY_FILE
 from phasestream.errors import ConfigError
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.config import PipelineConfig, default_run_dir, user_run_root, validate_pipeline
-from phasestream.runtime.tiled_access import read_api_key_file, validate_api_key
+from phasestream.runtime.tiled.access import read_api_key_file, validate_api_key
 from phasestream.runtime.topology import control_endpoint
 from phasestream.simulators.selun import SelunEmitter
 
@@ -279,7 +277,7 @@ def test_the_lock_is_released_when_its_holder_is_killed() -> None:
             [sys.executable, "-c",
              "import sys, time\n"
              "from pathlib import Path\n"
-             "from phasestream.apps.launcher import RunDirLock\n"
+             "from phasestream.apps.launch.run_dir import RunDirLock\n"
              "RunDirLock(Path(sys.argv[1])).acquire()\n"
              "print('locked', flush=True)\n"
              "time.sleep(120)\n",
@@ -399,7 +397,9 @@ def test_garbage_on_the_control_socket_is_counted_and_skipped_and_the_scan_compl
     assert sorted(collected) == list(range(n))
     assert unaccounted_frames(end["frames_sent"], end["accounting"]) == []
     reports = [
-        r for r in caplog.records if r.name == "phasestream.apps.launcher" and "control socket" in r.message
+        r
+        for r in caplog.records
+        if r.name == "phasestream.apps.launch.launcher" and "control socket" in r.message
     ]
     assert 1 <= len(reports) <= 1 + elapsed_s / REJECTION_LOG_INTERVAL_S, len(reports)
 
@@ -453,12 +453,14 @@ def _parse_or_rejection(payload: bytes) -> None:
 
 @settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=512))
+@pytest.mark.slow
 def test_the_control_parser_takes_arbitrary_bytes(payload: bytes) -> None:
     _parse_or_rejection(payload)
 
 
 @settings(max_examples=2000, deadline=None)
 @given(_JSON | _EVENT_LIKE)
+@pytest.mark.slow
 def test_the_control_parser_takes_arbitrary_json(value: object) -> None:
     _parse_or_rejection(json.dumps(value).encode())
 
@@ -526,6 +528,7 @@ def test_a_key_file_others_can_read_is_refused_naming_the_file_and_the_fix(
 
 
 @pytest.mark.parametrize("key", ["abc123DEF", "abc_123", "ab-c", "a b", "abc+/="])
+@pytest.mark.slow
 def test_a_key_is_refused_exactly_when_tiled_refuses_it(key: str) -> None:
     from fastapi.testclient import TestClient
     from tiled.adapters.mapping import MapAdapter

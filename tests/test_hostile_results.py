@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,12 +52,6 @@ GEOMETRY = Geometry(
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def port_of(uri: str) -> int:
@@ -146,6 +139,7 @@ def assert_complete_in_tiled(uri: str, final: Reconstruction) -> None:
 # -- 1. Tiled down across the end of a scan; a restart on an empty catalog between scans -----------------
 
 
+@pytest.mark.slow
 def test_tiled_down_across_the_end_of_a_scan_the_final_result_waits_on_disk_then_lands(
     tmp_path: Path,
 ) -> None:
@@ -176,6 +170,7 @@ def test_tiled_down_across_the_end_of_a_scan_the_final_result_waits_on_disk_then
     assert not pending_file(tmp_path, "outage").exists()
 
 
+@pytest.mark.slow
 def test_a_restart_on_an_empty_catalog_between_scans_recreates_the_next_scan_with_its_metadata(
     tmp_path: Path,
 ) -> None:
@@ -210,10 +205,11 @@ def test_a_restart_on_an_empty_catalog_between_scans_recreates_the_next_scan_wit
 # -- 2. failures per scan; a restarted worker sends what an outage left ------------------------------------
 
 
+@pytest.mark.slow
 def test_a_clean_scan_after_a_failing_one_reports_no_failures_and_a_restart_resends_the_left_result(
-    tmp_path: Path,
+    tmp_path: Path, free_port: int
 ) -> None:
-    uri = f"http://127.0.0.1:{closed_port()}"  # nothing listens yet
+    uri = f"http://127.0.0.1:{free_port}"  # nothing listens yet
     first = publish_stage(tmp_path, uri)
     list(first.on_scan_start(scan_start("failing")))
     list(first.process(reconstruction("failing", 2)))
@@ -261,7 +257,9 @@ def test_a_position_1_mm_away_is_left_out_and_counted_not_allocated_for(
     from phasestream.models.physics import object_pixel_size_m
 
     scan = simulate_scan(n_positions=24, size_px=32, seed=2)
-    stage = refine_stage(min_positions=4, probe_search_epochs=0, torch_threads=1, max_canvas_px=256)
+    stage = refine_stage(
+        min_positions=4, probe_search_epochs=0, execution={"num_threads": 1}, max_canvas_px=256
+    )
     geometry = GEOMETRY.model_copy(update={"detector_shape_px": (32, 32)})
     dx = object_pixel_size_m(geometry.energy_kev, geometry.detector_distance_m, geometry.pixel_size_m, 32)
     positions_m = scan.top_left_px * dx
@@ -433,6 +431,7 @@ def _fitting_buffers(specs: Any) -> list[bytes]:
 
 @settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(hostile_messages())
+@pytest.mark.slow
 def test_decode_gives_a_message_or_a_wire_format_error_for_any_header(frames: list[bytes]) -> None:
     try:
         message = decode(frames)
@@ -487,8 +486,8 @@ def test_record_refuses_a_traversal_uid_and_a_link_out_of_its_directory_yet_pass
     assert rejected("record") == before + 2
 
 
-def test_publish_refuses_a_traversal_uid_writing_no_file_and_no_node(tmp_path: Path) -> None:
-    stage = publish_stage(tmp_path, f"http://127.0.0.1:{closed_port()}")
+def test_publish_refuses_a_traversal_uid_writing_no_file_and_no_node(tmp_path: Path, free_port: int) -> None:
+    stage = publish_stage(tmp_path, f"http://127.0.0.1:{free_port}")
     before = rejected("publish")
     uid = "../../escape"
     try:

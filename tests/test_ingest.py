@@ -34,7 +34,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import BaseModel, ConfigDict
 
-from phasestream.apps.launcher import Launcher
+from phasestream.apps.launch.launcher import Launcher
 from phasestream.errors import FrameValidationError
 from phasestream.formats.position_channel import (
     PositionBatch,
@@ -42,8 +42,8 @@ from phasestream.formats.position_channel import (
     encode_positions,
     encode_positions_end,
 )
-from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, decode_stream_v2
-from phasestream.formats.stream_v2_encode import (
+from phasestream.formats.stream_v2.decode import EndMessage, ImageMessage, decode_stream_v2
+from phasestream.formats.stream_v2.encode import (
     channel_array,
     encode_image,
     encode_message,
@@ -58,7 +58,8 @@ from phasestream.runtime.stage import Stage
 from phasestream.runtime.topology import place
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
 from phasestream.simulators.selun import SelunEmitter
-from phasestream.stages.ingest import IngestConfig, IngestStage
+from phasestream.stages.ingest.config import IngestConfig
+from phasestream.stages.ingest.stage import IngestStage
 
 TESTS_DIR = Path(__file__).resolve().parent
 BATCH_SIZE = 4
@@ -385,6 +386,7 @@ SENT = "phasestream_frames_sent_total"
 
 
 # ---- the tests ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_real_stream_v2_scan_from_the_emitter_arrives_bit_exact_with_its_positions(pipeline) -> None:
     scan = simulate_scan(
         ScanSimulationConfig(
@@ -423,6 +425,7 @@ def test_real_stream_v2_scan_from_the_emitter_arrives_bit_exact_with_its_positio
     assert result.metrics == {(RECEIVED, ""): n, (SENT, ""): n}
 
 
+@pytest.mark.slow
 def test_bad_input_mixed_into_one_scan_is_named_counted_and_accounted_for(pipeline) -> None:
     n = 24
     series = Series.new("mixed")
@@ -525,6 +528,7 @@ def test_bad_input_mixed_into_one_scan_is_named_counted_and_accounted_for(pipeli
     }
 
 
+@pytest.mark.slow
 def test_a_series_whose_start_was_lost_is_refused_and_the_next_scan_is_unharmed(pipeline) -> None:
     lost, good = Series.new("lost-start"), Series.new("after-lost-start")
     frames, positions = make_frames(6, seed=2), make_positions(6)
@@ -555,6 +559,7 @@ def test_a_series_whose_start_was_lost_is_refused_and_the_next_scan_is_unharmed(
     assert result.accounting[INGEST]["frames_forwarded"] == 6
 
 
+@pytest.mark.slow
 def test_position_channel_faults_cost_only_their_own_positions(pipeline) -> None:
     n = 8
     series = Series.new("positions")
@@ -592,6 +597,7 @@ def test_position_channel_faults_cost_only_their_own_positions(pipeline) -> None
     assert unaccounted_frames(result.frames_sent, result.accounting) == []
 
 
+@pytest.mark.slow
 def test_a_detector_that_stops_mid_scan_is_closed_after_the_timeout_with_what_arrived(pipeline) -> None:
     n, sent = 10, 6
     series = Series.new("stalled")
@@ -607,6 +613,7 @@ def test_a_detector_that_stops_mid_scan_is_closed_after_the_timeout_with_what_ar
     assert unaccounted_frames(result.frames_sent, result.accounting) == []
 
 
+@pytest.mark.slow
 def test_positions_that_overtake_the_start_message_wait_for_their_scan(pipeline) -> None:
     """Positions (one repeated) held before the start message: none is lost, the ScanStart comes first."""
     n = 8
@@ -696,6 +703,7 @@ def test_ingest_rejects_nan_and_negative_counts_by_image(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", list(COUNT_FAULTS))
+@pytest.mark.slow
 def test_nan_and_negative_counts_over_the_wire(pipeline, case: str) -> None:
     dtype, tag, bad_value, reason, fragment = COUNT_FAULTS[case]
     n = 6

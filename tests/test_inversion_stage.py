@@ -5,24 +5,20 @@ before the final object."""
 from __future__ import annotations
 
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from tiled.client import from_uri
 
-from phasestream.apps.launcher import Launcher
-from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.apps.tiled_server import EmbeddedTiledServer
 from phasestream.errors import ConfigError
-from phasestream.models.nets.autophasenn import default_weights_path
+from phasestream.models.nets.autophasenn.weights import default_weights_path
 from phasestream.models.quality import aligned_error
 from phasestream.runtime.accounting import unaccounted_frames
-from phasestream.runtime.config import load_pipeline, validate_pipeline
+from phasestream.runtime.config import load_pipeline
 from phasestream.runtime.messages import FrameBatch, Geometry, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.registry import resolve_stage
 from phasestream.runtime.topology import place
@@ -35,12 +31,7 @@ GENERIC_WEIGHTS = default_weights_path(2)  # 64-px frames, the training's own pr
 UID = "scan"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inversion_stage(**config):
@@ -247,6 +238,7 @@ def demo_mosaic_scores(sample: str, seed: int, n_positions: int = 150) -> dict[s
     }
 
 
+@pytest.mark.slow
 def test_demo_mosaic_resembles_the_truth_on_held_out_scans():
     """Held out: the network was trained on random 64-px patches, never on a scan, and these scans are new.
     The discriminating figure is the correlation of |mosaic| with |truth| over the scanned disc (blind to the
@@ -281,7 +273,7 @@ def test_refine_starts_from_a_mosaic_that_arrives_before_its_first_epoch(initial
     both stages map positions to pixels the same way."""
     scan = small_scan(n_positions=12)
     stage = refine_stage(
-        initial_object=initial_object, min_positions=4, probe_search_epochs=0, torch_threads=1
+        initial_object=initial_object, min_positions=4, probe_search_epochs=0, execution={"num_threads": 1}
     )
     dx, top_left = scan.object_pixel_size_m, np.asarray(scan.object_top_left_m)
     corner_px = np.floor((scan.positions_m.min(axis=0) - top_left) / dx)
@@ -320,47 +312,33 @@ def test_refine_starts_from_a_mosaic_that_arrives_before_its_first_epoch(initial
 # A launched pipeline: the mosaic reaches Tiled before the final object, and refine starts from it
 
 
-def _e2e_pipeline(run_dir: Path, tiled_uri: str, api_key: str):
-    return validate_pipeline(
-        {
-            "name": "e2e-inversion",
-            "run_dir": str(run_dir),
-            "exit_after_scan": False,
-            "tiled": {"uri": tiled_uri, "api_key": api_key},
-            "detector": {
-                "data_endpoint": f"ipc://{run_dir}/det.sock",
-                "positions_endpoint": f"ipc://{run_dir}/pos.sock",
-            },
-            "stages": [
-                {"name": "ingest", "stage": "ingest", "config": {"batch_size": 8}},
-                {
-                    "name": "inversion",
-                    "stage": "phasestream.stages.inversion:InversionStage",
-                    "config": {
-                        "weights_path": str(GENERIC_WEIGHTS),
-                        "bin_factor": 1,
-                        "batch_size": 8,
-                        "device": "cpu",
-                        "emit_interval_s": 0.2,
-                    },
-                },
-                {
-                    "name": "refine",
-                    "stage": "refine",
-                    "config": {
-                        "min_positions": 24,
-                        "epochs_after_scan": 10,
-                        "emit_every_epochs": 5,
-                        "batch_size": 16,
-                        "probe_search_epochs": 0,
-                        "torch_threads": 1,
-                        "initial_object": "mosaic_amplitude",
-                    },
-                },
-                {"name": "publish", "stage": "publish"},
-            ],
-        }
-    )
+E2E_STAGES = [
+    {"name": "ingest", "stage": "ingest", "config": {"batch_size": 8}},
+    {
+        "name": "inversion",
+        "stage": "phasestream.stages.inversion:InversionStage",
+        "config": {
+            "weights_path": str(GENERIC_WEIGHTS),
+            "bin_factor": 1,
+            "batch_size": 8,
+            "device": "cpu",
+            "emit_interval_s": 0.2,
+        },
+    },
+    {
+        "name": "refine",
+        "stage": "refine",
+        "config": {
+            "min_positions": 24,
+            "epochs_after_scan": 10,
+            "emit_every_epochs": 5,
+            "probe_search_epochs": 0,
+            "execution": {"batch_size": 16, "num_threads": 1},
+            "initial_object": "mosaic_amplitude",
+        },
+    },
+    {"name": "publish", "stage": "publish"},
+]
 
 
 def _products(client, scan_uid: str) -> tuple[set[str], bool]:
@@ -373,49 +351,34 @@ def _products(client, scan_uid: str) -> tuple[set[str], bool]:
 
 
 @pytest.mark.slow
-def test_launched_pipeline_publishes_the_mosaic_before_the_final_object(tmp_path: Path) -> None:
+def test_launched_pipeline_publishes_the_mosaic_before_the_final_object(
+    launch_pipeline, short_run_dir: Path, tiled_server: EmbeddedTiledServer
+) -> None:
     n_positions = 48
     scan = small_scan(n_positions=n_positions, seed=4)
-    run_dir = Path(tempfile.mkdtemp(prefix="ps-inv-", dir="/tmp"))
-    scan_file = run_dir / "scan.npz"
+    scan_file = short_run_dir / "scan.npz"
     save_scan(scan, scan_file)
     scan_uid = str(uuid.uuid4())
-    api_key = generate_api_key()
-    with EmbeddedTiledServer(tmp_path / "tiled", api_key=api_key) as server:
-        pipeline = _e2e_pipeline(run_dir, server.uri, api_key)
-        client = from_uri(server.uri, api_key=api_key)
-        launcher = Launcher(pipeline)
-        launcher.start()
-        try:
-            emitter = subprocess.Popen(
-                [
-                    sys.executable, "-m", "phasestream", "simulate", "--from", str(scan_file),
-                    "--data-endpoint", pipeline.detector.data_endpoint,
-                    "--positions-endpoint", pipeline.detector.positions_endpoint,
-                    "--scan-uid", scan_uid, "--no-progress", "--rate-hz", "40",
-                ]
-            )  # fmt: skip
-            seen: dict[str, float] = {}
-            statuses, ends = [], {}
-            for event in launcher.events(timeout_s=180):
-                assert event["event"] != "died", event
-                if event["event"] == "status":
-                    statuses.append(event)
-                if event["event"] == "scan_end":
-                    ends[event["sender"]] = event
-                products, final = _products(client, scan_uid)
-                now = time.monotonic()
-                if "mosaic" in products:
-                    seen.setdefault("mosaic", now)
-                if final:
-                    seen.setdefault("final_object", now)
-                if "publish.0" in ends:
-                    break
-            assert emitter.wait(30) == 0
-        finally:
-            launcher.stop()
-        node = client["reconstructions"][scan_uid]
-        mosaic, metadata = node["mosaic"].read(), dict(node.metadata)
+    client = from_uri(tiled_server.uri, api_key=tiled_server.api_key)
+    seen: dict[str, float] = {}
+    statuses = []
+
+    def watch(event: dict) -> None:
+        if event["event"] == "status":
+            statuses.append(event)
+        products, final = _products(client, scan_uid)
+        now = time.monotonic()
+        if "mosaic" in products:
+            seen.setdefault("mosaic", now)
+        if final:
+            seen.setdefault("final_object", now)
+
+    with launch_pipeline("e2e-inversion", E2E_STAGES) as running:
+        emitter = subprocess.Popen(running.simulate_command(scan_file, scan_uid, "--rate-hz", "40"))
+        ends = running.until_published(timeout_s=180, on_event=watch)
+        assert emitter.wait(30) == 0
+    node = client["reconstructions"][scan_uid]
+    mosaic, metadata = node["mosaic"].read(), dict(node.metadata)
     seen.setdefault("final_object", time.monotonic())
     assert seen["mosaic"] < seen["final_object"], seen
     assert np.iscomplexobj(mosaic) and mosaic.ndim == 2 and np.abs(mosaic).max() > 0

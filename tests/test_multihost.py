@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ from netns_hosts import NetnsHost, netns_available, netns_hosts, tcp_forward
 from tiled.client import from_uri
 from zmq.utils.monitor import recv_monitor_message
 
-from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.apps.tiled_server import EmbeddedTiledServer
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.curve import PUBLIC_DIR, generate_keys, key_names, load_keypair, load_public_key
 from phasestream.simulators.scan_file import save_scan
@@ -61,7 +59,7 @@ HANDSHAKE_EVENTS = (
 HOST_LAUNCHER = """
 import json, signal, sys
 from phasestream.runtime.config import load_pipeline
-from phasestream.apps.launcher import Launcher
+from phasestream.apps.launch.launcher import Launcher
 
 stopping = []
 signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
@@ -123,9 +121,8 @@ def _topology(hosts: dict[str, NetnsHost], run_dir: Path, tiled_uri: str, api_ke
                     "min_positions": 20,
                     "epochs_after_scan": 4,
                     "emit_every_epochs": 2,
-                    "batch_size": 16,
                     "probe_search_epochs": 2,
-                    "torch_threads": 1,
+                    "execution": {"batch_size": 16, "num_threads": 1},
                 },
             },
             {"name": "publish", "stage": "publish", "port": PUBLISH_PORT, **metrics_on("gpu")},
@@ -235,25 +232,16 @@ def hosts() -> Iterator[dict[str, NetnsHost]]:
         yield made
 
 
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    """Short, for the launchers' ipc:// control sockets (pytest's tmp_path can be too long)."""
-    path = Path(tempfile.mkdtemp(prefix="ps-mh-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.mark.parametrize("curve", [False, True], ids=["tcp", "curve"])
 def test_scan_crosses_three_hosts_into_tiled(
-    small_scan, hosts, run_dir: Path, tmp_path: Path, curve: bool
+    small_scan, hosts, short_run_dir: Path, tiled_server: EmbeddedTiledServer, tmp_path: Path, curve: bool
 ) -> None:
+    run_dir, server, api_key = short_run_dir, tiled_server, tiled_server.api_key
     scan_file = run_dir / "scan.npz"
     save_scan(small_scan, scan_file)
     scan_uid = str(uuid.uuid4())
-    api_key = generate_api_key()
     bridge = "10.77.0.254"  # the root namespace on the hosts' bridge (netns_hosts)
     with ExitStack() as stack:
-        server = stack.enter_context(EmbeddedTiledServer(tmp_path / "tiled", api_key=api_key))
         tiled_port = stack.enter_context(tcp_forward(bridge, int(server.uri.rsplit(":", 1)[1])))
         topology = _topology(hosts, run_dir, f"http://{bridge}:{tiled_port}", api_key)
         if curve:

@@ -27,7 +27,7 @@ from ophyd.sim import SynAxis
 from phasestream.apps.bluesky.bridge import BridgeConfig, BridgeReport, PositionsRouter
 from phasestream.errors import ConfigError
 from phasestream.formats.position_channel import PositionBatch, decode_positions
-from phasestream.formats.tpx3_decode import Tpx3Decoder
+from phasestream.formats.tpx3.decode import Tpx3Decoder
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.config import validate_pipeline
 from phasestream.runtime.messages import FrameBatch, Message, ScanEnd, ScanStart

@@ -7,11 +7,12 @@ import pytest
 import torch
 from phasestream_bench.pine import ConvergenceTrace
 from phasestream_bench.solvers import simulate_scan
+from pydantic import ValidationError
 from torch import nn
 
-from phasestream.errors import ConfigError
 from phasestream.models.nets.dncnn import COMPLEX_MARGIN, TRAINING_RANGE, load_denoiser
-from phasestream.models.ptycho.epie import EpieSolver, EpieVariant
+from phasestream.models.ptycho.epie import EpieSolver
+from phasestream.models.ptycho.options import EpieOptions, EpieVariant, PineOptions, UpdateRule
 from phasestream.models.ptycho.pine import RANGE_QUANTILE, PineRegulariser, pine_solver, robust_value_range
 
 
@@ -51,9 +52,9 @@ def np_pine_regularise(obj: np.ndarray, rho: float) -> np.ndarray:
 
 def test_one_pine_epoch_is_an_epie_epoch_then_the_regularisation_step() -> None:
     scan = simulate_scan(n_positions=12, size_px=16, seed=5)
-    options = {"probe": scan.probe, "variant": EpieVariant.SEQUENTIAL, "seed": 3, "num_threads": 1}
-    epie = EpieSolver(**options)
-    pine = pine_solver(MeanFilter(), rho=0.49, **options)
+    options = EpieOptions(execution={"variant": EpieVariant.SEQUENTIAL, "seed": 3, "num_threads": 1})
+    epie = EpieSolver(options, probe=scan.probe)
+    pine = pine_solver(options, PineOptions(rho=0.49), MeanFilter(), probe=scan.probe)
     for solver in (epie, pine):
         solver.add_patterns(scan.intensities, scan.top_left_px)
     epie_error, pine_error = epie.run_epoch(), pine.run_epoch()
@@ -67,12 +68,12 @@ def test_one_pine_epoch_is_an_epie_epoch_then_the_regularisation_step() -> None:
 
 def test_rho_outside_the_unit_interval_is_refused() -> None:
     for rho in (0.0, 1.0, 1.5):
-        with pytest.raises(ConfigError, match="rho"):
-            PineRegulariser(MeanFilter(), rho)
+        with pytest.raises(ValidationError, match=rf"rho\n.*input_value={rho!r}"):
+            PineOptions(rho=rho)
 
 
 def test_the_shipped_denoiser_keeps_a_flat_object_and_smooths_noise() -> None:
-    solver = pine_solver(rho=0.49, device="cpu")
+    solver = pine_solver(EpieOptions(execution={"device": "cpu"}), PineOptions(rho=0.49))
     rng = np.random.default_rng(0)
     flat = torch.full((48, 48), 0.8 + 0.3j, dtype=torch.complex64)
     noisy = flat + torch.from_numpy(
@@ -86,6 +87,7 @@ def test_the_shipped_denoiser_keeps_a_flat_object_and_smooths_noise() -> None:
 
 
 @pytest.mark.parametrize("fourier_constraint", ["projection", "poisson"])
+@pytest.mark.slow
 def test_bench_pine_traces_every_solver_and_draws_the_figure(tmp_path, fourier_constraint) -> None:
     from phasestream_bench.pine import bench_pine
 
@@ -102,17 +104,15 @@ def test_bench_pine_traces_every_solver_and_draws_the_figure(tmp_path, fourier_c
 
 
 def test_the_reconstructed_probe_start_updates_a_blurred_probe_at_its_power() -> None:
-    from phasestream_bench.pine import low_dose_scan, reconstructed_probe_options
-
-    from phasestream.models.ptycho.epie import EpieSolver
+    from phasestream_bench.pine import low_dose_scan, reconstructed_probe_start
 
     scan = low_dose_scan(30, 2e3, seed=0)
-    options = reconstructed_probe_options(scan, seed=0)
-    guess = options["probe"]
+    start = reconstructed_probe_start(scan, seed=0)
+    guess = start.probe
     power = np.sum(np.abs(scan.probe_truth) ** 2)
     assert np.sum(np.abs(guess) ** 2) == pytest.approx(power, rel=1e-5)
     assert np.linalg.norm(guess - scan.probe_truth) > 0.1 * np.sqrt(power)
-    solver = EpieSolver(**options)
+    solver = start.solver()
     solver.add_patterns(scan.frames, scan.positions_object_px() - scan.config.detector_size_px // 2)
     for _ in range(4):
         solver.run_epoch()
@@ -172,20 +172,19 @@ def test_the_value_range_ignores_the_noisy_edge_of_the_scan() -> None:
 def small_low_dose_runs(photons_per_frame: float, names: tuple[str, ...]) -> dict[str, ConvergenceTrace]:
     """Some of ePIE, rPIE (α = 0.1) and PINE on 60 positions of the benchmark scan: NRMSE and mean FRC
     after 4 and 8 sweeps, with the true probe, as the benchmark runs them."""
-    from phasestream_bench.pine import known_probe_options, low_dose_scan, run_trace
-
-    from phasestream.models.ptycho.epie import UpdateRule
+    from phasestream_bench.pine import known_probe_start, low_dose_scan, run_trace
 
     scan = low_dose_scan(60, photons_per_frame, seed=0)
-    common = known_probe_options(scan, seed=0)
+    start = known_probe_start(scan, seed=0)
     solvers = {
-        "ePIE": lambda: EpieSolver(**common),
-        "rPIE": lambda: EpieSolver(update_rule=UpdateRule.RPIE, rpie_alpha=0.1, **common),
-        "PINE": lambda: pine_solver(**common),
+        "ePIE": lambda: start.solver(),
+        "rPIE": lambda: start.solver(update_rule=UpdateRule.RPIE, object={"rpie_alpha": 0.1}),
+        "PINE": lambda: pine_solver(start.options, probe=start.probe, object_guess=start.object_guess),
     }
     return {name: run_trace(name, solvers[name](), scan, 8, 4, progress=False) for name in names}
 
 
+@pytest.mark.slow
 def test_rpie_at_low_alpha_amplifies_photon_noise_and_pine_keeps_epie_resolution() -> None:
     """At 2,000 photons per frame (0.5 per pixel) rPIE's step 1/((1 − α)|P|² + α max|P|²) is up to 1/α = 10
     times ePIE's where the probe is dim, and there ψ' − ψ is mostly photon noise: its error grows with every

@@ -7,8 +7,6 @@ port, and the reconstruction read back from Tiled and compared with the truth.
 from __future__ import annotations
 
 import subprocess
-import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -19,10 +17,8 @@ from matplotlib.image import imread
 from tiled.client import from_uri
 
 from phasestream.apps.demo_figure import compare_with_truth, draw_comparison
-from phasestream.apps.launcher import Launcher
-from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.apps.tiled_server import EmbeddedTiledServer
 from phasestream.runtime.accounting import unaccounted_frames
-from phasestream.runtime.config import validate_pipeline
 from phasestream.simulators.scan_file import save_scan
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
 
@@ -50,35 +46,21 @@ def small_scan():
     return simulate_scan(config)
 
 
-def _pipeline(run_dir: Path, tiled_uri: str, api_key: str) -> object:
-    return validate_pipeline(
-        {
-            "name": "e2e",
-            "run_dir": str(run_dir),
-            "exit_after_scan": False,
-            "tiled": {"uri": tiled_uri, "api_key": api_key},
-            "detector": {
-                "data_endpoint": f"ipc://{run_dir}/det.sock",
-                "positions_endpoint": f"ipc://{run_dir}/pos.sock",
-            },
-            "stages": [
-                {"name": "ingest", "stage": "ingest", "config": {"batch_size": 16}},
-                {"name": "binning", "stage": "binning", "workers": 2},
-                {
-                    "name": "refine",
-                    "stage": "refine",
-                    "config": {
-                        "min_positions": 20,
-                        "epochs_after_scan": EPOCHS_AFTER_SCAN,
-                        "emit_every_epochs": 5,
-                        "batch_size": 16,
-                        "torch_threads": 1,
-                    },
-                },
-                {"name": "publish", "stage": "publish"},
-            ],
-        }
-    )
+STAGES = [
+    {"name": "ingest", "stage": "ingest", "config": {"batch_size": 16}},
+    {"name": "binning", "stage": "binning", "workers": 2},
+    {
+        "name": "refine",
+        "stage": "refine",
+        "config": {
+            "min_positions": 20,
+            "epochs_after_scan": EPOCHS_AFTER_SCAN,
+            "emit_every_epochs": 5,
+            "execution": {"batch_size": 16, "num_threads": 1},
+        },
+    },
+    {"name": "publish", "stage": "publish"},
+]
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -91,60 +73,34 @@ def _scrape(port: int) -> dict[str, float]:
     return values
 
 
-def test_simulated_scan_streams_to_tiled_and_reconstructs(small_scan, tmp_path: Path) -> None:
-    run_dir = Path(tempfile.mkdtemp(prefix="ps-e2e-", dir="/tmp"))
-    scan_file = run_dir / "scan.npz"
+def test_simulated_scan_streams_to_tiled_and_reconstructs(
+    small_scan, launch_pipeline, short_run_dir: Path, tiled_server: EmbeddedTiledServer, tmp_path: Path
+) -> None:
+    scan_file = short_run_dir / "scan.npz"
     save_scan(small_scan, scan_file)
     scan_uid = str(uuid.uuid4())
-    api_key = generate_api_key()
-    with EmbeddedTiledServer(tmp_path / "tiled", api_key=api_key) as server:
-        pipeline = _pipeline(run_dir, server.uri, api_key)
-        launcher = Launcher(pipeline)
-        launcher.start()
-        try:
-            emitter = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "phasestream",
-                    "simulate",
-                    "--from",
-                    str(scan_file),
-                    "--data-endpoint",
-                    pipeline.detector.data_endpoint,
-                    "--positions-endpoint",
-                    pipeline.detector.positions_endpoint,
-                    "--scan-uid",
-                    scan_uid,
-                    "--no-progress",
-                    # Slow enough that the solver runs while frames still arrive, even on a loaded
-                    # machine (the probe search alone takes about a second there).
-                    "--rate-hz",
-                    "40",
-                ]
-            )
-            ends, statuses = {}, []
-            for event in launcher.events(timeout_s=180):
-                assert event["event"] != "died", event
-                if event["event"] == "status" and "iteration" in event:
-                    statuses.append(event)
-                if event["event"] == "scan_end":
-                    ends[event["sender"]] = event
-                if "publish.0" in ends:
-                    break
-            assert emitter.wait(30) == 0
-            metrics = {label: _scrape(w.metrics_port) for label, w in launcher.workers.items()}
-        finally:
-            launcher.stop()
-        exit_codes = {label: w.process.returncode for label, w in launcher.workers.items()}
+    statuses = []
 
-        node = from_uri(server.uri, api_key=api_key)["reconstructions"][scan_uid]
-        reconstruction = {
-            "object": node["object"].read(),
-            "probe": node["probe"].read(),
-            "positions": node["positions"].read(),
-            "metadata": dict(node.metadata),
-        }
+    def note_status(event: dict) -> None:
+        if event["event"] == "status" and "iteration" in event:
+            statuses.append(event)
+
+    with launch_pipeline("e2e", STAGES) as running:
+        # Slow enough that the solver runs while frames still arrive, even on a loaded machine (the probe
+        # search alone takes about a second there).
+        emitter = subprocess.Popen(running.simulate_command(scan_file, scan_uid, "--rate-hz", "40"))
+        ends = running.until_published(timeout_s=180, on_event=note_status)
+        assert emitter.wait(30) == 0
+        metrics = {label: _scrape(w.metrics_port) for label, w in running.launcher.workers.items()}
+    exit_codes = {label: w.process.returncode for label, w in running.launcher.workers.items()}
+
+    node = from_uri(tiled_server.uri, api_key=tiled_server.api_key)["reconstructions"][scan_uid]
+    reconstruction = {
+        "object": node["object"].read(),
+        "probe": node["probe"].read(),
+        "positions": node["positions"].read(),
+        "metadata": dict(node.metadata),
+    }
 
     # Every stage stopped cleanly on SIGTERM.
     assert exit_codes == dict.fromkeys(exit_codes, 0)

@@ -16,6 +16,7 @@ from phasestream.apps.demo_figure import illumination_mask, truth_on_reconstruct
 from phasestream.errors import ConfigError
 from phasestream.models.physics import positions_to_pixels
 from phasestream.models.ptycho.epie import EpieSolver
+from phasestream.models.ptycho.options import EpieOptions
 from phasestream.models.ptycho.probe_guess import (
     ProbeCandidate,
     bright_field,
@@ -68,12 +69,9 @@ def _solver(
     scan: BeamlineScan, probe: np.ndarray, n_frames: int, probe_update_start_epoch: int
 ) -> EpieSolver:
     pixels = _pixels(scan)
+    options = EpieOptions(probe={"update_start_epoch": probe_update_start_epoch}, execution={"device": "cpu"})
     solver = EpieSolver(
-        probe=probe,
-        probe_update_start_epoch=probe_update_start_epoch,
-        unmeasured=scan.bad_pixel_mask,
-        canvas_shape_px=pixels.canvas_shape_px,
-        device="cpu",
+        options, probe=probe, unmeasured=scan.bad_pixel_mask, canvas_shape_px=pixels.canvas_shape_px
     )
     solver.add_patterns(scan.frames[:n_frames], pixels.top_left_px[:n_frames])
     return solver
@@ -122,6 +120,7 @@ def _auto_start(scan: BeamlineScan) -> tuple[ProbeCandidate, list[tuple[str, flo
 
 
 @pytest.mark.parametrize("case", list(BeamlineCase))
+@pytest.mark.slow
 def test_auto_start_reconstructs_every_case_without_the_true_probe(case: BeamlineCase) -> None:
     scan = simulate_beamline_scan(case, N_POSITIONS, frame_px=64, seed=0)
     chosen, scores = _auto_start(scan)

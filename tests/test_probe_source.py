@@ -10,7 +10,6 @@ import pytest
 
 from phasestream.errors import ConfigError
 from phasestream.formats.probe_source import (
-    JOULES_PER_EV,
     ProbeSpec,
     ProbeStartKind,
     load_probe,
@@ -18,7 +17,7 @@ from phasestream.formats.probe_source import (
     validate_probe,
 )
 from phasestream.formats.result_file import ResultGeometry, ScanResult, write_result_file
-from phasestream.formats.units import object_pixel_size_m
+from phasestream.formats.units import JOULES_PER_EV, object_pixel_size_m
 from phasestream.models.ptycho.probe_resample import MAX_CROP_LOSS, resample_probe
 
 ILLUMINATION = "/entry_1/instrument_1/source_1/illumination"

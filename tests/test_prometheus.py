@@ -11,8 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,10 +23,9 @@ import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
-from phasestream.apps.launcher import Launcher
-from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
+from phasestream.apps.launch.launcher import Launcher
 from phasestream.runtime import metrics
-from phasestream.runtime.config import PipelineConfig, load_pipeline, validate_pipeline
+from phasestream.runtime.config import PipelineConfig, load_pipeline
 from phasestream.runtime.topology import place
 from phasestream.simulators.scan_file import save_scan
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
@@ -376,34 +373,22 @@ def _panels_with_data(base: str, pipeline_name: str) -> set[str]:
     return titles
 
 
-def _small_pipeline(run_dir: Path, tiled_uri: str, api_key: str) -> PipelineConfig:
-    return validate_pipeline(
-        {
-            "name": "promtest",
-            "run_dir": str(run_dir),
-            "tiled": {"uri": tiled_uri, "api_key": api_key},
-            "detector": {
-                "data_endpoint": f"ipc://{run_dir}/det.sock",
-                "positions_endpoint": f"ipc://{run_dir}/pos.sock",
-            },
-            "stages": [
-                {"name": "ingest", "stage": "ingest", "config": {"batch_size": 8}},
-                {"name": "binning", "stage": "binning", "workers": 2},
-                {
-                    "name": "refine",
-                    "stage": "refine",
-                    "config": {
-                        "min_positions": 20,
-                        "epochs_after_scan": 4,
-                        "emit_every_epochs": 2,
-                        "probe_search_epochs": 0,
-                        "torch_threads": 1,
-                    },
-                },
-                {"name": "publish", "stage": "publish"},
-            ],
-        }
-    )
+SMALL_PIPELINE_STAGES = [
+    {"name": "ingest", "stage": "ingest", "config": {"batch_size": 8}},
+    {"name": "binning", "stage": "binning", "workers": 2},
+    {
+        "name": "refine",
+        "stage": "refine",
+        "config": {
+            "min_positions": 20,
+            "epochs_after_scan": 4,
+            "emit_every_epochs": 2,
+            "probe_search_epochs": 0,
+            "execution": {"num_threads": 1},
+        },
+    },
+    {"name": "publish", "stage": "publish"},
+]
 
 
 def _scrape_config(pipeline: PipelineConfig, launcher: Launcher, rules: Path) -> dict[str, Any]:
@@ -423,16 +408,10 @@ def _scrape_config(pipeline: PipelineConfig, launcher: Launcher, rules: Path) ->
     return config
 
 
-@pytest.fixture
-def short_run_dir() -> Iterator[Path]:
-    """A run folder under /tmp: ipc:// socket paths must stay under 107 bytes."""
-    run_dir = Path(tempfile.mkdtemp(prefix="ps-prom-", dir="/tmp"))
-    yield run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_real_prometheus_scrapes_a_running_pipeline(tmp_path: Path, short_run_dir: Path) -> None:
+def test_real_prometheus_scrapes_a_running_pipeline(
+    launch_pipeline, tmp_path: Path, short_run_dir: Path
+) -> None:
     _binary("prometheus")
     run_dir = short_run_dir
     scan = simulate_scan(
@@ -444,69 +423,57 @@ def test_real_prometheus_scrapes_a_running_pipeline(tmp_path: Path, short_run_di
         )
     )
     save_scan(scan, run_dir / "scan.npz")
-    api_key = generate_api_key()
-    with EmbeddedTiledServer(tmp_path / "tiled", api_key=api_key) as server:
-        pipeline = _small_pipeline(run_dir, server.uri, api_key)
-        with Launcher(pipeline) as launcher:
-            config = _scrape_config(pipeline, launcher, DEPLOY / "alerts.yml")
-            with _prometheus(config, tmp_path) as base:
-                emitter = subprocess.run(
-                    [
-                        sys.executable, "-m", "phasestream", "simulate",
-                        "--from", str(run_dir / "scan.npz"),
-                        "--data-endpoint", pipeline.detector.data_endpoint,
-                        "--positions-endpoint", pipeline.detector.positions_endpoint,
-                        "--scan-uid", str(uuid.uuid4()), "--no-progress",
-                    ],
-                    capture_output=True, timeout=60,
-                )  # fmt: skip
-                assert emitter.returncode == 0, emitter.stderr.decode()
-                for event in launcher.events(timeout_s=60):
-                    assert event["event"] != "died", event
-                    if event["event"] == "scan_end" and event["sender"] == "publish.0":
-                        break
-                else:
-                    pytest.fail("publish.0 never reported the scan's end")
-                scraped = {
-                    label: httpx.get(f"http://127.0.0.1:{w.metrics_port}/metrics", timeout=5).content
-                    for label, w in launcher.workers.items()
-                }
+    with launch_pipeline("promtest", SMALL_PIPELINE_STAGES) as running:
+        pipeline, launcher = running.config, running.launcher
+        config = _scrape_config(pipeline, launcher, DEPLOY / "alerts.yml")
+        with _prometheus(config, tmp_path) as base:
+            emitter = subprocess.run(
+                running.simulate_command(run_dir / "scan.npz", str(uuid.uuid4())),
+                capture_output=True,
+                timeout=60,
+            )
+            assert emitter.returncode == 0, emitter.stderr.decode()
+            running.until_published(timeout_s=60)
+            scraped = {
+                label: httpx.get(f"http://127.0.0.1:{w.metrics_port}/metrics", timeout=5).content
+                for label, w in launcher.workers.items()
+            }
 
-                def received_per_stage() -> dict[str, float] | None:
-                    result = _query(base, "sum by (stage) (phasestream_frames_received_total)")
-                    counts = {r["metric"]["stage"]: float(r["value"][1]) for r in result}
-                    frame_stages = {"ingest", "binning", "refine"}
-                    # publish's series (0: it receives reconstructions) may come one scrape later.
-                    done = (frame_stages | {"publish"}) <= set(counts) and all(
-                        counts[s] >= N_POSITIONS for s in frame_stages
-                    )
-                    return counts if done else None
+            def received_per_stage() -> dict[str, float] | None:
+                result = _query(base, "sum by (stage) (phasestream_frames_received_total)")
+                counts = {r["metric"]["stage"]: float(r["value"][1]) for r in result}
+                frame_stages = {"ingest", "binning", "refine"}
+                # publish's series (0: it receives reconstructions) may come one scrape later.
+                done = (frame_stages | {"publish"}) <= set(counts) and all(
+                    counts[s] >= N_POSITIONS for s in frame_stages
+                )
+                return counts if done else None
 
-                received = _wait_for(received_per_stage, 20, "every frame counted in Prometheus")
+            received = _wait_for(received_per_stage, 20, "every frame counted in Prometheus")
 
-                def up_per_worker() -> dict[str, str] | None:
-                    result = _query(base, f'up{{job="phasestream", pipeline="{pipeline.name}"}}')
-                    up = {f"{r['metric']['stage']}.{r['metric']['worker']}": r["value"][1] for r in result}
-                    return up if set(up) == set(launcher.workers) else None
+            def up_per_worker() -> dict[str, str] | None:
+                result = _query(base, f'up{{job="phasestream", pipeline="{pipeline.name}"}}')
+                up = {f"{r['metric']['stage']}.{r['metric']['worker']}": r["value"][1] for r in result}
+                return up if set(up) == set(launcher.workers) else None
 
-                up = _wait_for(up_per_worker, 10, "a scrape of every worker")
-                series = _query(base, "phasestream_frames_received_total")
+            up = _wait_for(up_per_worker, 10, "a scrape of every worker")
+            series = _query(base, "phasestream_frames_received_total")
 
-                def rules_evaluated() -> list[dict[str, Any]] | None:
-                    groups = httpx.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"]
-                    rules = [rule for group in groups for rule in group["rules"]]
-                    evaluated = all(not r["lastEvaluation"].startswith("0001") for r in rules)
-                    return rules if rules and evaluated else None
+            def rules_evaluated() -> list[dict[str, Any]] | None:
+                groups = httpx.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"]
+                rules = [rule for group in groups for rule in group["rules"]]
+                evaluated = all(not r["lastEvaluation"].startswith("0001") for r in rules)
+                return rules if rules and evaluated else None
 
-                rules = _wait_for(rules_evaluated, 10, "every alert rule evaluated")
-                # The publisher writes to Tiled in its own thread: its series may need one more scrape.
-                deadline = time.monotonic() + 20
-                while True:
-                    without_data = PANELS_WITH_DATA - _panels_with_data(base, pipeline.name)
-                    if not without_data or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.2)
-                firing = _query(base, 'ALERTS{alertstate="firing"}')
+            rules = _wait_for(rules_evaluated, 10, "every alert rule evaluated")
+            # The publisher writes to Tiled in its own thread: its series may need one more scrape.
+            deadline = time.monotonic() + 20
+            while True:
+                without_data = PANELS_WITH_DATA - _panels_with_data(base, pipeline.name)
+                if not without_data or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            firing = _query(base, 'ALERTS{alertstate="firing"}')
 
     # The counters as Prometheus stored them: the detector's 40 frames reached each frame stage once,
     # the two binning workers together; publish receives reconstructions, not frames.

@@ -10,7 +10,7 @@ import torch
 from phasestream_bench.solvers import simulate_scan
 
 from phasestream.errors import FrameValidationError
-from phasestream.models.ptycho.epie import EpieSolver, EpieVariant, UpdateRule
+from phasestream.models.ptycho.epie import EpieSolver
 from phasestream.models.ptycho.modes import (
     fourier_frequencies,
     mode_powers,
@@ -19,6 +19,7 @@ from phasestream.models.ptycho.modes import (
     shifted_modes,
     unshift,
 )
+from phasestream.models.ptycho.options import EpieOptions, EpieVariant, UpdateRule
 from phasestream.models.quality import aligned_error
 
 TIKE_DATASET = Path(__file__).parent / "data" / "ptycho_sim_tike_setup.npz"
@@ -114,11 +115,11 @@ def test_one_modal_step_with_a_subpixel_window_matches_the_numpy_reference() -> 
     modes = np_orthogonalise(random_complex(rng, (2, 8, 8)) * np.array([1.0, 0.4])[:, None, None])
     corner = np.array([[5.3, 9.6]])
     intensity = rng.poisson(20, size=(1, 8, 8)).astype(np.float32)
-    solver = EpieSolver(
-        probe=modes.astype(np.complex64), probe_modes=2, variant=EpieVariant.SEQUENTIAL,
-        object_guess=obj, probe_update_start_epoch=0, object_step=0.9, probe_step=0.7,
-        num_threads=THREADS,
+    options = EpieOptions(
+        object={"step": 0.9}, probe={"modes": 2, "update_start_epoch": 0, "step": 0.7},
+        execution={"variant": EpieVariant.SEQUENTIAL, "num_threads": THREADS},
     )  # fmt: skip
+    solver = EpieSolver(options, probe=modes.astype(np.complex64), object_guess=obj)
     solver.add_patterns(intensity, corner)
     error = solver.run_epoch()
     expected_obj, expected_modes, expected_error = np_modal_epie_step(
@@ -138,10 +139,12 @@ def test_the_general_path_with_one_mode_on_whole_pixels_reproduces_the_fast_batc
     results = []
     # A correction that never starts sends the solver down the general path without changing the model.
     for correction_start in (None, 10**6):
-        solver = EpieSolver(
-            probe=scan.probe, batch_size=4, update_rule=rule, probe_update_start_epoch=1,
-            position_correction_start_epoch=correction_start, num_threads=THREADS,
+        options = EpieOptions(
+            update_rule=rule, probe={"update_start_epoch": 1},
+            positions={"correction_start_epoch": correction_start},
+            execution={"batch_size": 4, "num_threads": THREADS},
         )  # fmt: skip
+        solver = EpieSolver(options, probe=scan.probe)
         solver.add_patterns(scan.intensities, scan.top_left_px)
         errors = [solver.run_epoch() for _ in range(3)]
         results.append((solver.object, solver.probe, errors))
@@ -157,14 +160,15 @@ def test_fourier_r_factor_matches_numpy_and_vanishes_at_the_truth() -> None:
     modes = np_orthogonalise(random_complex(rng, (2, 8, 8)) * np.array([1.0, 0.5])[:, None, None])
     corners = rng.uniform(0, 20, size=(12, 2))
     patterns = np_modal_patterns(obj, modes, corners)
-    truth = EpieSolver(probe=modes.astype(np.complex64), probe_modes=2, object_guess=obj)
+    two_modes = EpieOptions(probe={"modes": 2})
+    truth = EpieSolver(two_modes, probe=modes.astype(np.complex64), object_guess=obj)
     truth.add_patterns(patterns, corners)
     assert truth.fourier_r_factor() < 1e-5
     assert truth.run_epoch() < 1e-9  # a perfect start has nothing to correct
     np.testing.assert_allclose(truth.object, obj, atol=1e-5)
 
     guess = (obj * np.exp(0.3j)).astype(np.complex64) + random_complex(rng, obj.shape, 0.1)
-    solver = EpieSolver(probe=modes.astype(np.complex64), probe_modes=2, object_guess=guess)
+    solver = EpieSolver(two_modes, probe=modes.astype(np.complex64), object_guess=guess)
     solver.add_patterns(patterns, corners)
     model = np_modal_patterns(guess, modes, corners)
     expected = np.abs(np.sqrt(model) - np.sqrt(patterns)).sum() / np.sqrt(patterns).sum()
@@ -178,13 +182,14 @@ def tike_scan() -> dict[str, np.ndarray]:
         return {name: stored[name] for name in stored.files}
 
 
+@pytest.mark.slow
 def test_two_probe_modes_recover_the_tike_scan_and_its_mode_powers(tike_scan) -> None:
     data = np.fft.fftshift(tike_scan["data"], axes=(-2, -1))
     truth = tike_scan["object"][0]
-    solver = EpieSolver(
-        probe=np.pad(tike_scan["probe"][0, 0, 0], 8), probe_modes=2, batch_size=8,
-        probe_update_start_epoch=3, num_threads=THREADS,
-    )  # fmt: skip
+    options = EpieOptions(
+        probe={"modes": 2, "update_start_epoch": 3}, execution={"batch_size": 8, "num_threads": THREADS}
+    )
+    solver = EpieSolver(options, probe=np.pad(tike_scan["probe"][0, 0, 0], 8))
     solver.add_patterns(data, tike_scan["scan_px"].astype(np.int64) - 8)
     errors = [solver.run_epoch() for _ in range(60)]
     # One mode cannot go below 2.1e-2 on this scan (test_epie: the true object with the first mode scaled
@@ -212,16 +217,18 @@ def rms_position_error(estimate: np.ndarray, truth: np.ndarray) -> float:
     ("variant", "batch_size", "epochs", "bound_px"),
     [(EpieVariant.SEQUENTIAL, 1, 60, 0.1), (EpieVariant.BATCHED, 8, 60, 0.4)],
 )
+@pytest.mark.slow
 def test_position_correction_recovers_perturbed_positions(variant, batch_size, epochs, bound_px) -> None:
     scan = simulate_scan(n_positions=100, size_px=32, overlap=0.7, seed=1)
     truth = scan.top_left_px.astype(np.float64)
     perturbed = truth + np.random.default_rng(0).normal(0, 1.0, truth.shape)
     start_error = rms_position_error(perturbed, truth)
     assert start_error > 1.3
-    corrected = EpieSolver(
-        probe=scan.probe, variant=variant, batch_size=batch_size, probe_update_start_epoch=None,
-        position_correction_start_epoch=5, num_threads=THREADS,
+    options = EpieOptions(
+        probe={"update_start_epoch": None}, positions={"correction_start_epoch": 5},
+        execution={"variant": variant, "batch_size": batch_size, "num_threads": THREADS},
     )  # fmt: skip
+    corrected = EpieSolver(options, probe=scan.probe)
     corrected.add_patterns(scan.intensities, perturbed)
     errors = [corrected.run_epoch() for _ in range(epochs)]
     # From 1.35 px RMS: 0.05 px after 60 sequential epochs, 0.22 px batched (8 per batch); the Fourier
@@ -232,6 +239,7 @@ def test_position_correction_recovers_perturbed_positions(variant, batch_size, e
 
 
 @pytest.mark.parametrize("modes", [1, 2])
+@pytest.mark.slow
 def test_unmeasured_pixels_stay_unconstrained(modes) -> None:
     scan = simulate_scan(n_positions=60, size_px=32, overlap=0.7, seed=3)
     unmeasured = np.zeros((32, 32), dtype=bool)
@@ -240,10 +248,9 @@ def test_unmeasured_pixels_stay_unconstrained(modes) -> None:
     corrupted = scan.intensities.copy()
     corrupted[:, unmeasured] = 1e6
     results = []
+    options = EpieOptions(probe={"modes": modes}, execution={"batch_size": 8, "num_threads": THREADS})
     for data in (scan.intensities, corrupted):
-        solver = EpieSolver(
-            probe=scan.probe, probe_modes=modes, unmeasured=unmeasured, batch_size=8, num_threads=THREADS
-        )
+        solver = EpieSolver(options, probe=scan.probe, unmeasured=unmeasured)
         solver.add_patterns(data, scan.top_left_px)
         errors = [solver.run_epoch() for _ in range(40)]
         results.append((solver.object, errors, solver.fourier_r_factor()))
@@ -252,7 +259,7 @@ def test_unmeasured_pixels_stay_unconstrained(modes) -> None:
     assert results[0][1] == results[1][1]
     # ...and still converges: the gap is a small part of the pattern, and overlap fills it in.
     assert results[0][1][-1] < 0.05 * results[0][1][0]
-    unmasked = EpieSolver(probe=scan.probe, probe_modes=modes, batch_size=8, num_threads=THREADS)
+    unmasked = EpieSolver(options, probe=scan.probe)
     unmasked.add_patterns(corrupted, scan.top_left_px)
     # Without the mask the hot pixels hold most of the measured energy and nothing fits (0.84 against 0.09).
     assert unmasked.run_epoch() > 5 * results[1][1][0]

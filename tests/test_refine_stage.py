@@ -26,7 +26,9 @@ def refine_stage(**config):
 
 def test_zero_photon_frames_are_left_out_counted_and_the_rest_reconstructed() -> None:
     scan = simulate_scan(n_positions=24, size_px=32, seed=2)
-    stage = refine_stage(min_positions=4, probe_search_epochs=0, emit_every_epochs=1, torch_threads=1)
+    stage = refine_stage(
+        min_positions=4, probe_search_epochs=0, emit_every_epochs=1, execution={"num_threads": 1}
+    )
     geometry = Geometry(
         energy_kev=8.8, detector_distance_m=2.0, pixel_size_m=75e-6, detector_shape_px=(32, 32),
         detector_dtype="uint16",
@@ -55,8 +57,9 @@ def test_the_probe_power_and_amplitude_bound_reach_the_solver_and_hold_over_epoc
 
     scan = simulate_scan(n_positions=24, size_px=32, seed=3)
     stage = refine_stage(
-        min_positions=4, probe_search_epochs=0, emit_every_epochs=1, torch_threads=1,
-        probe_update_start_epoch=0, fix_probe_power=True, probe_power=500.0, max_object_amplitude=0.9,
+        min_positions=4, probe_search_epochs=0, emit_every_epochs=1, execution={"num_threads": 1},
+        probe={"update_start_epoch": 0},
+        constraints={"fix_probe_power": True, "probe_power_photons": 500.0, "max_object_amplitude": 0.9},
     )  # fmt: skip
     geometry = Geometry(
         energy_kev=8.8, detector_distance_m=2.0, pixel_size_m=75e-6, detector_shape_px=(32, 32),
@@ -79,8 +82,10 @@ def test_the_probe_power_and_amplitude_bound_reach_the_solver_and_hold_over_epoc
 
 def test_the_poisson_step_is_chosen_in_the_stages_config() -> None:
     from phasestream.errors import ConfigError
+    from phasestream.models.ptycho.options import FourierConstraint
 
-    stage = refine_stage(fourier_constraint="poisson", probe_search_epochs=0)
-    assert stage._new_solver(probe=None, canvas_shape_px=(48, 48))._poisson
-    with pytest.raises(ConfigError, match=r"fourier_constraint.*\(given 'gaussian'\)"):
-        refine_stage(fourier_constraint="gaussian")
+    stage = refine_stage(constraints={"fourier_constraint": "poisson"}, probe_search_epochs=0)
+    solver = stage._new_solver(probe=None, canvas_shape_px=(48, 48))
+    assert solver.options.constraints.fourier_constraint is FourierConstraint.POISSON
+    with pytest.raises(ConfigError, match=r"constraints\.fourier_constraint.*\(given 'gaussian'\)"):
+        refine_stage(constraints={"fourier_constraint": "gaussian"})

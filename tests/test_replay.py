@@ -29,12 +29,12 @@ from phasestream.apps.replay.replay import (
     replay_rate_hz,
     wire_dtype,
 )
-from phasestream.errors import ConfigError, DetectorMessageError, PositionError
+from phasestream.errors import ConfigError, DetectorMessageError, PositionError, ScanFileError
 from phasestream.formats.cxi import CxiPath, read_cxi, write_cxi
 from phasestream.formats.nxmx import read_nxmx, write_nxmx
 from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.formats.recorded_scan import BITSHUFFLE_FILTER_ID, FrameCompression, ScanFileError
-from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
+from phasestream.formats.recorded_scan import BITSHUFFLE_FILTER_ID, FrameCompression
+from phasestream.formats.stream_v2.decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
 
 N_FRAMES = 70  # one full positions batch of 64 and a partial one

@@ -9,7 +9,6 @@ per module; every test reads them back.
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import shutil
@@ -36,13 +35,13 @@ from ophyd.sim import SynAxis, det
 
 from phasestream.apps.bluesky.bridge import encode_document
 from phasestream.apps.bluesky.tiled_writer import read_api_key
-from phasestream.apps.replay.replay import ReplayRate, read_scan_for, replay, replay_rate_hz
+from phasestream.apps.replay.replay import ReplayRate, replay, replay_rate_hz
+from phasestream.apps.replay.session import ScanSource, read_scan
 from phasestream.apps.replay.to_tiled import TiledRunScan, read_tiled_run, split_run_uri
 from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
-from phasestream.errors import ConfigError, PositionError
+from phasestream.errors import ConfigError, PositionError, ScanFileError
 from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
-from phasestream.formats.recorded_scan import ScanFileError
-from phasestream.formats.stream_v2_decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
+from phasestream.formats.stream_v2.decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
 from phasestream.simulators.ophyd_selun import FRAMES_DATASET, SelunDetector, SimulatedSample
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
 
@@ -245,6 +244,7 @@ def _streamed_frames(runs: Runs, uid: str) -> np.ndarray:
 # ---- the device's file and the writer ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_device_writes_each_runs_frames_to_an_hdf5_file(runs: Runs) -> None:
     streamed = _streamed_frames(runs, runs.grid)
     assert streamed.shape == (20, 64, 64) and streamed.dtype == np.uint16
@@ -259,6 +259,7 @@ def test_the_device_writes_each_runs_frames_to_an_hdf5_file(runs: Runs) -> None:
     assert streamed.max() > 100 and len({frame.tobytes() for frame in streamed}) == 20
 
 
+@pytest.mark.slow
 def test_the_writer_process_wrote_every_run(runs: Runs) -> None:
     written = {uid: f"run {uid} written to Tiled: {n} events" for uid, n in
                ((runs.grid, 20), (runs.z_scan, 3), (runs.no_frames, 4))}  # fmt: skip
@@ -270,6 +271,7 @@ def test_the_writer_process_wrote_every_run(runs: Runs) -> None:
 # ---- reading the run back ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_replay_reads_exactly_the_frames_and_readbacks_of_the_run(runs: Runs) -> None:
     scan = read_tiled_run(runs.tiled_uri, runs.grid, api_key=runs.api_key)
     assert isinstance(scan, TiledRunScan)
@@ -293,11 +295,13 @@ def test_replay_reads_exactly_the_frames_and_readbacks_of_the_run(runs: Runs) ->
     assert scan.run_uri == f"{runs.tiled_uri}/{runs.grid}"
 
 
+@pytest.mark.slow
 def test_an_inverted_axis_is_negated(runs: Runs) -> None:
     scan = read_tiled_run(runs.tiled_uri, runs.grid, api_key=runs.api_key, invert_x=True, motor_unit="um")
     np.testing.assert_array_equal(scan.positions_m, _readbacks_m(runs, runs.grid) * [1.0, -1.0])
 
 
+@pytest.mark.slow
 def test_replay_sends_the_tiled_run_through_the_emitter(runs: Runs) -> None:
     folder = Path(tempfile.mkdtemp(prefix="psrt-r-", dir="/tmp"))
     try:
@@ -351,29 +355,27 @@ def _replay_into_receiver(scan: TiledRunScan, folder: Path) -> dict[str, list[An
     return received
 
 
-# ---- the command line's source ----------------------------------------------------------------------------
+# ---- the replay's source ----------------------------------------------------------------------------------
 
 
-def _args(**overrides: Any) -> argparse.Namespace:
-    settings = {"file": None, "tiled_run": None, "positions": None, "tiled_api_key_file": None}
-    return argparse.Namespace(**{**settings, **overrides})
-
-
-def test_the_cli_reads_a_run_given_as_uri_with_the_key_from_a_file(
+@pytest.mark.slow
+def test_a_run_given_as_uri_is_read_with_the_key_given_else_the_environments(
     runs: Runs, tmp_path: Path, monkeypatch
 ) -> None:
     for variable in ("PHASESTREAM_TILED__API_KEY", "TILED_API_KEY"):
         monkeypatch.delenv(variable, raising=False)
     key_file = tmp_path / "key"
     key_file.write_text(runs.api_key + "\n")
-    scan = read_scan_for(_args(tiled_run=f"{runs.tiled_uri}/{runs.grid}", tiled_api_key_file=key_file))
+    run_uri = f"{runs.tiled_uri}/{runs.grid}"
+    scan = read_scan(ScanSource(tiled_run=run_uri, tiled_api_key=read_api_key(key_file)))
     np.testing.assert_array_equal(scan.positions_m, _readbacks_m(runs, runs.grid))
     monkeypatch.setenv("TILED_API_KEY", runs.api_key)
     assert read_api_key() == runs.api_key
+    np.testing.assert_array_equal(read_scan(ScanSource(tiled_run=run_uri)).positions_m, scan.positions_m)
     with pytest.raises(ConfigError, match=r"either a scan file.*not both"):
-        read_scan_for(_args(file=tmp_path / "scan.cxi", tiled_run=f"{runs.tiled_uri}/{runs.grid}"))
+        read_scan(ScanSource(file=tmp_path / "scan.cxi", tiled_run=run_uri))
     with pytest.raises(ConfigError, match="not neither"):
-        read_scan_for(_args())
+        read_scan(ScanSource())
 
 
 def test_split_run_uri() -> None:
@@ -388,6 +390,7 @@ def test_split_run_uri() -> None:
 # ---- bad input --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_uid_that_does_not_exist_is_named(runs: Runs) -> None:
     with pytest.raises(
         ScanFileError, match=r"no run 'no-such-uid' in Tiled at http://127\.0\.0\.1.*most recent"
@@ -396,6 +399,7 @@ def test_a_run_uid_that_does_not_exist_is_named(runs: Runs) -> None:
     assert runs.grid in str(caught.value)  # the runs that are there, to spot a typo
 
 
+@pytest.mark.slow
 def test_a_wrong_key_fails_without_showing_it(runs: Runs) -> None:
     wrong = generate_api_key()
     with pytest.raises(ScanFileError, match=r"tiled_rejected.*PHASESTREAM_TILED__API_KEY") as caught:
@@ -403,6 +407,7 @@ def test_a_wrong_key_fails_without_showing_it(runs: Runs) -> None:
     assert wrong not in str(caught.value) and runs.api_key not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_run_without_the_expected_motors_names_them(runs: Runs) -> None:
     with pytest.raises(
         ScanFileError, match=r"moves \['sample_z'\].*y motor 'sample_y' and x motor 'sample_x'.*--y-motor"
@@ -410,6 +415,7 @@ def test_a_run_without_the_expected_motors_names_them(runs: Runs) -> None:
         read_tiled_run(runs.tiled_uri, runs.z_scan, api_key=runs.api_key)
 
 
+@pytest.mark.slow
 def test_a_run_without_frames_says_how_to_get_them(runs: Runs) -> None:
     with pytest.raises(ScanFileError, match=r"holds no frames.*'det'.*frames_dir"):
         read_tiled_run(runs.tiled_uri, runs.no_frames, api_key=runs.api_key)
@@ -419,6 +425,7 @@ def test_a_run_without_frames_says_how_to_get_them(runs: Runs) -> None:
     ("unit", "problem"),
     [("m", "implausibly large"), ("mm", "implausibly large"), ("nm", "implausibly small")],
 )
+@pytest.mark.slow
 def test_positions_in_an_implausible_unit_are_refused(runs: Runs, unit: str, problem: str) -> None:
     expected = rf"read as {unit}\) are {problem}.*motor_unit_name \(now {unit}\)"
     with pytest.raises(PositionError, match=expected):

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from phasestream.formats import result_file
-from phasestream.formats.probe_source import JOULES_PER_EV, load_probe, parse_probe_spec
-from phasestream.formats.recorded_scan import positions_from_sample_translation
+from phasestream.formats.probe_source import load_probe, parse_probe_spec
 from phasestream.formats.result_file import (
     ResultFileError,
     ResultGeometry,
@@ -19,6 +18,8 @@ from phasestream.formats.result_file import (
     read_result_file,
     write_result_file,
 )
+from phasestream.formats.scan_geometry import positions_from_sample_translation
+from phasestream.formats.units import JOULES_PER_EV
 
 # Every length and energy dataset of the layout, and its units.
 UNITS = {

@@ -68,6 +68,7 @@ def test_bad_geometry_options_are_refused_at_load(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.slow
 def test_replay_refuses_a_bad_probe_before_starting_anything(tmp_path: Path) -> None:
     scan = simulate_beamline_scan(BeamlineCase.FILL_30, 8)
     path = write_foreign_cxi(

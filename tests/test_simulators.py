@@ -24,6 +24,7 @@ from phasestream.simulators.sparse_frames import sparse_frames
 SMALL = {"n_positions": 40, "photons_per_frame": 2e5}
 
 
+@pytest.mark.slow
 def test_defaults_describe_a_selun_scan() -> None:
     config = ScanSimulationConfig()
     scan = simulate_scan(config)

@@ -24,13 +24,13 @@ from phasestream.formats.position_channel import (
     encode_positions_end,
     position_messages,
 )
-from phasestream.formats.stream_v2_decode import (
+from phasestream.formats.stream_v2.decode import (
     EndMessage,
     ImageMessage,
     StartMessage,
     decode_stream_v2,
 )
-from phasestream.formats.stream_v2_encode import (
+from phasestream.formats.stream_v2.encode import (
     bslz4_compress,
     channel_array,
     encode_image,

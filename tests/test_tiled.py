@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -19,8 +18,9 @@ from tiled.client import from_uri
 from phasestream.apps.demo import FirstArrival
 from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.errors import ConfigError, PublishError
-from phasestream.runtime.tiled_access import check_tiled
-from phasestream.runtime.tiled_publisher import FailureReason, TiledPublisher, classify_failure
+from phasestream.runtime.tiled.access import check_tiled
+from phasestream.runtime.tiled.publisher import TiledPublisher
+from phasestream.runtime.tiled.updates import FailureReason, classify_failure
 
 WAIT_S = 20.0  # generous bound for anything that should take milliseconds; never slept
 
@@ -61,12 +61,6 @@ def server_requests() -> Iterator[RequestRecorder]:
     access_log.removeHandler(recorder)
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def unique_labels() -> dict[str, str]:
     """Labels of a fresh metric series, so each test reads its own counts."""
     return {"stage": "publish", "worker": uuid.uuid4().hex[:8]}
@@ -96,14 +90,14 @@ class PausedPublisher(TiledPublisher):
         super()._write(update)
 
 
-def test_embedded_server_checks_the_key_and_the_address(server: EmbeddedTiledServer) -> None:
+def test_embedded_server_checks_the_key_and_the_address(server: EmbeddedTiledServer, free_port: int) -> None:
     assert server.uri.startswith("http://127.0.0.1:")
     assert server.api_key not in server.uri
     check_tiled(server.uri, server.api_key)
     check_tiled(f"{server.uri}/api/v1/", server.api_key)
     with pytest.raises(PublishError, match=r"refused the API key \(401\).*--tiled-api-key"):
         check_tiled(server.uri, "wrong")
-    down = f"http://127.0.0.1:{closed_port()}"
+    down = f"http://127.0.0.1:{free_port}"
     with pytest.raises(PublishError, match=f"no Tiled server answers at {down}.*drop --tiled-uri"):
         check_tiled(down, server.api_key)
 
@@ -139,6 +133,7 @@ def test_round_trip_into_the_scan_container(server: EmbeddedTiledServer, reader)
     np.testing.assert_array_equal(scan["mosaic"].read(), mosaic)
 
 
+@pytest.mark.slow
 def test_updates_in_place_without_new_nodes_or_revisions(
     server: EmbeddedTiledServer, reader, server_requests: RequestRecorder
 ) -> None:
@@ -169,6 +164,7 @@ def test_updates_in_place_without_new_nodes_or_revisions(
     assert REGISTRY.get_sample_value("phasestream_publish_seconds_count", labels) == 11
 
 
+@pytest.mark.slow
 def test_existing_scan_container_is_reused(server: EmbeddedTiledServer, reader) -> None:
     uid = uuid.uuid4().hex
     for run, value in enumerate((1.0, 2.0)):
@@ -220,10 +216,10 @@ def test_shape_or_dtype_change_replaces_the_node(
     np.testing.assert_array_equal(probe.read(), bigger)
 
 
-def test_unreachable_server_is_retried_then_counted(caplog: pytest.LogCaptureFixture) -> None:
-    down = f"http://127.0.0.1:{closed_port()}"
+def test_unreachable_server_is_retried_then_counted(caplog: pytest.LogCaptureFixture, free_port: int) -> None:
+    down = f"http://127.0.0.1:{free_port}"
     labels = unique_labels()
-    caplog.set_level(logging.ERROR, logger="phasestream.runtime.tiled_publisher")
+    caplog.set_level(logging.ERROR, logger="phasestream.runtime.tiled.publisher")
     with TiledPublisher(down, "key", max_retries=2, backoff_s=0.01, **labels) as publisher:
         started_s = time.perf_counter()
         publisher.submit_array("scan", "object", complex_image((256, 256), seed=0))
@@ -237,8 +233,8 @@ def test_unreachable_server_is_retried_then_counted(caplog: pytest.LogCaptureFix
     assert any(down in record.getMessage() for record in caplog.records)
 
 
-def test_newer_submission_takes_over_a_failing_one() -> None:
-    down = f"http://127.0.0.1:{closed_port()}"
+def test_newer_submission_takes_over_a_failing_one(free_port: int) -> None:
+    down = f"http://127.0.0.1:{free_port}"
     with PausedPublisher(down, "key", max_retries=1, backoff_s=0.01, **unique_labels()) as publisher:
         publisher.submit_array("scan", "object", np.zeros(4, np.float32))
         assert publisher.writing.wait(WAIT_S)
@@ -368,6 +364,7 @@ def test_the_demo_notes_when_a_product_first_reaches_tiled(server: EmbeddedTiled
     watch.stop()
 
 
+@pytest.mark.slow
 def test_embedded_server_keeps_results_after_exit(tmp_path: Path) -> None:
     # Last in this module: starting more Tiled servers in this process leaves the module's server
     # refusing its own key (401), seen when a test using it ran after this one.

@@ -19,15 +19,9 @@ from phasestream_bench.tpx3 import bench_tpx3
 
 from phasestream.errors import DetectorMessageError
 from phasestream.formats.position_channel import encode_positions_end, position_messages
-from phasestream.formats.tpx3_decode import (
-    TICK_NS,
-    Tpx3Decoded,
-    Tpx3Decoder,
-    Tpx3Problem,
-    pixel_column,
-    pixel_row,
-)
-from phasestream.formats.tpx3_frames import BuiltFrame, FrameBuilder
+from phasestream.formats.tpx3.decode import Tpx3Decoder
+from phasestream.formats.tpx3.frames import BuiltFrame, FrameBuilder
+from phasestream.formats.tpx3.packets import TICK_NS, Tpx3Decoded, Tpx3Problem, pixel_column, pixel_row
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.config import validate_pipeline
 from phasestream.runtime.messages import FrameBatch, Message, ScanEnd, ScanStart

@@ -7,7 +7,6 @@ stage writes.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -52,8 +51,8 @@ from phasestream.apps.viewer.images import (
 from phasestream.apps.viewer.metrics import Scrape, metrics_url, parse_counters, stage_rates
 from phasestream.apps.viewer.state import ImageName, LinkState, LiveView, scan_summary
 from phasestream.errors import ConfigError, PublishError
-from phasestream.runtime.tiled_access import read_api_key
-from phasestream.runtime.tiled_publisher import TiledPublisher
+from phasestream.runtime.tiled.access import read_api_key
+from phasestream.runtime.tiled.publisher import TiledPublisher
 
 DATA = Path(__file__).parent / "data"
 WAIT_S = 20.0  # bound for what takes milliseconds; never slept
@@ -217,9 +216,8 @@ def test_api_key_comes_from_a_file_or_the_environment(tmp_path: Path, monkeypatc
 
 def test_view_needs_a_valid_tiled_uri(monkeypatch) -> None:
     monkeypatch.delenv("PHASESTREAM_TILED__URI", raising=False)
-    args = argparse.Namespace(tiled_uri=None, tiled_api_key_file=None, metrics=[], port=0, scan=None)
     with pytest.raises(ConfigError, match="needs --tiled-uri"):
-        run_viewer(args)
+        run_viewer(tiled_uri=None)
     with pytest.raises(ConfigError, match="not a valid URI"):
         Viewer("http://host:port", None)
     with pytest.raises(ConfigError, match="--metrics 'ftp://host/metrics' is not an http URL"):

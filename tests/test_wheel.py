@@ -39,16 +39,20 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package built as a wheel from a copy of the tracked files and installed into a fresh folder."""
     workdir = tmp_path_factory.mktemp("wheel")
     source = workdir / "source"
-    tracked = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    tracked = (
+        subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, tracked):
         if (REPO / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, source / name)
     wheels = workdir / "wheels"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True
+    )
     (wheel,) = wheels.glob("phasestream-*.whl")
     site = workdir / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
@@ -58,7 +62,9 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workdir
 
 
-def _run_installed(workdir: Path, args: list[str], timeout_s: float) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _run_installed(
+    workdir: Path, args: list[str], timeout_s: float
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     elsewhere = workdir / "elsewhere"
     elsewhere.mkdir(exist_ok=True)
     log = workdir / "opened-in-checkout.jsonl"
@@ -77,16 +83,26 @@ def _run_installed(workdir: Path, args: list[str], timeout_s: float) -> tuple[su
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(workdir / "site"), *args],
-        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=timeout_s,
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
     opened = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return done, opened
 
 
+@pytest.mark.slow
 def test_the_installed_wheel_holds_topologies_weights_and_viewer_assets(installed_wheel: Path) -> None:
     site = installed_wheel / "site" / "phasestream"
-    for shipped in ["deploy/demo.yaml", "deploy/replay.yaml", "models/weights/autophasenn_2d_selun192.pt",
-                    "apps/viewer/static/index.html", "py.typed"]:
+    for shipped in [
+        "deploy/demo.yaml",
+        "deploy/replay.yaml",
+        "models/weights/autophasenn_2d_selun192.pt",
+        "apps/viewer/static/index.html",
+        "py.typed",
+    ]:
         assert (site / shipped).is_file(), shipped
 
 

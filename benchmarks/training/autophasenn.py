@@ -1,10 +1,10 @@
 """Unsupervised training of AutoPhaseNN on data simulated on the fly; one process, or many with DDP.
 
-Reference: Yao et al., npj Comput. Mater. 8, 124 (2022) (see :mod:`phasestream.models.nets.autophasenn`):
-the loss
-compares the input amplitude with |F(prediction)| only, so the simulated ground truth never reaches the
-network. 3D trains on random crystals (:func:`~phasestream.simulators.crystals.simulate_crystals`), 2D on
-probe-lit patches (:func:`~phasestream.simulators.crystals.simulate_ptycho_patches`).
+Reference: Yao et al., npj Comput. Mater. 8, 124 (2022) (see
+:mod:`phasestream.models.nets.autophasenn.network`): the loss compares the input amplitude with
+|F(prediction)| only, so the simulated ground truth never reaches the network. 3D trains on random crystals
+(:func:`~phasestream.simulators.crystals.simulate_crystals`), 2D on probe-lit patches
+(:func:`~phasestream.simulators.crystals.simulate_ptycho_patches`).
 
 **Processes.** Without torchrun (no ``WORLD_SIZE`` in the environment) everything runs in the calling
 process, on a CPU as well. Under ``torchrun --nproc-per-node N`` each process reads ``RANK``, ``WORLD_SIZE``,
@@ -40,13 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError
-from phasestream.models.nets.autophasenn import (
-    AutoPhaseNN,
-    AutoPhaseNNArchitecture,
-    physics_loss,
-    weights_payload,
-)
-from phasestream.models.ptycho.epie import default_device
+from phasestream.models.execution import default_device, torch_threads
+from phasestream.models.nets.autophasenn.network import AutoPhaseNN, AutoPhaseNNArchitecture, physics_loss
+from phasestream.models.nets.autophasenn.weights import weights_payload
 from phasestream.simulators.crystals import (
     CrystalConfig,
     PtychoPatchConfig,
@@ -79,6 +75,22 @@ class TrainingResult:
     weights_path: Path
     checkpoint_path: Path
     world_size: int
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    """:func:`train_autophasenn`'s keyword options as the training loop uses them."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    checkpoint_every: int
+    resume: bool
+    crystal_config: CrystalConfig | None
+    patch_config: PtychoPatchConfig | None
+    probe: np.ndarray | None
+    progress: bool
 
 
 @dataclass(frozen=True)
@@ -174,24 +186,19 @@ def train_autophasenn(
     out_path = Path(out_path)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else out_path.with_suffix(".ckpt")
     resolved = torch.device(device) if device is not None else default_device()
-    threads_before = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    processes = _join_process_group(resolved)
-    if resolved.type == "cuda" and processes.world_size > 1:
-        resolved = torch.device("cuda", processes.local_rank)
-        torch.cuda.set_device(resolved)
-    try:
-        return _train(
-            architecture, out_path, checkpoint_path, processes, resolved,
-            steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-            resume=resume, crystal_config=crystal_config, patch_config=patch_config, probe=probe,
-            progress=progress,
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads_before)
-        if processes.started_here:
-            dist.destroy_process_group()
+    options = _RunOptions(
+        steps, batch_size, lr, seed, checkpoint_every, resume, crystal_config, patch_config, probe, progress
+    )
+    with torch_threads(num_threads):
+        processes = _join_process_group(resolved)
+        if resolved.type == "cuda" and processes.world_size > 1:
+            resolved = torch.device("cuda", processes.local_rank)
+            torch.cuda.set_device(resolved)
+        try:
+            return _train(architecture, out_path, checkpoint_path, processes, resolved, options)
+        finally:
+            if processes.started_here:
+                dist.destroy_process_group()
 
 
 def _train(
@@ -200,35 +207,60 @@ def _train(
     checkpoint_path: Path,
     processes: _Distributed,
     device: torch.device,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    checkpoint_every: int,
-    resume: bool,
-    crystal_config: CrystalConfig | None,
-    patch_config: PtychoPatchConfig | None,
-    probe: np.ndarray | None,
-    progress: bool,
+    options: _RunOptions,
 ) -> TrainingResult:
-    dim = architecture.dim
-    torch.manual_seed(seed)
-    if dim == 2 and probe is None:
-        probe = ptycho_probe(patch_config)
+    torch.manual_seed(options.seed)
+    probe = options.probe
+    if architecture.dim == 2 and probe is None:
+        probe = ptycho_probe(options.patch_config)
     model = AutoPhaseNN(architecture, probe=None if probe is None else torch.from_numpy(probe))
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    optimiser = torch.optim.Adam(model.parameters(), lr=options.lr)
     start_step, losses = 0, []
-    if resume and checkpoint_path.is_file():
+    if options.resume and checkpoint_path.is_file():
         start_step, losses = _resume_state(checkpoint_path, architecture, model, optimiser)
     model.to(device)
     move_optimiser_state(optimiser, device)
     network = model
     if processes.world_size > 1:
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    is_writer = processes.rank == 0
     started_s = time.perf_counter()
     first_new_loss = len(losses)
+    _run_steps(
+        network, model, optimiser, losses, start_step, checkpoint_path, processes, device, probe, options
+    )
+    seconds = time.perf_counter() - started_s
+    if processes.rank == 0:
+        record = _training_record(options, processes, losses, device)
+        save_atomically(weights_payload(model, training=record), out_path)
+    if processes.world_size > 1:
+        dist.barrier()
+    return TrainingResult(
+        start_step=start_step,
+        final_step=max(options.steps, start_step),
+        losses=losses[first_new_loss:],
+        seconds=seconds,
+        weights_path=out_path,
+        checkpoint_path=checkpoint_path,
+        world_size=processes.world_size,
+    )
+
+
+def _run_steps(
+    network: torch.nn.Module,
+    model: AutoPhaseNN,
+    optimiser: torch.optim.Optimizer,
+    losses: list[float],
+    start_step: int,
+    checkpoint_path: Path,
+    processes: _Distributed,
+    device: torch.device,
+    probe: np.ndarray | None,
+    options: _RunOptions,
+) -> None:
+    """Optimiser steps ``start_step`` … ``steps`` − 1, appending each step's loss (averaged over the
+    processes) to ``losses``; rank 0 writes a checkpoint every ``checkpoint_every`` steps and at the end."""
+    dim = model.architecture.dim
+    is_writer = processes.rank == 0
 
     def save_checkpoint(step: int) -> None:
         payload = weights_payload(
@@ -242,18 +274,20 @@ def _train(
 
     model.train()
     bar = tqdm(
-        range(start_step, steps),
+        range(start_step, options.steps),
         initial=start_step,
-        total=steps,
+        total=options.steps,
         desc=f"AutoPhaseNN {dim}D",
         unit="step",
-        disable=not (progress and is_writer),
+        disable=not (options.progress and is_writer),
     )
     for step in bar:
-        rng = np.random.default_rng([seed, step, processes.rank, _TRAINING_STREAM])
-        batch = training_batch(dim, rng, batch_size, crystal_config, patch_config, probe).to(device)
+        rng = np.random.default_rng([options.seed, step, processes.rank, _TRAINING_STREAM])
+        batch = training_batch(
+            dim, rng, options.batch_size, options.crystal_config, options.patch_config, probe
+        ).to(device)
         for group in optimiser.param_groups:
-            group["lr"] = learning_rate(lr, step, steps)
+            group["lr"] = learning_rate(options.lr, step, options.steps)
         loss = physics_loss(network(batch), batch)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -264,32 +298,24 @@ def _train(
             reported = reported / processes.world_size
         losses.append(float(reported))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
-        if is_writer and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+        if is_writer and ((step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps):
             save_checkpoint(step + 1)
-    seconds = time.perf_counter() - started_s
-    if is_writer:
-        record = {
-            "steps": steps,
-            "batch_size_per_process": batch_size,
-            "world_size": processes.world_size,
-            "lr": lr,
-            "seed": seed,
-            "final_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
-            "device": str(device),
-            "torch": str(torch.__version__),
-        }
-        save_atomically(weights_payload(model, training=record), out_path)
-    if processes.world_size > 1:
-        dist.barrier()
-    return TrainingResult(
-        start_step=start_step,
-        final_step=max(steps, start_step),
-        losses=losses[first_new_loss:],
-        seconds=seconds,
-        weights_path=out_path,
-        checkpoint_path=checkpoint_path,
-        world_size=processes.world_size,
-    )
+
+
+def _training_record(
+    options: _RunOptions, processes: _Distributed, losses: list[float], device: torch.device
+) -> dict:
+    """How the weights were trained, written beside them."""
+    return {
+        "steps": options.steps,
+        "batch_size_per_process": options.batch_size,
+        "world_size": processes.world_size,
+        "lr": options.lr,
+        "seed": options.seed,
+        "final_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
+        "device": str(device),
+        "torch": str(torch.__version__),
+    }
 
 
 def _free_port() -> int:

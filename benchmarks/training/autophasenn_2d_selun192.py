@@ -9,7 +9,7 @@ that fit (``fitted_probe``) instead of the generic patch probe. Run from the rep
 
 from phasestream_bench.training import autophasenn as trainer
 
-from phasestream.models.nets.autophasenn import fitted_probe
+from phasestream.models.nets.autophasenn.fit import fitted_probe
 from phasestream.simulators.probes import make_probe
 from phasestream.simulators.scan_simulation import ScanSimulationConfig
 

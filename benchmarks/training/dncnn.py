@@ -44,6 +44,7 @@ from phasestream_bench.training.checkpoints import move_optimiser_state, save_at
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError
+from phasestream.models.execution import default_device, torch_threads
 from phasestream.models.nets.dncnn import (
     DEFAULT_WEIGHTS_PATH,
     DncnnArchitecture,
@@ -52,7 +53,6 @@ from phasestream.models.nets.dncnn import (
     weights_payload,
 )
 from phasestream.models.nets.realsn import load_power_vectors_, normalise_, power_vectors
-from phasestream.models.ptycho.epie import default_device
 from phasestream.simulators.dead_leaves_shapes import dead_leaves_shapes, noisy_batch
 
 CPU_DEPTH, CPU_WIDTH = 8, 32
@@ -97,6 +97,21 @@ class TrainingResult:
     weights_path: Path
     checkpoint_path: Path
     lipschitz_estimate: float
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    """:func:`train_dncnn`'s keyword options as the training loop uses them."""
+
+    steps: int
+    batch_size: int
+    patch_px: int
+    sigma_range: tuple[float, float]
+    lr: float
+    seed: int
+    checkpoint_every: int
+    power_iterations: int
+    progress: bool
 
 
 def learning_rate(lr: float, step: int, steps: int) -> float:
@@ -194,105 +209,152 @@ def train_dncnn(
         Path(checkpoint_path) if checkpoint_path is not None else default_checkpoint_path(out_path)
     )
     resolved = torch.device(device) if device is not None else default_device()
-    threads_before = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        torch.manual_seed(seed)
-        model = NonexpansiveDncnn(architecture, power_image_px=(patch_px, patch_px))
-        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-        start_step, losses = 0, []
-        probes = lipschitz_probes(seed, sigma_range)
-        directions = _unit_images(torch.randn(probes.shape))
-        if resume and checkpoint_path.is_file():
-            start_step, losses, directions = _resume_state(checkpoint_path, architecture, model, optimiser)
-        else:
-            # Start from normalised layers, so that the first forward passes already see norm-1 operators.
-            normalise_(model, iterations=20)
-        model.to(resolved)
-        probes, directions = probes.to(resolved), directions.to(resolved)
-        move_optimiser_state(optimiser, resolved)
-        first_new_loss = len(losses)
-        started_s = time.perf_counter()
+    options = _RunOptions(
+        steps, batch_size, patch_px, sigma_range, lr, seed, checkpoint_every, power_iterations, progress
+    )
+    with torch_threads(num_threads):
+        return _train(architecture, out_path, checkpoint_path, resolved, resume, options)
 
-        def save_checkpoint(step: int) -> None:
-            payload = weights_payload(
-                model,
-                power_vectors=[vector.cpu() for vector in power_vectors(model)],
-                probe_directions=directions.cpu(),
-                optimiser=optimiser.state_dict(),
-                step=step,
-                torch_rng_state=torch.get_rng_state(),
-                losses=list(losses),
+
+def _train(
+    architecture: DncnnArchitecture,
+    out_path: Path,
+    checkpoint_path: Path,
+    device: torch.device,
+    resume: bool,
+    options: _RunOptions,
+) -> TrainingResult:
+    torch.manual_seed(options.seed)
+    model = NonexpansiveDncnn(architecture, power_image_px=(options.patch_px, options.patch_px))
+    optimiser = torch.optim.Adam(model.parameters(), lr=options.lr)
+    start_step, losses = 0, []
+    probes = lipschitz_probes(options.seed, options.sigma_range)
+    directions = _unit_images(torch.randn(probes.shape))
+    if resume and checkpoint_path.is_file():
+        start_step, losses, directions = _resume_state(checkpoint_path, architecture, model, optimiser)
+    else:
+        # Start from normalised layers, so that the first forward passes already see norm-1 operators.
+        normalise_(model, iterations=20)
+    model.to(device)
+    probes, directions = probes.to(device), directions.to(device)
+    move_optimiser_state(optimiser, device)
+    first_new_loss = len(losses)
+    started_s = time.perf_counter()
+    _run_steps(model, optimiser, losses, probes, directions, start_step, checkpoint_path, device, options)
+    seconds = time.perf_counter() - started_s
+    lipschitz = _final_normalisation(model, options, device)
+    record = _training_record(options, start_step, losses, lipschitz, device)
+    save_atomically(weights_payload(model, training=record), out_path)
+    return TrainingResult(
+        start_step=start_step,
+        final_step=max(options.steps, start_step),
+        losses=losses[first_new_loss:],
+        seconds=seconds,
+        weights_path=out_path,
+        checkpoint_path=checkpoint_path,
+        lipschitz_estimate=lipschitz,
+    )
+
+
+def _run_steps(
+    model: NonexpansiveDncnn,
+    optimiser: torch.optim.Optimizer,
+    losses: list[float],
+    probes: torch.Tensor,
+    directions: torch.Tensor,
+    start_step: int,
+    checkpoint_path: Path,
+    device: torch.device,
+    options: _RunOptions,
+) -> None:
+    """Optimiser steps ``start_step`` … ``steps`` − 1, each with one probe's power steps (``directions`` is
+    updated in place), the penalised loss and RealSN's normalisation; appends each step's mean squared
+    error to ``losses`` and writes a checkpoint every ``checkpoint_every`` steps and at the end."""
+    model.train()
+    bar = tqdm(
+        range(start_step, options.steps),
+        initial=start_step,
+        total=options.steps,
+        desc="DnCNN",
+        unit="step",
+        disable=not options.progress,
+    )
+    for step in bar:
+        noisy, clean = (
+            tensor.to(device)
+            for tensor in training_batch(
+                options.seed, step, options.batch_size, options.patch_px, options.sigma_range
             )
-            save_atomically(payload, checkpoint_path)
-
-        model.train()
-        bar = tqdm(
-            range(start_step, steps),
-            initial=start_step,
-            total=steps,
-            desc="DnCNN",
-            unit="step",
-            disable=not progress,
         )
-        for step in bar:
-            noisy, clean = (
-                tensor.to(resolved)
-                for tensor in training_batch(seed, step, batch_size, patch_px, sigma_range)
-            )
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate(lr, step, steps)
-            probe = slice(step % LIPSCHITZ_PROBES, step % LIPSCHITZ_PROBES + 1)
-            for _ in range(LIPSCHITZ_POWER_STEPS):
-                directions[probe] = _power_step(model, probes[probe], directions[probe])
-            loss = torch.nn.functional.mse_loss(model(noisy), clean)
-            ratio = _secant_ratio(model, probes[probe], directions[probe])
-            penalty = LIPSCHITZ_PENALTY_WEIGHT * torch.relu(ratio - LIPSCHITZ_TARGET).square().mean()
-            optimiser.zero_grad(set_to_none=True)
-            (loss + penalty).backward()
-            optimiser.step()
-            normalise_(model, iterations=power_iterations)
-            losses.append(float(loss.detach()))
-            bar.set_postfix(
-                loss=f"{losses[-1]:.3g}",
-                psnr_db=f"{-10 * math.log10(max(losses[-1], 1e-12)):.2f}",
-                probe_lipschitz=f"{float(ratio.detach().max()):.3f}",
-            )
-            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-                save_checkpoint(step + 1)
-        seconds = time.perf_counter() - started_s
-
-        model.eval()
-        normalise_(model, iterations=FINAL_POWER_ITERATIONS, power_image_px=FINAL_POWER_IMAGE_PX)
-        check_rng = np.random.default_rng([seed, 0, _CHECK_STREAM])
-        check_images = dead_leaves_shapes(LIPSCHITZ_CHECK_IMAGES, (patch_px, patch_px), check_rng)
-        lipschitz = lipschitz_estimate(model, torch.from_numpy(check_images[:, None]).to(resolved))
-        record = {
-            "steps": max(steps, start_step),
-            "batch_size": batch_size,
-            "patch_px": patch_px,
-            "sigma_range": list(sigma_range),
-            "lr": lr,
-            "seed": seed,
-            "power_iterations": power_iterations,
-            "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
-            "lipschitz_estimate": lipschitz,
-            "device": str(resolved),
-            "torch": str(torch.__version__),
-        }
-        save_atomically(weights_payload(model, training=record), out_path)
-        return TrainingResult(
-            start_step=start_step,
-            final_step=max(steps, start_step),
-            losses=losses[first_new_loss:],
-            seconds=seconds,
-            weights_path=out_path,
-            checkpoint_path=checkpoint_path,
-            lipschitz_estimate=lipschitz,
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(options.lr, step, options.steps)
+        probe = slice(step % LIPSCHITZ_PROBES, step % LIPSCHITZ_PROBES + 1)
+        for _ in range(LIPSCHITZ_POWER_STEPS):
+            directions[probe] = _power_step(model, probes[probe], directions[probe])
+        loss = torch.nn.functional.mse_loss(model(noisy), clean)
+        ratio = _secant_ratio(model, probes[probe], directions[probe])
+        penalty = LIPSCHITZ_PENALTY_WEIGHT * torch.relu(ratio - LIPSCHITZ_TARGET).square().mean()
+        optimiser.zero_grad(set_to_none=True)
+        (loss + penalty).backward()
+        optimiser.step()
+        normalise_(model, iterations=options.power_iterations)
+        losses.append(float(loss.detach()))
+        bar.set_postfix(
+            loss=f"{losses[-1]:.3g}",
+            psnr_db=f"{-10 * math.log10(max(losses[-1], 1e-12)):.2f}",
+            probe_lipschitz=f"{float(ratio.detach().max()):.3f}",
         )
-    finally:
-        torch.set_num_threads(threads_before)
+        if (step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps:
+            _save_checkpoint(checkpoint_path, model, optimiser, directions, step + 1, losses)
+
+
+def _save_checkpoint(
+    path: Path,
+    model: NonexpansiveDncnn,
+    optimiser: torch.optim.Optimizer,
+    directions: torch.Tensor,
+    step: int,
+    losses: list[float],
+) -> None:
+    payload = weights_payload(
+        model,
+        power_vectors=[vector.cpu() for vector in power_vectors(model)],
+        probe_directions=directions.cpu(),
+        optimiser=optimiser.state_dict(),
+        step=step,
+        torch_rng_state=torch.get_rng_state(),
+        losses=list(losses),
+    )
+    save_atomically(payload, path)
+
+
+def _final_normalisation(model: NonexpansiveDncnn, options: _RunOptions, device: torch.device) -> float:
+    """Rescale every layer to norm 1 with the final, long power iteration, then estimate Lip(D) on
+    dead-leaves images training never saw."""
+    model.eval()
+    normalise_(model, iterations=FINAL_POWER_ITERATIONS, power_image_px=FINAL_POWER_IMAGE_PX)
+    check_rng = np.random.default_rng([options.seed, 0, _CHECK_STREAM])
+    check_images = dead_leaves_shapes(LIPSCHITZ_CHECK_IMAGES, (options.patch_px, options.patch_px), check_rng)
+    return lipschitz_estimate(model, torch.from_numpy(check_images[:, None]).to(device))
+
+
+def _training_record(
+    options: _RunOptions, start_step: int, losses: list[float], lipschitz: float, device: torch.device
+) -> dict:
+    """How the weights were trained, written beside them."""
+    return {
+        "steps": max(options.steps, start_step),
+        "batch_size": options.batch_size,
+        "patch_px": options.patch_px,
+        "sigma_range": list(options.sigma_range),
+        "lr": options.lr,
+        "seed": options.seed,
+        "power_iterations": options.power_iterations,
+        "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+        "lipschitz_estimate": lipschitz,
+        "device": str(device),
+        "torch": str(torch.__version__),
+    }
 
 
 def _unit_images(images: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Reference: Z. Zhuang, D. Yang, F. Hofmann, D. Barmherzig and J. Sun, "Practical phase retrieval using double
 deep image priors", Electronic Imaging 2023 (arXiv:2211.00799, 2022). The object is written as two DIPs,
-magnitude and phase (or real and imaginary part), each a skip network (:mod:`.dip`) with its own fixed
+magnitude and phase (or real and imaginary part), each a skip network
+(:mod:`phasestream.models.nets.skip_net`, fitted as in :mod:`phasestream.models.nets.dip`) with its own fixed
 random input:
 
     x = k · g₁(z₁) · exp(i π (2 g₂(z₂) − 1))        (magnitude / phase; g in (0, 1) from a sigmoid)
@@ -30,24 +31,26 @@ import torch
 from torch import nn
 
 from phasestream.errors import ConfigError
-from phasestream.models.cdi.lodip import FitLoss, data_misfit
+from phasestream.models.cdi.lodip import FitLoss, data_misfit, measured_in_fft_layout
 from phasestream.models.cdi.phasing import CdiSolver, amplitude_from_intensity, validate_pattern
+from phasestream.models.execution import default_device
 from phasestream.models.nets.dip import (
     DEFAULT_INPUT_NOISE_STD,
     DEFAULT_LEARNING_RATE,
     DEFAULT_PATIENCE,
     DEFAULT_WINDOW,
     ComplexChannels,
-    DipArchitecture,
     EsWmv,
-    SkipNet,
+    fit_dip,
+)
+from phasestream.models.nets.skip_net import (
+    DipArchitecture,
     SkipNetConfig,
     dip_grid_shape,
-    fit_dip,
     random_input,
+    seeded_skip_nets,
     skip_net_config,
 )
-from phasestream.models.ptycho.epie import default_device
 
 FALLBACK_SCHEDULE = (("hio", 180), ("er", 20)) * 2
 """HIO/ER on the half-size box: what a diverged fit returns instead."""
@@ -76,6 +79,68 @@ def _combine(first: torch.Tensor, second: torch.Tensor, representation: ComplexC
     return torch.complex(2 * first - 1, 2 * second - 1)
 
 
+class _DipPair:
+    """The two seeded networks and their fixed inputs, and the unscaled object they make on the box."""
+
+    def __init__(
+        self,
+        config: SkipNetConfig,
+        box_shape: tuple[int, int],
+        representation: ComplexChannels,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.box_shape = box_shape
+        self.representation = representation
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.networks = seeded_skip_nets(config, 1, seed=seed, device=device, count=2)
+        grid = dip_grid_shape(box_shape, config)
+        self.inputs = [random_input(config.input_channels, grid, self.generator, device) for _ in range(2)]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [*self.networks[0].parameters(), *self.networks[1].parameters()]
+
+    def unscaled_object(self, noise_std: float) -> torch.Tensor:
+        """Both networks on their inputs plus fresh noise of ``noise_std``, cropped to the box, combined."""
+        outputs = [
+            network(z + noise_std * torch.randn(z.shape, generator=self.generator).to(self.device))[
+                0, 0, : self.box_shape[0], : self.box_shape[1]
+            ]
+            for network, z in zip(self.networks, self.inputs, strict=True)
+        ]
+        return _combine(*outputs, self.representation)
+
+
+def _check_double_dip_inputs(pattern: np.ndarray, input_noise_std: float) -> None:
+    validate_pattern(torch.as_tensor(pattern), "pattern")
+    if pattern.ndim != 2:
+        raise ConfigError(f"pattern has shape {pattern.shape}: double DIP takes one 2D pattern")
+    if min(pattern.shape) < 8:
+        raise ConfigError(f"pattern has shape {pattern.shape}: the half-size object box needs at least 8 px")
+    if input_noise_std < 0:
+        raise ConfigError(f"input_noise_std={input_noise_std!r} must be ≥ 0")
+
+
+def _parseval_log_scale(pair: _DipPair, pattern: np.ndarray) -> nn.Parameter:
+    """log k₀ with Σ|x|² = Σ Y (module docstring), a learnable parameter."""
+    with torch.no_grad():
+        initial_energy = float((pair.unscaled_object(0.0).abs() ** 2).sum())
+    initial_log_scale = 0.5 * np.log(pattern.sum() / max(initial_energy, 1e-12))
+    return nn.Parameter(torch.tensor(initial_log_scale, dtype=torch.float32, device=pair.device))
+
+
+def _hio_er_fallback(
+    pattern: np.ndarray, box: tuple[slice, slice], seed: int, device: torch.device
+) -> np.ndarray:
+    """What a diverged fit returns: HIO/ER with the box as the support."""
+    support = np.zeros(pattern.shape, dtype=bool)
+    support[box] = True
+    solver = CdiSolver(amplitude_from_intensity(pattern), support, seed=seed, device=device)
+    solver.run(FALLBACK_SCHEDULE)
+    return solver.final_image().cpu().numpy()
+
+
 def double_dip(
     pattern: np.ndarray,
     *,
@@ -97,53 +162,26 @@ def double_dip(
     same box.
     """
     pattern = np.asarray(pattern, dtype=np.float64)
-    validate_pattern(torch.as_tensor(pattern), "pattern")
-    if pattern.ndim != 2:
-        raise ConfigError(f"pattern has shape {pattern.shape}: double DIP takes one 2D pattern")
-    if min(pattern.shape) < 8:
-        raise ConfigError(f"pattern has shape {pattern.shape}: the half-size object box needs at least 8 px")
-    if input_noise_std < 0:
-        raise ConfigError(f"input_noise_std={input_noise_std!r} must be ≥ 0")
+    _check_double_dip_inputs(pattern, input_noise_std)
     representation = ComplexChannels(representation)
     loss = FitLoss(loss)
     resolved = torch.device(device) if device is not None else default_device()
-    config = skip_net_config(arch)
     box = object_box(pattern.shape)
     box_shape = tuple(s.stop - s.start for s in box)
-    grid = dip_grid_shape(box_shape, config)
-
-    measured = torch.as_tensor(np.fft.ifftshift(pattern), dtype=torch.float32, device=resolved)
-    measured_amplitude = measured.sqrt()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        networks = [SkipNet(config, 1).to(resolved) for _ in range(2)]
-    inputs = [random_input(config.input_channels, grid, generator, resolved) for _ in range(2)]
+    measured, measured_amplitude = measured_in_fft_layout(pattern, resolved)
+    pair = _DipPair(skip_net_config(arch), box_shape, representation, seed, resolved)
     pad = (box[1].start, pattern.shape[1] - box[1].stop, box[0].start, pattern.shape[0] - box[0].stop)
-
-    def unscaled_object(noise_std: float) -> torch.Tensor:
-        outputs = [
-            network(z + noise_std * torch.randn(z.shape, generator=generator).to(resolved))[
-                0, 0, : box_shape[0], : box_shape[1]
-            ]
-            for network, z in zip(networks, inputs, strict=True)
-        ]
-        return _combine(*outputs, representation)
-
-    with torch.no_grad():
-        initial_energy = float((unscaled_object(0.0).abs() ** 2).sum())
-    initial_log_scale = 0.5 * np.log(pattern.sum() / max(initial_energy, 1e-12))
-    log_scale = nn.Parameter(torch.tensor(initial_log_scale, dtype=torch.float32, device=resolved))
+    log_scale = _parseval_log_scale(pair, pattern)
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
-        obj = log_scale.exp() * unscaled_object(input_noise_std)
+        obj = log_scale.exp() * pair.unscaled_object(input_noise_std)
         # The modulus of a spectrum does not change when the object moves, so the padded object goes to
         # the FFT as it is and only the measured pattern is taken to the FFT's layout.
         spectrum = torch.fft.fft2(nn.functional.pad(obj, pad), norm="ortho")
         return data_misfit(spectrum, measured, measured_amplitude, loss), obj
 
     fit = fit_dip(
-        [*networks[0].parameters(), *networks[1].parameters(), log_scale],
+        [*pair.parameters(), log_scale],
         step,
         max_iterations=max_iterations,
         lr=lr,
@@ -152,11 +190,7 @@ def double_dip(
         description="double DIP",
     )
     if fit.diverged or fit.estimate is None:
-        support = np.zeros(pattern.shape, dtype=bool)
-        support[box] = True
-        solver = CdiSolver(amplitude_from_intensity(pattern), support, seed=seed, device=resolved)
-        solver.run(FALLBACK_SCHEDULE)
-        obj = solver.final_image().cpu().numpy()
+        obj = _hio_er_fallback(pattern, box, seed, resolved)
     else:
         obj = np.zeros(pattern.shape, dtype=np.complex128)
         obj[box] = fit.estimate.cpu().numpy()

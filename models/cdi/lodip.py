@@ -13,7 +13,8 @@ lit r times more strongly, Y = |F(X + U)|² with Poisson noise, F the project's 
    √(r s / s_s), s and s_s the incident photons per pixel of the two exposures
    (:func:`static_in_pattern_units`).
 
-2. **LoDIP** (the paper's model): X = k · g_W(z) ⊙ S with g_W a DIP skip network (:mod:`.dip`) whose
+2. **LoDIP** (the paper's model): X = k · g_W(z) ⊙ S with g_W a DIP skip network
+   (:mod:`phasestream.models.nets.skip_net`, fitted as in :mod:`phasestream.models.nets.dip`) whose
    input z is the measured pattern itself (log(1 + Y), scaled to [0, 1], because counts span decades),
    sigmoid output and a learnable scale k; W and k minimise a data misfit between Y and
 
@@ -49,20 +50,23 @@ from phasestream.models.cdi.phasing import (
     best_of_random_starts,
     validate_pattern,
 )
+from phasestream.models.execution import default_device
 from phasestream.models.nets.dip import (
     DEFAULT_INPUT_NOISE_STD,
     DEFAULT_LEARNING_RATE,
     DEFAULT_WINDOW,
-    DipArchitecture,
     EsWmv,
+    fit_dip,
+)
+from phasestream.models.nets.skip_net import (
+    DipArchitecture,
     SkipNet,
     SkipNetConfig,
     dip_grid_shape,
-    fit_dip,
+    seeded_skip_nets,
     skip_net_config,
 )
 from phasestream.models.physics import FOURIER_EPSILON
-from phasestream.models.ptycho.epie import default_device
 
 STATIC_SCHEDULE = (("hio", 180), ("er", 20)) * 3
 """HIO/ER for the high-dose static pattern: on the simulator's triangles U comes back to about 0.1 %."""
@@ -249,6 +253,16 @@ def data_misfit(
     return ((intensity + FOURIER_EPSILON**2).sqrt() - measured_amplitude).square().mean()
 
 
+def measured_in_fft_layout(pattern: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The measured counts and their square root, float32, in the FFT's layout (zero frequency first).
+
+    Only the pattern goes to the FFT's layout: real-space arrays stay as they are, since moving the whole
+    object changes the phase of its spectrum but not the modulus compared with the data.
+    """
+    measured = torch.as_tensor(np.fft.ifftshift(pattern), dtype=torch.float32, device=device)
+    return measured, measured.sqrt()
+
+
 def pattern_input(pattern: np.ndarray, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
     """The DIP input z built from the pattern: log(1 + Y) / max, zero-padded to the network's grid."""
     logged = np.log1p(pattern)
@@ -256,6 +270,26 @@ def pattern_input(pattern: np.ndarray, grid: tuple[int, int], device: torch.devi
     padded = np.zeros(grid)
     padded[: pattern.shape[0], : pattern.shape[1]] = logged
     return torch.as_tensor(padded, dtype=torch.float32, device=device)[None, None]
+
+
+def _initial_log_scale(
+    network: SkipNet,
+    z: torch.Tensor,
+    pattern: np.ndarray,
+    static_field: np.ndarray,
+    sample_support: np.ndarray,
+    device: torch.device,
+) -> nn.Parameter:
+    """log k₀ from Parseval (module docstring), a learnable parameter: the untrained output scaled to the
+    pattern's energy less the static region's."""
+    n_y, n_x = pattern.shape
+    with torch.no_grad():
+        initial = network(z)[0, 0, :n_y, :n_x].cpu().numpy()
+    sample_energy = max(
+        pattern.sum() - float((static_field**2).sum()), MIN_SAMPLE_ENERGY_FRACTION * pattern.sum()
+    )
+    initial_scale = np.sqrt(sample_energy / float((initial**2)[sample_support].sum()))
+    return nn.Parameter(torch.tensor(np.log(initial_scale), dtype=torch.float32, device=device))
 
 
 def lodip(
@@ -290,24 +324,12 @@ def lodip(
     n_y, n_x = pattern.shape
     grid = dip_grid_shape((n_y, n_x), config)
     z = pattern_input(pattern, grid, resolved)
-    # Only the pattern goes to the FFT's layout: real-space arrays stay as they are, since moving the
-    # whole object changes the phase of its spectrum but not the modulus compared with the data.
-    measured = torch.as_tensor(np.fft.ifftshift(pattern), dtype=torch.float32, device=resolved)
-    measured_amplitude = measured.sqrt()
+    measured, measured_amplitude = measured_in_fft_layout(pattern, resolved)
     support = torch.as_tensor(sample_support, dtype=torch.float32, device=resolved)
     static = torch.as_tensor(static_field, dtype=torch.float32, device=resolved)
-
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = SkipNet(config, 1, in_channels=1).to(resolved)
-    with torch.no_grad():
-        initial = network(z)[0, 0, :n_y, :n_x].cpu().numpy()
-    sample_energy = max(
-        pattern.sum() - float((static_field**2).sum()), MIN_SAMPLE_ENERGY_FRACTION * pattern.sum()
-    )
-    initial_scale = np.sqrt(sample_energy / float((initial**2)[sample_support].sum()))
-    log_scale = nn.Parameter(torch.tensor(np.log(initial_scale), dtype=torch.float32, device=resolved))
+    (network,) = seeded_skip_nets(config, 1, seed=seed, device=resolved, in_channels=1)
+    log_scale = _initial_log_scale(network, z, pattern, static_field, sample_support, resolved)
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         noisy_input = z + input_noise_std * torch.randn(z.shape, generator=generator).to(resolved)
@@ -328,11 +350,5 @@ def lodip(
         sample = hio_stat(pattern, static_field, sample_support, static_support, device=resolved)
     else:
         sample = fit.estimate.to("cpu", torch.float64).numpy()
-    return LodipResult(
-        sample,
-        fit.stop_iteration,
-        fit.diverged,
-        fit.losses,
-        fit.best_iteration,
-        float(log_scale.detach().exp()),
-    )
+    scale = float(log_scale.detach().exp())
+    return LodipResult(sample, fit.stop_iteration, fit.diverged, fit.losses, fit.best_iteration, scale)

@@ -36,8 +36,8 @@ import torch
 
 from phasestream.errors import ConfigError, FrameValidationError
 from phasestream.models.cdi.support import ShrinkWrap
+from phasestream.models.execution import default_device
 from phasestream.models.physics import FOURIER_EPSILON
-from phasestream.models.ptycho.epie import default_device
 
 HIO_BETA = 0.9
 """Fienup's feedback parameter β; he found 0.5 to 1 to work, 0.9 is the usual choice."""
@@ -97,6 +97,31 @@ def validate_pattern(
         )
 
 
+def _unmeasured_mask(
+    unmeasured: np.ndarray | torch.Tensor | None, shape: tuple[int, ...]
+) -> torch.Tensor | None:
+    """The ``unmeasured`` flags as a bool tensor of the pattern's shape, or None when every pixel counts."""
+    if unmeasured is None:
+        return None
+    mask = torch.as_tensor(unmeasured).to(torch.bool)
+    if tuple(mask.shape) != shape:
+        raise ConfigError(
+            f"unmeasured has shape {tuple(mask.shape)} but the pattern is {shape}: "
+            "pass a mask of the pattern's shape"
+        )
+    return mask
+
+
+def _support_of_shape(support: np.ndarray | torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    support = torch.as_tensor(support)
+    if tuple(support.shape) != shape:
+        raise ConfigError(
+            f"support has shape {tuple(support.shape)} but the pattern is {shape}: pass a support of the "
+            "pattern's shape (real-space pixels of the same box)"
+        )
+    return support
+
+
 @dataclass(frozen=True)
 class CdiResult:
     """A finished reconstruction: image (support applied), support, χ² per iteration and the final χ²."""
@@ -141,21 +166,9 @@ class CdiSolver:
         amplitude = torch.as_tensor(amplitude)
         shape = tuple(amplitude.shape)
         self.ndim = amplitude.ndim
-        unmeasured_mask = None
-        if unmeasured is not None:
-            unmeasured_mask = torch.as_tensor(unmeasured).to(torch.bool)
-            if tuple(unmeasured_mask.shape) != shape:
-                raise ConfigError(
-                    f"unmeasured has shape {tuple(unmeasured_mask.shape)} but the pattern is {shape}: "
-                    "pass a mask of the pattern's shape"
-                )
+        unmeasured_mask = _unmeasured_mask(unmeasured, shape)
         validate_pattern(amplitude, "amplitude", unmeasured_mask)
-        support = torch.as_tensor(support)
-        if tuple(support.shape) != shape:
-            raise ConfigError(
-                f"support has shape {tuple(support.shape)} but the pattern is {shape}: pass a support of the "
-                "pattern's shape (real-space pixels of the same box)"
-            )
+        support = _support_of_shape(support, shape)
         self._dims = tuple(range(-self.ndim, 0))
         real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
         self.dtype = dtype
@@ -174,20 +187,26 @@ class CdiSolver:
         self.seed = seed
         self.iteration = 0
         self._errors: list[torch.Tensor] = []
+        self.image = self._start_image(initial_image, shape)
+
+    def _start_image(
+        self, initial_image: np.ndarray | torch.Tensor | None, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The warm start as given, or F⁻¹[a · e^{iφ}] with uniform random φ from ``seed``, cut to the
+        support."""
         if initial_image is None:
-            generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+            generator = torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
             phase = 2 * torch.pi * torch.rand(shape, generator=generator, dtype=torch.float64)
             spectrum = self._amplitude.to(torch.float64).cpu() * torch.exp(1j * phase)
-            start = torch.fft.ifftn(spectrum, dim=self._dims, norm="ortho").to(self.device, dtype)
-            self.image = self._object_projection(start)
-        else:
-            start = torch.as_tensor(initial_image)
-            if tuple(start.shape) != shape:
-                raise ConfigError(
-                    f"initial_image has shape {tuple(start.shape)} but the pattern is {shape}: "
-                    "pass a warm start of the pattern's shape"
-                )
-            self.image = start.to(self.device, dtype)
+            start = torch.fft.ifftn(spectrum, dim=self._dims, norm="ortho").to(self.device, self.dtype)
+            return self._object_projection(start)
+        start = torch.as_tensor(initial_image)
+        if tuple(start.shape) != shape:
+            raise ConfigError(
+                f"initial_image has shape {tuple(start.shape)} but the pattern is {shape}: "
+                "pass a warm start of the pattern's shape"
+            )
+        return start.to(self.device, self.dtype)
 
     def _unshift(self, pattern: torch.Tensor) -> torch.Tensor:
         return torch.fft.ifftshift(pattern, dim=self._dims).contiguous()

@@ -5,19 +5,7 @@ References: D. Ulyanov, A. Vedaldi and V. Lempitsky, "Deep image prior", CVPR 20
 DIP; H. Wang, T. Li, Z. Zhuang, T. Chen, H. Liang and J. Sun, "Early stopping for deep image prior",
 TMLR 2023 (arXiv:2112.06074), whose ES-WMV rule this module implements.
 
-**Network** (Ulyanov et al.'s "skip" hourglass, from their supplementary material and code). Level i
-(of L) takes its input d_i and computes
-
-    deeper_i = up×2( level_{i+1}( act(BN(conv3(act(BN(conv3_stride2(d_i))))))) )
-    out_i    = act(BN(conv1(act(BN(conv3(BN([skip_i(d_i), deeper_i])))))))
-    skip_i   = act(BN(conv1(d_i)))  with ``skip_channels[i]`` filters, absent when that is 0
-
-with LeakyReLU(0.2), reflection padding and bilinear upsampling (Ulyanov's denoising settings); a 1×1
-convolution and a sigmoid map out_0 to the image channels. Erin et al.'s **Arch1** has channels
-[8, 16, 32, 64, 128] with skips [0, 0, 0, 4, 4]; **Arch2** has [128]×6, here with Ulyanov's 4 skip
-filters per level. Each level halves the grid, and batch norm needs at least 2×2 values at the deepest
-level, so the network works on a grid that is a multiple of 2^L and at least 2^(L+1) on each side
-(:func:`dip_grid_shape`); images are fitted on its top-left corner.
+The network, Ulyanov et al.'s "skip" hourglass, is :class:`~phasestream.models.nets.skip_net.SkipNet`.
 
 **Fitting** (Ulyanov Eq. 2): θ* = argmin_θ E(f_θ(z); x₀) with Adam, from a fixed random input z (32
 channels, uniform in [0, 0.1)), perturbed at every step by Gaussian noise of std σ_z (σ_z = 1/30 in
@@ -43,19 +31,20 @@ from enum import StrEnum
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError, FrameValidationError
-from phasestream.models.ptycho.epie import default_device
+from phasestream.models.execution import default_device
+from phasestream.models.nets.skip_net import (
+    DipArchitecture,
+    SkipNetConfig,
+    dip_grid_shape,
+    random_input,
+    seeded_skip_nets,
+    skip_net_config,
+)
 
-LEAKY_RELU_SLOPE = 0.2
-"""Ulyanov et al.'s LeakyReLU slope."""
-INPUT_CHANNELS = 32
-"""Channels of the random input z in Ulyanov et al.'s denoising experiments."""
-INPUT_SCALE = 0.1
-"""z is uniform in [0, 0.1) (Ulyanov et al.)."""
 DEFAULT_INPUT_NOISE_STD = 1 / 30
 """σ_z of Ulyanov et al.'s denoising."""
 DEFAULT_LEARNING_RATE = 0.01
@@ -69,175 +58,11 @@ NORMALISATION_FLOOR = 1e-12
 """Smallest channel range (max − min) divided by when an image channel is brought to [0, 1]."""
 
 
-class DipArchitecture(StrEnum):
-    """The two skip networks of Erin et al. (2025)."""
-
-    ARCH1 = "arch1"
-    ARCH2 = "arch2"
-
-
 class ComplexChannels(StrEnum):
     """How a complex image becomes two real network channels."""
 
     REAL_IMAG = "real_imag"
     AMPLITUDE_PHASE = "amplitude_phase"
-
-
-class SkipNetConfig(BaseModel):
-    """Filters per level (down and up paths alike) and skip filters per level, shallowest first."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    channels: tuple[int, ...] = Field(min_length=1, max_length=8)
-    skip_channels: tuple[int, ...] = Field(min_length=1, max_length=8)
-    input_channels: int = Field(default=INPUT_CHANNELS, ge=1)
-    kernel_size: int = Field(default=3, ge=1)
-
-    @model_validator(mode="after")
-    def _levels_agree(self) -> SkipNetConfig:
-        if len(self.channels) != len(self.skip_channels):
-            raise ValueError(
-                f"channels {self.channels} and skip_channels {self.skip_channels} must have one entry per "
-                "level"
-            )
-        if min(self.channels) < 1 or min(self.skip_channels) < 0:
-            raise ValueError(
-                f"channels {self.channels} need ≥ 1 filter and skip_channels {self.skip_channels} ≥ 0"
-            )
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size={self.kernel_size} must be odd so that convolutions keep the grid")
-        return self
-
-    @property
-    def levels(self) -> int:
-        return len(self.channels)
-
-
-ARCHITECTURES = {
-    DipArchitecture.ARCH1: SkipNetConfig(channels=(8, 16, 32, 64, 128), skip_channels=(0, 0, 0, 4, 4)),
-    DipArchitecture.ARCH2: SkipNetConfig(channels=(128,) * 6, skip_channels=(4,) * 6),
-}
-
-
-def skip_net_config(architecture: DipArchitecture | str | SkipNetConfig) -> SkipNetConfig:
-    """The config of a preset name, or the config itself."""
-    if isinstance(architecture, SkipNetConfig):
-        return architecture
-    try:
-        return ARCHITECTURES[DipArchitecture(architecture)]
-    except ValueError as error:
-        presets = ", ".join(preset.value for preset in DipArchitecture)
-        raise ConfigError(f"architecture={architecture!r} is not a preset: use one of {presets}") from error
-
-
-def dip_grid_shape(
-    shape: tuple[int, int], architecture: DipArchitecture | str | SkipNetConfig
-) -> tuple[int, int]:
-    """The grid the network runs on for an image of ``shape``: each side a multiple of 2^L, at least 2^(L+1).
-
-    L stride-2 levels need a multiple of 2^L; batch norm needs more than one value per channel at the
-    deepest level, hence at least 2×2 there.
-    """
-    levels = skip_net_config(architecture).levels
-    step = 2**levels
-    return tuple(max(-(-side // step) * step, 2 * step) for side in shape)
-
-
-def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=stride,
-        padding=kernel_size // 2,
-        padding_mode="reflect",
-    )
-
-
-def _conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
-    return [
-        _conv(in_channels, out_channels, kernel_size, stride),
-        nn.BatchNorm2d(out_channels),
-        nn.LeakyReLU(LEAKY_RELU_SLOPE),
-    ]
-
-
-class _SkipLevel(nn.Module):
-    """One level of the hourglass: a strided path to the next level and back, plus an optional skip."""
-
-    def __init__(
-        self, in_channels: int, channels: int, skip_channels: int, kernel_size: int, deeper: _SkipLevel | None
-    ) -> None:
-        super().__init__()
-        self.out_channels = channels
-        self.skip = nn.Sequential(*_conv_block(in_channels, skip_channels, 1)) if skip_channels else None
-        self.down = nn.Sequential(
-            *_conv_block(in_channels, channels, kernel_size, stride=2),
-            *_conv_block(channels, channels, kernel_size),
-        )
-        self.deeper = deeper
-        self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        merged = skip_channels + (deeper.out_channels if deeper is not None else channels)
-        self.merge = nn.Sequential(
-            nn.BatchNorm2d(merged),
-            *_conv_block(merged, channels, kernel_size),
-            *_conv_block(channels, channels, 1),
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        deeper = self.down(features)
-        if self.deeper is not None:
-            deeper = self.deeper(deeper)
-        deeper = self.upsample(deeper)
-        if self.skip is not None:
-            deeper = torch.cat([self.skip(features), deeper], dim=1)
-        return self.merge(deeper)
-
-
-class SkipNet(nn.Module):
-    """Ulyanov et al.'s skip hourglass: (batch, input_channels, H, W) → (batch, out_channels, H, W).
-
-    H and W must be multiples of 2^L and at least 2^(L+1) (see :func:`dip_grid_shape`). ``sigmoid``
-    bounds the output to (0, 1), as for images brought to that range.
-    """
-
-    def __init__(
-        self,
-        architecture: DipArchitecture | str | SkipNetConfig,
-        out_channels: int,
-        *,
-        in_channels: int | None = None,
-        sigmoid: bool = True,
-    ) -> None:
-        super().__init__()
-        self.config = skip_net_config(architecture)
-        self.in_channels = in_channels if in_channels is not None else self.config.input_channels
-        level_inputs = (self.in_channels, *self.config.channels[:-1])
-        deeper: _SkipLevel | None = None
-        for in_ch, channels, skip in reversed(
-            list(zip(level_inputs, self.config.channels, self.config.skip_channels, strict=True))
-        ):
-            deeper = _SkipLevel(in_ch, channels, skip, self.config.kernel_size, deeper)
-        self.body = deeper
-        self.head = nn.Conv2d(self.config.channels[0], out_channels, 1)
-        self.sigmoid = sigmoid
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        grid = dip_grid_shape(tuple(z.shape[-2:]), self.config)
-        if tuple(z.shape[-2:]) != grid:
-            raise ConfigError(
-                f"input grid {tuple(z.shape[-2:])} does not suit {self.config.levels} levels: use "
-                f"dip_grid_shape(), here {grid}"
-            )
-        out = self.head(self.body(z))
-        return torch.sigmoid(out) if self.sigmoid else out
-
-
-def random_input(
-    channels: int, grid: tuple[int, int], generator: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """Ulyanov's fixed input z: (1, channels, *grid), uniform in [0, 0.1)."""
-    return INPUT_SCALE * torch.rand((1, channels, *grid), generator=generator).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,6 +144,13 @@ class DipFit:
     """``should_stop`` ended the fit before ES-WMV or the iteration cap did."""
 
 
+def _check_fit_settings(max_iterations: int, lr: float) -> None:
+    if max_iterations < 1:
+        raise ConfigError(f"max_iterations={max_iterations!r} must be at least 1")
+    if not lr > 0:
+        raise ConfigError(f"lr={lr!r} must be positive: Ulyanov et al. use Adam with 0.01")
+
+
 def fit_dip(
     parameters: Iterable[torch.Tensor],
     step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
@@ -337,10 +169,7 @@ def fit_dip(
     full window, the estimate is the last finite one. ``should_stop``, asked before every iteration, lets
     a caller on another thread end the fit early (``interrupted``) with the estimate so far.
     """
-    if max_iterations < 1:
-        raise ConfigError(f"max_iterations={max_iterations!r} must be at least 1")
-    if not lr > 0:
-        raise ConfigError(f"lr={lr!r} must be positive: Ulyanov et al. use Adam with 0.01")
+    _check_fit_settings(max_iterations, lr)
     optimiser = torch.optim.Adam(list(parameters), lr=lr)
     losses: list[float] = []
     last: torch.Tensor | None = None
@@ -421,13 +250,21 @@ def channels_to_image(
     return channels[0] * np.exp(1j * channels[1])
 
 
-def _validate_image(image: np.ndarray) -> None:
+def _check_denoise_inputs(image: np.ndarray, input_noise_std: float) -> None:
     if image.ndim != 2:
         raise FrameValidationError(f"image has shape {image.shape}: dip_denoise takes one 2D (H, W) image")
     if not np.isfinite(image).all():
         raise FrameValidationError(
             f"image holds {int((~np.isfinite(image)).sum())} NaN or infinite values: replace them first"
         )
+    if input_noise_std < 0:
+        raise ConfigError(f"input_noise_std={input_noise_std!r} must be ≥ 0 (Ulyanov et al. use 1/30)")
+
+
+def _channel_ranges(channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel's minimum and range (at least ``NORMALISATION_FLOOR``): the map to [0, 1] and back."""
+    low = channels.min(axis=(1, 2), keepdims=True)
+    return low, np.maximum(channels.max(axis=(1, 2), keepdims=True) - low, NORMALISATION_FLOOR)
 
 
 def dip_denoise(
@@ -453,22 +290,17 @@ def dip_denoise(
     input comes back unchanged. ``should_stop`` is passed to :func:`fit_dip`.
     """
     image = np.asarray(image)
-    _validate_image(image)
-    if input_noise_std < 0:
-        raise ConfigError(f"input_noise_std={input_noise_std!r} must be ≥ 0 (Ulyanov et al. use 1/30)")
+    _check_denoise_inputs(image, input_noise_std)
     resolved = torch.device(device) if device is not None else default_device()
     config = skip_net_config(arch)
     is_complex = np.iscomplexobj(image)
     channels = image_to_channels(image, complex_channels)
-    low = channels.min(axis=(1, 2), keepdims=True)
-    span = np.maximum(channels.max(axis=(1, 2), keepdims=True) - low, NORMALISATION_FLOOR)
+    low, span = _channel_ranges(channels)
     target = torch.as_tensor((channels - low) / span, dtype=torch.float32, device=resolved)[None]
     height, width = image.shape
     grid = dip_grid_shape((height, width), config)
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = SkipNet(config, len(channels)).to(resolved)
+    (network,) = seeded_skip_nets(config, len(channels), seed=seed, device=resolved)
     z = random_input(config.input_channels, grid, generator, resolved)
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:

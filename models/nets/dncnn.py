@@ -52,9 +52,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from phasestream.errors import ConfigError
+from phasestream.models.execution import default_device
 from phasestream.models.nets.realsn import DEFAULT_POWER_IMAGE_PX, RealSNConv2d
 from phasestream.models.nets.shipped_weights import shipped_weights
-from phasestream.models.ptycho.epie import default_device
 
 WEIGHTS_FORMAT = "phasestream-dncnn-realsn-1"
 DEFAULT_WEIGHTS_PATH = shipped_weights("dncnn_realsn.pt")

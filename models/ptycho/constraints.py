@@ -21,37 +21,28 @@ hold (error 0.33 after 60 epochs, the probe at its start power).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from phasestream.errors import ConfigError
+
+if TYPE_CHECKING:
+    from phasestream.models.ptycho.options import ConstraintOptions
 
 
 class ScaleConstraints:
     """The constraints one solver applies around each epoch (see the module's text).
 
-    ``fix_probe_power`` holds Σ_k ‖P_k‖² from the first epoch that updates the probe on, at ``probe_power``
-    or, without it, at the power the probe has then; ``max_object_amplitude`` bounds |O| after each epoch.
+    ``fix_probe_power`` holds Σ_k ‖P_k‖² from the first epoch that updates the probe on, at
+    ``probe_power_photons`` or, without it, at the power the probe has then; ``max_object_amplitude``
+    bounds |O| after each epoch.
     """
 
-    def __init__(
-        self,
-        fix_probe_power: bool = False,
-        probe_power: float | None = None,
-        max_object_amplitude: float | None = None,
-    ) -> None:
-        if probe_power is not None and not (fix_probe_power and probe_power > 0):
-            raise ConfigError(
-                f"probe_power={probe_power!r} with fix_probe_power={fix_probe_power!r}: give the direct "
-                "beam's photons per frame (above 0) together with fix_probe_power=True"
-            )
-        if max_object_amplitude is not None and not max_object_amplitude > 0:
-            raise ConfigError(
-                f"max_object_amplitude={max_object_amplitude!r} must be above 0 (1 for a transmission "
-                "sample), or None to leave |O| free"
-            )
-        self.fix_probe_power = fix_probe_power
-        self.max_object_amplitude = max_object_amplitude
-        self._held_power = probe_power
+    def __init__(self, options: ConstraintOptions) -> None:
+        self.fix_probe_power = options.fix_probe_power
+        self.max_object_amplitude = options.max_object_amplitude
+        self._held_power = options.probe_power_photons
         self._holding = False
 
     def before_sweep(self, modes: torch.Tensor, obj: torch.Tensor, update_probe: bool) -> None:

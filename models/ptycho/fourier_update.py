@@ -1,6 +1,8 @@
 """How an ePIE step pulls the far field towards the measured counts: the modulus projection, or a Poisson
 likelihood step for low dose.
 
+The two choices are :class:`~phasestream.models.ptycho.options.FourierConstraint`'s.
+
 ``PROJECTION`` (ePIE's own): Ψ' = Ψ · sqrt(I) / |Ψ|, the measured modulus put on the model. At low dose
 most pixels count 0 or 1, and the projection copies that noise into the exit wave at every step.
 
@@ -27,16 +29,9 @@ The error a solver reports stays the amplitude misfit Σ (|Ψ| − sqrt(I))² ei
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import torch
 
 from phasestream.models.physics import FOURIER_EPSILON
-
-
-class FourierConstraint(StrEnum):
-    PROJECTION = "projection"
-    POISSON = "poisson"
 
 
 def poisson_ratio(model_intensity: torch.Tensor, measured_amplitude: torch.Tensor) -> torch.Tensor:

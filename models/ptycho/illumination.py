@@ -32,3 +32,18 @@ def max_summed_illumination_slices(
     for y_px, x_px in corners_px:
         illumination[y_px : y_px + window_y_px, x_px : x_px + window_x_px].add_(probe_intensity)
     return illumination.amax()
+
+
+def batch_illumination_peak(
+    probe_intensity: torch.Tensor,
+    flat_index: torch.Tensor,
+    corners_px: list[list[int]],
+    batch_order: list[int],
+    illumination: torch.Tensor,
+) -> torch.Tensor:
+    """max_r Σ_j |P(r − R_j)|² over the windows ``batch_order`` (indices into ``corners_px``, canvas
+    pixels), by whichever kernel suits the device of ``illumination`` (canvas-shaped scratch)."""
+    if illumination.device.type != "cpu":
+        return max_summed_illumination_scatter(probe_intensity, flat_index, illumination)
+    batch_corners = [corners_px[index] for index in batch_order]
+    return max_summed_illumination_slices(probe_intensity, batch_corners, illumination)

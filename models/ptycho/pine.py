@@ -1,6 +1,6 @@
 """PINE: ePIE with a learned nonexpansive denoiser between sweeps.
 
-Reference: Yamada et al. (2024), PINE, as summarised in the project's DESIGN.md. Each iteration is one
+Reference: Yamada et al. (2024), PINE. Each iteration is one
 ePIE sweep over every position in random order, then
 
     O ← (1 − ρ) O + ρ D(O),        ρ = 0.49,
@@ -26,16 +26,15 @@ operator guarantee must hold between sweeps.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from phasestream.errors import ConfigError
+from phasestream.models.ptycho.options import EpieOptions, PineOptions
 
 if TYPE_CHECKING:
     from phasestream.models.ptycho.epie import EpieSolver
 
-DEFAULT_RHO = 0.49
 RANGE_QUANTILE = 0.01
 """1 % of the real and imaginary values at each end are left out of the range D's map is built from: the
 scan's edge (where the probe is dim and ePIE fits noise) is a few per cent of a canvas."""
@@ -63,13 +62,11 @@ class PineRegulariser:
     def __init__(
         self,
         denoiser: torch.nn.Module,
-        rho: float = DEFAULT_RHO,
+        options: PineOptions | None = None,
         value_range: tuple[float, float] | None = None,
     ) -> None:
-        if not 0 < rho < 1:
-            raise ConfigError(f"rho={rho!r} is outside (0, 1); PINE uses 0.49 (below 1/2: an averaged step)")
         self.denoiser = denoiser
-        self.rho = rho
+        self.rho = (options if options is not None else PineOptions()).rho
         self.value_range = value_range
 
     def __call__(self, obj: torch.Tensor) -> torch.Tensor:
@@ -80,12 +77,19 @@ class PineRegulariser:
 
 
 def pine_solver(
-    denoiser: torch.nn.Module | None = None, rho: float = DEFAULT_RHO, **epie_options: object
+    options: EpieOptions | None = None,
+    pine: PineOptions | None = None,
+    denoiser: torch.nn.Module | None = None,
+    **start: Any,
 ) -> EpieSolver:
-    """An :class:`EpieSolver` with PINE's regulariser; the shipped denoiser unless one is given."""
+    """An :class:`EpieSolver` with PINE's regulariser; the shipped denoiser, on the solver's device, unless
+    one is given. ``start`` is the solver's start (``probe``, ``object_guess``, ``canvas_shape_px``,
+    ``unmeasured``)."""
+    from phasestream.models.execution import default_device
     from phasestream.models.nets.dncnn import load_denoiser
     from phasestream.models.ptycho.epie import EpieSolver
 
-    device = epie_options.get("device")
-    denoiser = denoiser if denoiser is not None else load_denoiser(device=device)
-    return EpieSolver(object_regulariser=PineRegulariser(denoiser, rho), **epie_options)
+    options = options if options is not None else EpieOptions()
+    if denoiser is None:
+        denoiser = load_denoiser(device=default_device(options.execution.device))
+    return EpieSolver(options, object_regulariser=PineRegulariser(denoiser, pine), **start)

@@ -7,7 +7,6 @@ end reads the final reconstruction back from Tiled, compares it with the truth a
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import subprocess
 import sys
@@ -20,12 +19,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from phasestream.apps.launcher import Launcher
+from phasestream.apps.launch.launcher import Launcher
 from phasestream.apps.serve import tiled_for
 from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.config import DetectorSettings, PipelineConfig, TiledSettings, load_pipeline
-from phasestream.runtime.tiled_access import read_api_key_file
+from phasestream.runtime.tiled.access import read_api_key_file
 
 # The shipped topologies: package data, so an installed wheel finds them from any directory.
 SHIPPED_TOPOLOGIES = Path(str(importlib.resources.files("phasestream.deploy")))
@@ -50,14 +49,34 @@ class DemoProgress:
     warnings: list[str] = field(default_factory=list)
 
 
-def run_demo(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class DemoOptions:
+    """What ``phasestream demo`` lets the user choose; None takes the default of the scan's size."""
+
+    out: Path = Path("phasestream-data")  # the data folder: run directory, Tiled data, the picture
+    large: bool = False  # 900 positions and twice the epochs after the scan
+    n_positions: int | None = None  # default 420, 900 when large
+    rate_hz: float | None = None  # detector frame rate; default 30 Hz, so that refine runs live
+    epochs_after_scan: int | None = None  # default: the topology's, doubled when large
+    pipeline_file: Path | None = None  # default: the shipped deploy/demo.yaml
+    tiled_uri: str | None = None  # default: the topology's, else an embedded server
+    tiled_api_key_file: Path | None = None  # a private file; default: the topology's key
+
+    @property
+    def positions(self) -> int:
+        """The scan's positions: ``n_positions``, else 420, or 900 when large."""
+        return self.n_positions or (900 if self.large else 420)
+
+
+def run_demo(options: DemoOptions) -> int:
+    """Simulate a scan, reconstruct it live through the demo topology, and report against the truth."""
     from phasestream.simulators.scan_file import save_scan
     from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
 
-    out: Path = args.out
-    n_positions = args.positions or (900 if args.large else 420)
-    rate_hz = args.rate_hz or 30.0
-    pipeline = _demo_pipeline(args, out)
+    out = options.out
+    n_positions = options.positions
+    rate_hz = options.rate_hz or 30.0
+    pipeline = _demo_pipeline(options)
     pipeline.run_dir.mkdir(parents=True, exist_ok=True)
 
     print(f"Simulating a {n_positions}-position Fermat-spiral scan on a 192×192 SELUN ...")
@@ -66,7 +85,7 @@ def run_demo(args: argparse.Namespace) -> int:
     save_scan(scan, scan_file)
     scan_uid = str(uuid.uuid4())
 
-    from phasestream.runtime.tiled_access import public_uri
+    from phasestream.runtime.tiled.access import public_uri
 
     with tiled_for(pipeline) as resolved:
         tiled_uri = public_uri(resolved.tiled.uri)  # never the key, even when it came in the URI
@@ -120,25 +139,26 @@ class FirstArrival(threading.Thread):
         self.join(5)
 
 
-def _demo_pipeline(args: argparse.Namespace, out: Path) -> PipelineConfig:
-    path = args.pipeline or SHIPPED_TOPOLOGIES / "demo.yaml"
+def _demo_pipeline(options: DemoOptions) -> PipelineConfig:
+    path = options.pipeline_file or SHIPPED_TOPOLOGIES / "demo.yaml"
     if not path.exists():
         raise ConfigError(f"demo topology {path} not found: pass --pipeline deploy/demo.yaml from a checkout")
     pipeline = load_pipeline(path)
+    out = options.out
     run_dir = out / "run"
     stages = []
     for spec in pipeline.stages:
         if spec.stage == "refine":
             config = dict(spec.config)
-            if args.epochs_after_scan is not None:
-                config["epochs_after_scan"] = args.epochs_after_scan
-            elif args.large:
+            if options.epochs_after_scan is not None:
+                config["epochs_after_scan"] = options.epochs_after_scan
+            elif options.large:
                 config["epochs_after_scan"] = 2 * config.get("epochs_after_scan", 40)
             spec = spec.model_copy(update={"config": config})
         stages.append(spec)
-    key_file = args.tiled_api_key_file  # a private file; else the pipeline's key, from the environment
+    key_file = options.tiled_api_key_file  # a private file; else the pipeline's key, from the environment
     tiled = TiledSettings(
-        uri=args.tiled_uri or pipeline.tiled.uri,
+        uri=options.tiled_uri or pipeline.tiled.uri,
         api_key=read_api_key_file(key_file) if key_file is not None else pipeline.tiled.api_key,
         data_dir=out / "tiled",
     )

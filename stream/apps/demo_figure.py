@@ -77,8 +77,25 @@ def draw_comparison(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    obj = reconstruction["object"]
-    meta = reconstruction["metadata"]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 8.5))
+    _draw_object(fig, axes[:, :2], reconstruction["object"], comparison, scan)
+    _draw_probe(axes[0, 2], reconstruction["probe"], scan)
+    _draw_mosaic(axes[1, 2], reconstruction, scan)
+    axes[0, 3].axis("off")
+    axes[1, 3].axis("off")
+    summary = _summary(scan, reconstruction["metadata"], comparison, timings)
+    axes[0, 3].text(0.0, 0.95, summary, va="top", family="monospace", fontsize=11)
+    fig.suptitle(
+        "phasestream demo: live AutoPhaseNN mosaic and ePIE from a simulated SELUN scan, read back from Tiled"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _draw_object(fig: Any, axes: Any, obj: np.ndarray, comparison: Comparison, scan: Any) -> None:
+    """Amplitude (top) and phase (bottom) of truth (left) and reconstruction (right), the well-lit part."""
     # Show the reconstruction times the complex scale that best matches the truth (object and probe
     # share an arbitrary scale), so both share one colour scale.
     inside = comparison.mask
@@ -87,8 +104,6 @@ def draw_comparison(
     rows, cols = np.nonzero(inside)
     crop = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
     extent_um = np.array([0, np.ptp(cols) + 1, np.ptp(rows) + 1, 0]) * scan.object_pixel_size_m * 1e6
-
-    fig, axes = plt.subplots(2, 4, figsize=(17, 8.5))
     panels = [
         (axes[0, 0], np.abs(comparison.truth[crop]), "truth: amplitude", "gray", (0, 1.05)),
         (axes[0, 1], np.abs(shown[crop]), "reconstruction: amplitude", "gray", (0, 1.05)),
@@ -100,45 +115,34 @@ def draw_comparison(
         ax.set_title(title)
         ax.set_xlabel("µm")
         fig.colorbar(im, ax=ax, shrink=0.8)
-    probe = reconstruction["probe"]
-    # The probe fills the middle half of its window (oversampling ≥ 2): show that half.
+
+
+def _draw_probe(ax: Any, probe: np.ndarray, scan: Any) -> None:
+    """The reconstructed probe's amplitude; it fills the middle half of its window (oversampling ≥ 2)."""
     n_y, n_x = probe.shape
     middle = (slice(n_y // 4, 3 * n_y // 4), slice(n_x // 4, 3 * n_x // 4))
     probe_um = np.array([0, n_x // 2, n_y // 2, 0]) * scan.object_pixel_size_m * 1e6
-    axes[0, 2].imshow(np.abs(probe[middle]), cmap="magma", extent=probe_um)
-    axes[0, 2].set_title("reconstructed probe: amplitude")
-    axes[0, 2].set_xlabel("µm")
-    _draw_mosaic(axes[1, 2], reconstruction, scan)
-    axes[0, 3].axis("off")
-    axes[1, 3].axis("off")
-    axes[0, 3].text(
-        0.0,
-        0.95,
-        "\n".join(
-            [
-                f"scan: {len(scan.positions_m)} positions, 192×192 SELUN frames",
-                f"{scan.config.photons_per_frame:.0e} photons/frame, Poisson noise",
-                f"algorithm: {meta.get('algorithm')}, {meta.get('iteration')} epochs",
-                f"Fourier error: {meta.get('quality', {}).get('fourier_error', float('nan')):.4f}",
-                "",
-                "object error vs truth",
-                "(complex scale, phase ramp and sub-pixel",
-                f"shift removed; well-lit region): {comparison.error:.3f}",
-                "",
-                *timings,
-            ]
-        ),
-        va="top",
-        family="monospace",
-        fontsize=11,
+    ax.imshow(np.abs(probe[middle]), cmap="magma", extent=probe_um)
+    ax.set_title("reconstructed probe: amplitude")
+    ax.set_xlabel("µm")
+
+
+def _summary(scan: Any, meta: dict[str, Any], comparison: Comparison, timings: Sequence[str]) -> str:
+    """The scan, the solver's figures, the error against the truth and ``timings``, one per line."""
+    return "\n".join(
+        [
+            f"scan: {len(scan.positions_m)} positions, 192×192 SELUN frames",
+            f"{scan.config.photons_per_frame:.0e} photons/frame, Poisson noise",
+            f"algorithm: {meta.get('algorithm')}, {meta.get('iteration')} epochs",
+            f"Fourier error: {meta.get('quality', {}).get('fourier_error', float('nan')):.4f}",
+            "",
+            "object error vs truth",
+            "(complex scale, phase ramp and sub-pixel",
+            f"shift removed; well-lit region): {comparison.error:.3f}",
+            "",
+            *timings,
+        ]
     )
-    fig.suptitle(
-        "phasestream demo: live AutoPhaseNN mosaic and ePIE from a simulated SELUN scan, read back from Tiled"
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def _draw_mosaic(ax: Any, reconstruction: dict[str, Any], scan: Any) -> None:

@@ -74,7 +74,7 @@ def _stages_of(pipeline: PipelineConfig, kinds: tuple[str, ...]) -> list[StageSp
 
 
 def _check_refine(spec: StageSpec, config: dict[str, Any]) -> None:
-    from phasestream.stages.refine import RefineConfig
+    from phasestream.stages.refine.stage import RefineConfig
 
     try:
         RefineConfig(**config)

@@ -6,7 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from phasestream.apps.launcher import Launcher, RunDirLock
+from phasestream.apps.launch.launcher import Launcher
+from phasestream.apps.launch.run_dir import RunDirLock
 from phasestream.apps.scan_options import ScanOptions, with_scan_options
 from phasestream.errors import ConfigError
 from phasestream.runtime.config import PipelineConfig, TiledSettings, load_pipeline
@@ -19,7 +20,7 @@ EMBEDDED_API_KEY_FILE = "tiled-api-key"
 def tiled_for(pipeline: PipelineConfig) -> Iterator[PipelineConfig]:
     """Yield the pipeline with a reachable Tiled server: the configured one, else an embedded one."""
     from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
-    from phasestream.runtime.tiled_access import check_tiled
+    from phasestream.runtime.tiled.access import check_tiled
 
     tiled = pipeline.tiled
     if tiled.uri:
@@ -34,8 +35,9 @@ def tiled_for(pipeline: PipelineConfig) -> Iterator[PipelineConfig]:
 
 def serve_pipeline(
     path: Path,
-    tiled_uri: str | None,
-    tiled_api_key_file: Path | None,
+    *,
+    tiled_uri: str | None = None,
+    tiled_api_key_file: Path | None = None,
     host: str | None = None,
     options: ScanOptions | None = None,
 ) -> int:
@@ -46,10 +48,32 @@ def serve_pipeline(
     once. An embedded Tiled server's key goes to ``<run_dir>/tiled-api-key`` (mode 0600), whose path is
     printed, never the key.
     """
-    from phasestream.apps.tiled_server import write_api_key_file
-    from phasestream.runtime.tiled_access import public_uri, read_api_key_file
+    pipeline = _pipeline_to_serve(path, tiled_uri, tiled_api_key_file, host, options or ScanOptions())
+    run_dir_lock = RunDirLock.for_launcher(pipeline, host)
+    with (
+        run_dir_lock,
+        tiled_for(pipeline) as resolved,
+        Launcher(resolved, host=host, run_dir_lock=run_dir_lock) as launcher,
+    ):
+        _print_where(resolved, launcher, embedded_tiled=not pipeline.tiled.uri)
+        try:
+            while True:
+                for event in launcher.events(timeout_s=3600):
+                    _print_event(event, last_stage=resolved.stages[-1].name)
+                    if resolved.exit_after_scan and launcher.wait_for_exit(0):
+                        return 0
+        except KeyboardInterrupt:
+            print("\nphasestream: stopping")
+    return 0
 
-    pipeline = with_scan_options(load_pipeline(path), options or ScanOptions())
+
+def _pipeline_to_serve(
+    path: Path, tiled_uri: str | None, tiled_api_key_file: Path | None, host: str | None, options: ScanOptions
+) -> PipelineConfig:
+    """The topology with the scan options and the Tiled server and key given on the command line."""
+    from phasestream.runtime.tiled.access import read_api_key_file
+
+    pipeline = with_scan_options(load_pipeline(path), options)
     api_key = read_api_key_file(tiled_api_key_file) if tiled_api_key_file is not None else None
     if tiled_uri or api_key:
         # The file given here replaces the YAML's key and key file, which a worker would read again.
@@ -64,34 +88,27 @@ def serve_pipeline(
             f"--host {host}: a pipeline across hosts publishes to one Tiled server, and each host's launcher "
             "would start its own embedded one; set tiled.uri in the YAML or pass --tiled-uri"
         )
-    run_dir_lock = RunDirLock.for_launcher(pipeline, host)
-    with (
-        run_dir_lock,
-        tiled_for(pipeline) as resolved,
-        Launcher(resolved, host=host, run_dir_lock=run_dir_lock) as launcher,
-    ):
-        tiled_uri = public_uri(resolved.tiled.uri)  # never the key, even when it came in the URI
-        print(f"phasestream: pipeline {resolved.name!r} is up; results in Tiled at {tiled_uri}")
-        if not pipeline.tiled.uri and resolved.tiled.api_key:
-            key_file = write_api_key_file(resolved.run_dir / EMBEDDED_API_KEY_FILE, resolved.tiled.api_key)
-            print(f"  the embedded Tiled server's API key is in {key_file} (mode 0600); watch with:")
-            print(f"    phasestream view --tiled-uri {tiled_uri} --tiled-api-key-file {key_file}")
-        print(f"  run directory {resolved.run_dir} (logs, sockets), locked while this runs")
-        detector = resolved.detector
-        print(f"  detector: data {detector.data_endpoint}, positions {detector.positions_endpoint}")
-        for label, worker in launcher.workers.items():
-            address = resolved.stage(label.rsplit(".", 1)[0]).metrics_address
-            print(f"  {label:<14} /metrics on http://{address}:{worker.metrics_port}/metrics")
-        print("Ctrl-C stops every stage.")
-        try:
-            while True:
-                for event in launcher.events(timeout_s=3600):
-                    _print_event(event, last_stage=resolved.stages[-1].name)
-                    if resolved.exit_after_scan and launcher.wait_for_exit(0):
-                        return 0
-        except KeyboardInterrupt:
-            print("\nphasestream: stopping")
-    return 0
+    return pipeline
+
+
+def _print_where(resolved: PipelineConfig, launcher: Launcher, *, embedded_tiled: bool) -> None:
+    """Where results, the embedded server's key file, the run directory, the detector and metrics are."""
+    from phasestream.apps.tiled_server import write_api_key_file
+    from phasestream.runtime.tiled.access import public_uri
+
+    tiled_uri = public_uri(resolved.tiled.uri)  # never the key, even when it came in the URI
+    print(f"phasestream: pipeline {resolved.name!r} is up; results in Tiled at {tiled_uri}")
+    if embedded_tiled and resolved.tiled.api_key:
+        key_file = write_api_key_file(resolved.run_dir / EMBEDDED_API_KEY_FILE, resolved.tiled.api_key)
+        print(f"  the embedded Tiled server's API key is in {key_file} (mode 0600); watch with:")
+        print(f"    phasestream view --tiled-uri {tiled_uri} --tiled-api-key-file {key_file}")
+    print(f"  run directory {resolved.run_dir} (logs, sockets), locked while this runs")
+    detector = resolved.detector
+    print(f"  detector: data {detector.data_endpoint}, positions {detector.positions_endpoint}")
+    for label, worker in launcher.workers.items():
+        address = resolved.stage(label.rsplit(".", 1)[0]).metrics_address
+        print(f"  {label:<14} /metrics on http://{address}:{worker.metrics_port}/metrics")
+    print("Ctrl-C stops every stage.")
 
 
 def _print_event(event: dict, last_stage: str) -> None:

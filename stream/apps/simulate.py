@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
 import uuid
+from pathlib import Path
 
 
-def run_simulate(args: argparse.Namespace) -> int:
+def run_simulate(
+    *,
+    data_endpoint: str,
+    positions_endpoint: str,
+    rate_hz: float | None = None,
+    n_positions: int = 420,
+    scan_file: Path | None = None,
+    scan_uid: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Bind the detector's sockets and stream ``scan_file`` (a demo's .npz), else a simulated scan of
+    ``n_positions``; ``rate_hz`` None sends as fast as the client takes the frames."""
     from phasestream.simulators.scan_file import load_scan
     from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
     from phasestream.simulators.selun import SelunEmitter
 
-    scan = (
-        load_scan(args.scan_file)
-        if args.scan_file
-        else simulate_scan(ScanSimulationConfig(n_positions=args.positions))
-    )
-    scan_uid = args.scan_uid or str(uuid.uuid4())
-    with SelunEmitter(args.data_endpoint, args.positions_endpoint, rate_hz=args.rate_hz) as emitter:
+    scan = load_scan(scan_file) if scan_file else simulate_scan(ScanSimulationConfig(n_positions=n_positions))
+    scan_uid = scan_uid or str(uuid.uuid4())
+    with SelunEmitter(data_endpoint, positions_endpoint, rate_hz=rate_hz) as emitter:
         print(
             f"SELUN simulator: {len(scan.frames)} frames of {scan.frames.shape[1]}×{scan.frames.shape[2]} "
             f"on {emitter.data_endpoint}, positions on {emitter.positions_endpoint}, scan {scan_uid}",
             flush=True,
         )
-        report = emitter.emit(scan, scan_uid, progress=not args.no_progress)
+        report = emitter.emit(scan, scan_uid, progress=progress)
     print(f"sent {report.data_messages_sent} messages in {report.elapsed_s:.2f} s", flush=True)
     return 0

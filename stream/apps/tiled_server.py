@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from phasestream.errors import ConfigError, PublishError
-from phasestream.runtime.tiled_access import LOOPBACK_HOST, check_tiled, validate_api_key
+from phasestream.runtime.tiled.access import LOOPBACK_HOST, check_tiled, validate_api_key
 
 if TYPE_CHECKING:
     from tiled.server import SimpleTiledServer

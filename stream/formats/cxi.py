@@ -1,4 +1,4 @@
-"""Recorded ptychography scans in CXI files (CXIDB format 1.6), and what every scan file reader shares.
+"""Recorded ptychography scans in CXI files (CXIDB format 1.6), written and read.
 
 Layout written (SI units throughout, as the CXI reference document requires)::
 
@@ -29,16 +29,10 @@ ptychodus, NXcxi_ptycho):
 - bad pixels: ``detector_1/mask``, the CXI bit field, a pixel is bad when any bit but 0x1000
   ("has signal") is set.
 
-Position convention. CXI (and NeXus, whose frame it shares: z along the beam, y up, x completing a
-right-handed frame) records where the *sample* was moved, so the probe sits at −translation on the sample.
-The detector's ``basis_vectors`` give the lab direction of a step along frame rows and columns; the CXI
-default, written here, is rows along −y and columns along −x. phasestream's (y, x) positions are probe
-centres along the frame's row and column axes (the far-field convention I = |F(ψ)|² keeps object and
-detector axes parallel), so ``y_m = −translation · row_direction``; with the default basis that is
-``y_m = translation_y`` and ``x_m = translation_x``. Every translation layout above goes through this
-one conversion.
-
-Frames, their values and how they travel: ``phasestream.formats.recorded_scan``.
+Every translation layout above becomes probe positions through one conversion, with the detector's
+``basis_vectors`` (the CXI default, written here: rows along −y, columns along −x) as the lab directions
+of frame rows and columns: ``phasestream.formats.scan_geometry``. Frames, their values and how they
+travel: ``phasestream.formats.recorded_scan``.
 """
 
 from __future__ import annotations
@@ -54,35 +48,40 @@ from typing import Any
 import h5py
 import numpy as np
 
-from phasestream.errors import PositionError
+from phasestream.errors import PositionError, ScanFileError
+from phasestream.formats.hdf5_fields import (
+    metres_per_unit,
+    nx_group,
+    required_dataset,
+    scalar_value,
+    text_attribute,
+    write_quantity,
+)
 from phasestream.formats.in_memory_scan import ScanInMemory
 from phasestream.formats.recorded_scan import (
-    DEFAULT_COLUMN_DIRECTION,
-    DEFAULT_ROW_DIRECTION,
-    JOULES_PER_EV,
     MASKED_PIXEL,
     FrameBlock,
     FrameCompression,
     RecordedScan,
-    ScanFileError,
     bad_pixels,
-    check_geometry,
-    check_position_scale,
     frame_chunks,
     frame_layout,
     frames_dataset_shape,
-    metres_per_unit,
-    pixel_size_per_axis_m,
-    positions_from_sample_translation,
-    required_dataset,
-    sample_translation_from_positions,
-    scalar_value,
     sends_stored_bytes,
-    text_attribute,
     travel_dtype,
-    unit_vector,
     write_frames,
 )
+from phasestream.formats.scan_geometry import (
+    DEFAULT_COLUMN_DIRECTION,
+    DEFAULT_ROW_DIRECTION,
+    check_geometry,
+    check_position_scale,
+    pixel_size_per_axis_m,
+    positions_from_sample_translation,
+    sample_translation_from_positions,
+    unit_vector,
+)
+from phasestream.formats.units import JOULES_PER_EV
 
 CXI_VERSION = 160  # format 1.6, stored as version × 100
 # CXI mask bit 0x1000 marks a pixel that has signal, not a defect; every other bit is one.
@@ -138,7 +137,6 @@ def write_cxi(
     probe = scan.probe if isinstance(scan, RecordedScan) else scan.probe_truth
     if frame_time_s is None and isinstance(scan, RecordedScan):
         frame_time_s = scan.frame_time_s
-    pixel_size_m = scan.detector_pixel_size_m
     with h5py.File(path, "w") as file:
         file.attrs["default"] = "entry_1"
         file.attrs["creator"] = "phasestream"
@@ -161,27 +159,37 @@ def write_cxi(
         if probe is not None:
             source.create_dataset("illumination", data=np.asarray(probe, dtype=np.complex64))
 
-        detector = nx_group(instrument, "detector_1", "NXdetector")
-        n, shape, dtype = frame_layout(scan)
-        write_frames(detector, "data", (n, *shape), dtype, frame_chunks(scan), compression)
-        write_quantity(detector, "distance", scan.detector_distance_m, "m")
-        write_quantity(detector, "x_pixel_size", pixel_size_m, "m")
-        write_quantity(detector, "y_pixel_size", pixel_size_m, "m")
-        basis = np.array([DEFAULT_ROW_DIRECTION, DEFAULT_COLUMN_DIRECTION]) * pixel_size_m
-        write_quantity(detector, "basis_vectors", basis, "m")
-        mask = scan.bad_pixel_mask if isinstance(scan, RecordedScan) else None
-        if mask is not None:
-            detector.create_dataset("mask", data=np.where(mask, MASKED_PIXEL, 0).astype(np.uint32))
-        if frame_time_s is not None:
-            write_quantity(detector, "frame_time", frame_time_s, "s")
-            write_quantity(detector, "count_time", frame_time_s, "s")
-        detector["translation"] = h5py.SoftLink(CxiPath.TRANSLATION)
+        _write_detector(nx_group(instrument, "detector_1", "NXdetector"), scan, frame_time_s, compression)
 
         data = nx_group(entry, "data_1", "NXdata")
         data.attrs["signal"] = "data"
         data["data"] = h5py.SoftLink(CxiPath.DETECTOR_DATA)
         data["translation"] = h5py.SoftLink(CxiPath.TRANSLATION)
     return path
+
+
+def _write_detector(
+    detector: h5py.Group,
+    scan: ScanInMemory | RecordedScan,
+    frame_time_s: float | None,
+    compression: FrameCompression,
+) -> None:
+    """The frames, the detector's geometry and mask, and the time per frame, in ``detector_1``."""
+    n, shape, dtype = frame_layout(scan)
+    write_frames(detector, "data", (n, *shape), dtype, frame_chunks(scan), compression)
+    pixel_size_m = scan.detector_pixel_size_m
+    write_quantity(detector, "distance", scan.detector_distance_m, "m")
+    write_quantity(detector, "x_pixel_size", pixel_size_m, "m")
+    write_quantity(detector, "y_pixel_size", pixel_size_m, "m")
+    basis = np.array([DEFAULT_ROW_DIRECTION, DEFAULT_COLUMN_DIRECTION]) * pixel_size_m
+    write_quantity(detector, "basis_vectors", basis, "m")
+    mask = scan.bad_pixel_mask if isinstance(scan, RecordedScan) else None
+    if mask is not None:
+        detector.create_dataset("mask", data=np.where(mask, MASKED_PIXEL, 0).astype(np.uint32))
+    if frame_time_s is not None:
+        write_quantity(detector, "frame_time", frame_time_s, "s")
+        write_quantity(detector, "count_time", frame_time_s, "s")
+    detector["translation"] = h5py.SoftLink(CxiPath.TRANSLATION)
 
 
 def split_dataset_spec(text: str | Path) -> tuple[Path, str | None]:
@@ -245,19 +253,6 @@ def read_cxi(path: Path | str, data_group: str | None = None) -> RecordedScan:
         )
 
 
-def nx_group(parent: h5py.Group, name: str, nx_class: str, **attrs: str) -> h5py.Group:
-    group = parent.create_group(name)
-    group.attrs["NX_class"] = nx_class
-    for key, value in attrs.items():
-        group.attrs[key] = value
-    return group
-
-
-def write_quantity(group: h5py.Group, name: str, value: Any, units: str) -> None:
-    group.create_dataset(name, data=value)
-    group[name].attrs["units"] = units
-
-
 def _energy_kev_from_joules(energy_j: float, where: str) -> float:
     """CXI stores the photon energy in joules; eV or keV there is the usual slip: say which it looks like."""
     energy_kev = energy_j / JOULES_PER_EV / 1000
@@ -294,10 +289,12 @@ def _square_pixel_m(file: h5py.File) -> float:
 def _frames_dataset(file: h5py.File, data_group: str | None) -> tuple[h5py.Dataset, str | None]:
     """The frames, and the path of the ``data_N`` group they came from (None: ``detector_1/data``)."""
     entry = file.get("/entry_1")
-    groups = sorted(
-        (name for name in (entry if isinstance(entry, h5py.Group) else ()) if _DATA_GROUP.fullmatch(name)),
-        key=lambda name: int(_DATA_GROUP.fullmatch(name)[1]),
-    )
+    numbered = {
+        name: int(match[1])
+        for name in (entry if isinstance(entry, h5py.Group) else ())
+        if (match := _DATA_GROUP.fullmatch(name))
+    }
+    groups = sorted(numbered, key=numbered.__getitem__)
     if data_group is not None:
         wanted = "/" + data_group.strip("/")
         if not wanted.startswith("/entry_1/"):

@@ -18,12 +18,12 @@ The reader also takes ``/entry/data/data`` directly in the master file (``nimage
 FileWriter V2 virtual dataset) and ``distance`` for ``detector_distance`` (NXmx 2022). A pixel is bad
 when ``pixel_mask & 0xFFFF`` is non-zero (gap, dead, under- or over-responding, noisy, user mask); bad
 pixels travel as 0, whatever the detector wrote there. Frames are checked and converted as in CXI
-(``phasestream.formats.cxi``, "Frame values").
+(``phasestream.formats.recorded_scan``).
 
 Positions: a detector file has none of its own. They are read from the NXtransformations translations
 under ``/entry/sample/transformations`` (every per-frame ``translation`` field, summed along its
 ``vector``), converted as in CXI (the probe sits at −translation on the sample, projected onto the
-detector's row and column directions; see ``phasestream.formats.cxi``). A file without them can be
+detector's row and column directions; see ``phasestream.formats.scan_geometry``). A file without them can be
 replayed with a side channel: ``positions_m``, (n, 2) probe centres (y, x) in metres, e.g. from the
 motion controller's own record.
 """
@@ -39,37 +39,40 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from phasestream.errors import PositionError
-from phasestream.formats.cxi import nx_group
+from phasestream.errors import PositionError, ScanFileError
+from phasestream.formats.hdf5_fields import (
+    metres_per_unit,
+    nx_group,
+    required_dataset,
+    scalar_value,
+    text_attribute,
+)
 from phasestream.formats.in_memory_scan import ScanInMemory
 from phasestream.formats.recorded_scan import (
-    DEFAULT_COLUMN_DIRECTION,
-    DEFAULT_ROW_DIRECTION,
-    JOULES_PER_EV,
     MASKED_PIXEL,
     NXMX_MASK_DEFECTS,
     READ_CHUNK_FRAMES,
     FrameBlock,
     FrameCompression,
     RecordedScan,
-    ScanFileError,
     bad_pixels,
-    check_geometry,
-    check_position_scale,
     frame_chunks,
     frame_layout,
     frames_dataset_shape,
-    metres_per_unit,
-    pixel_size_per_axis_m,
-    positions_from_sample_translation,
-    required_dataset,
-    sample_translation_from_positions,
-    scalar_value,
     sends_stored_bytes,
-    text_attribute,
     travel_dtype,
     write_frames,
 )
+from phasestream.formats.scan_geometry import (
+    DEFAULT_COLUMN_DIRECTION,
+    DEFAULT_ROW_DIRECTION,
+    check_geometry,
+    check_position_scale,
+    pixel_size_per_axis_m,
+    positions_from_sample_translation,
+    sample_translation_from_positions,
+)
+from phasestream.formats.units import JOULES_PER_EV
 
 # hc in keV·Å: E = hc / λ.
 HC_KEV_ANGSTROM = 12.3984198

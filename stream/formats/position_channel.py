@@ -22,7 +22,7 @@ import cbor2
 import numpy as np
 
 from phasestream.errors import DetectorMessageError, PositionError
-from phasestream.formats.stream_v2_decode import INTEGER_LIMIT, shown
+from phasestream.formats.stream_v2.decode import INTEGER_LIMIT, shown
 
 POSITIONS_BATCH_SIZE = 64
 

@@ -44,8 +44,9 @@ import h5py
 import numpy as np
 
 from phasestream.errors import ConfigError
+from phasestream.formats.hdf5_fields import METRES_PER_UNIT
+from phasestream.formats.units import JOULES_PER_EV
 
-JOULES_PER_EV = 1.602176634e-19
 # h·c in m·keV, as in phasestream.models.physics (not imported: it loads torch, and this module is read
 # when a configuration is validated).
 PLANCK_TIMES_LIGHT_SPEED_M_KEV = 1.23984198e-9
@@ -72,10 +73,6 @@ CXI_DETECTOR_X_PIXEL = "/entry_1/instrument_1/detector_1/x_pixel_size"
 CXI_DETECTOR_Y_PIXEL = "/entry_1/instrument_1/detector_1/y_pixel_size"
 CXI_FRAMES = ("/entry_1/data_1/data", "/entry_1/instrument_1/detector_1/data")
 
-_METRES_PER_UNIT = {
-    "m": 1.0, "metre": 1.0, "meter": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6,
-    "nm": 1e-9, "angstrom": 1e-10, "Å": 1e-10, "A": 1e-10,
-}  # fmt: skip
 _JOULES_PER_UNIT = {"J": 1.0, "eV": JOULES_PER_EV, "keV": 1e3 * JOULES_PER_EV}
 # Attribute pairs (x, y) that give a dataset's pixel in metres.
 _PIXEL_ATTRIBUTE_PAIRS = (("x_pixel_size", "y_pixel_size"), ("pixel_width_m", "pixel_height_m"))
@@ -456,7 +453,7 @@ def _scalar(dataset: h5py.Dataset) -> float:
 
 
 def _length_m(dataset: h5py.Dataset) -> float:
-    return _scalar(dataset) * _unit_factor(dataset, _METRES_PER_UNIT, "m")
+    return _scalar(dataset) * _unit_factor(dataset, METRES_PER_UNIT, "m")
 
 
 def _energy_j(dataset: h5py.Dataset) -> float:

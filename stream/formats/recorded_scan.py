@@ -1,5 +1,4 @@
-"""A recorded scan read from a file, and what the CXI and NXmx readers share: geometry and position checks,
-units, and how stored frames become the frames a replay sends.
+"""A recorded scan read from a file (CXI or NXmx), and how its stored frames become the frames a replay sends.
 
 Frame values. Stream V2 images are counts (unsigned integers) or float32. Frames stored as floats (as
 most CXI writers store them) are looked at once, on the first chunk: whole numbers travel as uint32
@@ -17,7 +16,6 @@ without decompressing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,37 +26,16 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from phasestream.errors import PhasestreamError, PositionError
+from phasestream.errors import ScanFileError
 from phasestream.formats.in_memory_scan import ScanInMemory
-from phasestream.formats.stream_v2_encode import bslz4_compress
-from phasestream.formats.units import object_pixel_size_m
+from phasestream.formats.scan_geometry import pixel_size_per_axis_m
+from phasestream.formats.stream_v2.encode import bslz4_compress
 
-JOULES_PER_EV = 1.602176634e-19
 # Frames read from disk at a time: about 2.4 MB of 192 × 192 uint16 frames.
 READ_CHUNK_FRAMES = 64
 # HDF5 filter id of bitshuffle (registered with The HDF Group) and its LZ4 compression code (cd_values[4]).
 BITSHUFFLE_FILTER_ID = 32008
 _BITSHUFFLE_LZ4 = 2
-# The CXI default detector orientation: rows run along −y, columns along −x (top-left origin).
-DEFAULT_ROW_DIRECTION = (0.0, -1.0, 0.0)
-DEFAULT_COLUMN_DIRECTION = (-1.0, 0.0, 0.0)
-# Metres per unit for the ``units`` attributes that scan files carry on lengths.
-METRES_PER_UNIT = {
-    "m": 1.0,
-    "metre": 1.0,
-    "meter": 1.0,
-    "mm": 1e-3,
-    "um": 1e-6,
-    "µm": 1e-6,
-    "micron": 1e-6,
-    "nm": 1e-9,
-    "angstrom": 1e-10,
-    "Å": 1e-10,
-    "A": 1e-10,
-}
-_UNIT_NAMES = {1e-3: "millimetres", 1e-6: "micrometres", 1e-9: "nanometres"}
-# Neighbouring positions are compared on at most this many probe positions (the median is robust).
-_SCALE_SAMPLE = 256
 # Stream V2 image dtypes of float frames: whole counts, or intensities with fractions.
 COUNTS_DTYPE = np.dtype("<u4")
 INTENSITIES_DTYPE = np.dtype("<f4")
@@ -66,12 +43,6 @@ INTENSITIES_DTYPE = np.dtype("<f4")
 NXMX_MASK_DEFECTS = 0xFFFF
 # The value written for a pixel that was not measured: CXI bit 0x1 "invalid", NXmx bit 0 "gap".
 MASKED_PIXEL = 1
-
-
-class ScanFileError(PhasestreamError):
-    """A scan file lacks a dataset, or holds one with an impossible shape or value."""
-
-    reason = "scan_file"
 
 
 class FrameCompression(StrEnum):
@@ -137,7 +108,8 @@ class RecordedScan:
 
     def positions_object_px(self) -> np.ndarray:
         """Probe centres as fractional object-grid indices (row, column), from metres and the geometry."""
-        return (self.positions_m - np.asarray(self.object_top_left_m)) / np.asarray(self.object_pixel_size_m)
+        offset_m = self.positions_m - np.asarray(self.object_top_left_m)
+        return np.asarray(offset_m / np.asarray(self.object_pixel_size_m), dtype=np.float64)
 
     def iter_frames(self, chunk_frames: int = READ_CHUNK_FRAMES) -> Iterator[np.ndarray]:
         """The frames in order as they travel, at most ``chunk_frames`` at a time (one chunk in memory).
@@ -170,146 +142,6 @@ class RecordedScan:
                         # HDF5 stores a chunk unfiltered when the filter failed on it: compress it here.
                         chunk = bslz4_compress(np.frombuffer(chunk, data.dtype).reshape(data.shape[1:]))
                     yield chunk
-
-
-# ---- geometry and positions shared by the CXI and NXmx readers -------------------------------------------
-
-
-def pixel_size_per_axis_m(
-    energy_kev: float, detector_distance_m: float, frame_shape_px: tuple[int, int], pixel_size_m: float
-) -> tuple[float, float]:
-    height, width = frame_shape_px
-    return (
-        object_pixel_size_m(energy_kev, detector_distance_m, height, pixel_size_m),
-        object_pixel_size_m(energy_kev, detector_distance_m, width, pixel_size_m),
-    )
-
-
-def positions_from_sample_translation(
-    translation_m: np.ndarray,
-    row_direction: np.ndarray | tuple[float, ...] = DEFAULT_ROW_DIRECTION,
-    column_direction: np.ndarray | tuple[float, ...] = DEFAULT_COLUMN_DIRECTION,
-) -> np.ndarray:
-    """(n, 3) lab-frame sample translations → (n, 2) probe centres (y, x) along the frame axes, metres.
-
-    The probe sits at −translation on the sample; its coordinate along an axis is the projection onto
-    that axis's unit lab direction.
-    """
-    rows, columns = (unit_vector(direction) for direction in (row_direction, column_direction))
-    probe_on_sample = -np.asarray(translation_m, dtype=np.float64)
-    return np.stack([probe_on_sample @ rows, probe_on_sample @ columns], axis=1)
-
-
-def sample_translation_from_positions(positions_m: np.ndarray) -> np.ndarray:
-    """The inverse for the default orientation: (n, 2) probe (y, x) → (n, 3) sample translation (x, y, z)."""
-    positions = np.asarray(positions_m, dtype=np.float64)
-    translation = np.zeros((len(positions), 3))
-    translation[:, 0] = positions[:, 1]
-    translation[:, 1] = positions[:, 0]
-    return translation
-
-
-def check_position_scale(
-    positions_m: np.ndarray, frame_shape_px: tuple[int, int], pixel_size_m: tuple[float, float], where: str
-) -> None:
-    """Refuse positions whose scale cannot be a ptychography scan with this geometry: a unit mix-up.
-
-    Two bounds, both loose enough for any real scan. Above: neighbouring points farther apart than the
-    detector window (N object pixels, and the probe is never wider) would share no illuminated area, so
-    nothing could be reconstructed; millimetres, micrometres or nanometres stored as metres land there.
-    Below: a scan whose whole extent is under one object pixel (a stationary series, extent zero, is
-    allowed); metres labelled as a smaller unit land there.
-    """
-    n = len(positions_m)
-    if n < 2:
-        return
-    pixel = np.asarray(pixel_size_m)
-    window_px = min(frame_shape_px)
-    step_m = _median_neighbour_distance_m(positions_m, pixel)
-    extent_m = positions_m.max(axis=0) - positions_m.min(axis=0)
-    step_px = step_m / float(pixel.max())
-    extent_px = float((extent_m / pixel).max())
-    geometry = (
-        f"{window_px}-pixel probe window, object pixel {float(pixel.max()):.3g} m from the energy, "
-        "distance and detector pixel"
-    )
-    if step_px > window_px:
-        factor = next(
-            (f for f in (1e-3, 1e-6, 1e-9) if step_px * f <= window_px),
-            1e-9,
-        )
-        raise PositionError(
-            f"positions in {where} are implausibly large for metres: neighbouring scan points lie a "
-            f"median {step_m:.4g} m apart, {step_px:.4g} object pixels, more than the {geometry}, so no "
-            f"two frames would overlap. Read as {_UNIT_NAMES[factor]} they would lie {step_m * factor:.4g} m "
-            f"({step_px * factor:.3g} pixels) apart: the positions were likely stored in "
-            f"{_UNIT_NAMES[factor]}; convert them to metres (× {factor:g}) or set their units attribute"
-        )
-    if 0 < extent_px < 1:
-        factor = next((f for f in (1e3, 1e6, 1e9) if extent_px * f >= 1), 1e9)
-        raise PositionError(
-            f"positions in {where} are implausibly small: the whole scan spans "
-            f"{float(extent_m.max()):.4g} m, {extent_px:.3g} object pixels of the {geometry}, so every "
-            "frame would see the same spot. "
-            f"× {factor:g} they would span {extent_px * factor:.3g} pixels: the values are likely metres "
-            "stored under a smaller unit (check the units attribute), or micrometres or nanometres "
-            "converted twice"
-        )
-
-
-def check_geometry(energy_kev: float, distance_m: float, pixel_size_m: float, where: dict[str, str]) -> None:
-    """Refuse a geometry that is off by a unit (energy in eV or J mixed up, lengths in mm or µm)."""
-    checks = (
-        ("energy", energy_kev, 0.1, 100.0, "keV", "an X-ray photon energy (0.1–100 keV)"),
-        ("distance", distance_m, 1e-3, 200.0, "m", "a sample–detector distance (1 mm – 200 m)"),
-        ("pixel", pixel_size_m, 1e-7, 1e-2, "m", "a detector pixel (0.1 µm – 1 cm)"),
-    )
-    for key, value, low, high, unit, meaning in checks:
-        if not (math.isfinite(value) and low <= value <= high):
-            hint = _unit_hint(key, value)
-            raise ScanFileError(
-                f"{where[key]} gives {value:.6g} {unit}, which is not {meaning}{hint}; "
-                "store it in SI units (CXI requires them) or fix its units attribute"
-            )
-
-
-def metres_per_unit(dataset: h5py.Dataset, default: str = "m") -> float:
-    units = text_attribute(dataset, "units") or default
-    try:
-        return METRES_PER_UNIT[units.strip()]
-    except KeyError:
-        raise ScanFileError(
-            f"{dataset.file.filename}:{dataset.name} has units {units!r}; phasestream reads lengths in "
-            f"{sorted(METRES_PER_UNIT)}: convert the values or fix the attribute"
-        ) from None
-
-
-def text_attribute(obj: h5py.HLObject, name: str) -> str | None:
-    """A string attribute however it was written (str, bytes, or a one-element array of either)."""
-    value = obj.attrs.get(name)
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(-1)[0]
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def required_dataset(file: h5py.File, path: str, meaning: str) -> h5py.Dataset:
-    node = file.get(path)
-    if not isinstance(node, h5py.Dataset):
-        found = "missing" if node is None else f"a {type(node).__name__}, not a dataset"
-        raise ScanFileError(f"{file.filename} lacks {path} ({meaning}): {found}; write it there")
-    return node
-
-
-def scalar_value(dataset: h5py.Dataset, meaning: str) -> float:
-    value = np.asarray(dataset[()])
-    if value.size != 1 or value.dtype.kind not in "iuf":
-        raise ScanFileError(
-            f"{dataset.file.filename}:{dataset.name} ({meaning}) holds {value.dtype} of shape {value.shape}; "
-            "expected one number"
-        )
-    return float(value.reshape(-1)[0])
 
 
 def frames_dataset_shape(dataset: h5py.Dataset) -> tuple[int, int, int]:
@@ -346,8 +178,9 @@ def travel_dtype(dataset: h5py.Dataset, bad_pixel_mask: np.ndarray | None) -> np
     with any fraction they are intensities (``INTENSITIES_DTYPE``). The first chunk is checked as every
     later one will be, so a file with NaN or negative values fails here, before replay starts.
     """
-    if dataset.dtype.kind != "f":
-        return dataset.dtype
+    stored: np.dtype = dataset.dtype  # h5py is untyped
+    if stored.kind != "f":
+        return stored
     first = dataset[: min(READ_CHUNK_FRAMES, dataset.shape[0])]
     block = FrameBlock(Path(dataset.file.filename), dataset.name, dataset.shape[0])
     travelling_frames(first, INTENSITIES_DTYPE, bad_pixel_mask, block, 0)  # checks; zeroes masked pixels
@@ -421,7 +254,7 @@ def bad_pixels(dataset: h5py.Dataset, defect_bits: int, shape_px: tuple[int, int
             f"{where} has shape {values.shape} but the frames are {shape_px}: the mask must be one (H, W) "
             "image of the frames' size; crop or bin it as the frames were"
         )
-    bad = (values.astype(np.uint64) & np.uint64(defect_bits)) != 0
+    bad = np.asarray((values.astype(np.uint64) & np.uint64(defect_bits)) != 0, dtype=np.bool_)
     if bad.all():
         raise ScanFileError(
             f"{where} flags every pixel as bad: 0 marks a good pixel in CXI and NXmx masks; a mask with "
@@ -493,40 +326,3 @@ def write_frames(
     if written != shape[0]:
         raise ScanFileError(f"{written} frames arrived for {group.name}/{name}, declared {shape[0]}")
     return dataset
-
-
-def _median_neighbour_distance_m(positions_m: np.ndarray, pixel_size_m: np.ndarray) -> float:
-    """Median over a sample of positions of the distance to the nearest other (distinct) position."""
-    scaled = positions_m / pixel_size_m  # isotropic in pixels, so rectangular pixels compare fairly
-    sample = scaled[np.unique(np.linspace(0, len(scaled) - 1, _SCALE_SAMPLE).astype(int))]
-    nearest = np.full(len(sample), np.inf)
-    for start in range(0, len(scaled), 65536):
-        block = scaled[start : start + 65536]
-        distances = np.hypot(*(sample[:, None, :] - block[None, :, :]).transpose(2, 0, 1))
-        distances[distances == 0] = np.inf  # itself, and repeated positions
-        nearest = np.minimum(nearest, distances.min(axis=1))
-    finite = nearest[np.isfinite(nearest)]
-    if not len(finite):
-        return 0.0
-    return float(np.median(finite)) * float(pixel_size_m.max())
-
-
-def unit_vector(direction: np.ndarray | tuple[float, ...]) -> np.ndarray:
-    vector = np.asarray(direction, dtype=np.float64).reshape(3)
-    norm = float(np.linalg.norm(vector))
-    if not norm > 0:
-        raise ScanFileError(f"detector axis direction {vector.tolist()} has no length; expected a lab vector")
-    return vector / norm
-
-
-def _unit_hint(key: str, value: float) -> str:
-    if key == "energy" and 100.0 < value <= 1e5:
-        return f" (it looks like eV: {value / 1000:.4g} keV)"
-    if key == "energy" and 0 < value < 1e-10:
-        return f" (it looks like joules read as keV: {value / JOULES_PER_EV / 1000:.4g} keV)"
-    if key in ("distance", "pixel"):
-        for factor, name in ((1e-3, "millimetres"), (1e-6, "micrometres")):
-            scaled = value * factor
-            if (key == "distance" and 1e-3 <= scaled <= 200.0) or (key == "pixel" and 1e-7 <= scaled <= 1e-2):
-                return f" (it looks like {name}: {scaled:.4g} m)"
-    return ""

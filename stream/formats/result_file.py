@@ -55,7 +55,7 @@ import h5py
 import numpy as np
 
 from phasestream.errors import PhasestreamError
-from phasestream.formats.probe_source import JOULES_PER_EV
+from phasestream.formats.units import JOULES_PER_EV
 
 CXI_VERSION = 150  # format 1.5, stored as version × 100
 PROGRAM = "phasestream"

@@ -6,6 +6,8 @@ from enum import StrEnum
 
 from phasestream.errors import ConfigError
 
+JOULES_PER_EV = 1.602176634e-19  # the elementary charge: photon energies in J ↔ eV
+
 
 class LengthUnit(StrEnum):
     METRE = "m"

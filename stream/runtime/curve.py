@@ -150,7 +150,7 @@ class CurveAuthenticator:
     take effect after ``reload()``.
     """
 
-    def __init__(self, context: zmq.Context, authorized_dir: Path) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], authorized_dir: Path) -> None:
         self.context = context
         self.authorized_dir = authorized_dir
         self._check_directory()
@@ -188,7 +188,9 @@ class CurveAuthenticator:
         self.stop()
 
 
-def make_curve_server(sock: zmq.Socket, keypair: CurveKeyPair, authenticator: CurveAuthenticator) -> None:
+def make_curve_server(
+    sock: zmq.Socket[bytes], keypair: CurveKeyPair, authenticator: CurveAuthenticator
+) -> None:
     """Make ``sock`` a CURVE server whose peers the authenticator checks. Call it before ``bind()``."""
     if authenticator.context is not sock.context:
         raise ConfigError(
@@ -203,7 +205,7 @@ def make_curve_server(sock: zmq.Socket, keypair: CurveKeyPair, authenticator: Cu
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 
-def make_curve_client(sock: zmq.Socket, keypair: CurveKeyPair, server_public_key: bytes) -> None:
+def make_curve_client(sock: zmq.Socket[bytes], keypair: CurveKeyPair, server_public_key: bytes) -> None:
     """Make ``sock`` a CURVE client that talks only to the server holding ``server_public_key``.
 
     Call it before ``connect()``. A server with another key fails the handshake, so nothing is sent to it.
@@ -221,7 +223,11 @@ class StageCurve:
     """
 
     def __init__(
-        self, settings: CurveSettings, context: zmq.Context, name: str, peers: Sequence[str] = ()
+        self,
+        settings: CurveSettings,
+        context: zmq.Context[zmq.Socket[bytes]],
+        name: str,
+        peers: Sequence[str] = (),
     ) -> None:
         """``peers``: the stages this one connects to, whose public keys are read now, so that a missing
         key stops the worker at start, before any socket or thread exists."""
@@ -231,12 +237,12 @@ class StageCurve:
         self._context = context
         self._authenticator: CurveAuthenticator | None = None
 
-    def serve(self, sock: zmq.Socket) -> None:
+    def serve(self, sock: zmq.Socket[bytes]) -> None:
         if self._authenticator is None:
             self._authenticator = CurveAuthenticator(self._context, self.settings.authorized_dir)
         make_curve_server(sock, self.keypair, self._authenticator)
 
-    def connect_to(self, sock: zmq.Socket, server_name: str) -> None:
+    def connect_to(self, sock: zmq.Socket[bytes], server_name: str) -> None:
         server_key = self._peer_keys.get(server_name)
         if server_key is None:
             server_key = load_public_key(self.settings.keys_dir / PUBLIC_DIR, server_name)
@@ -246,23 +252,3 @@ class StageCurve:
         if self._authenticator is not None:
             self._authenticator.stop()
             self._authenticator = None
-
-
-def run_keys_generate(directory: Path, names: Sequence[str], pipeline_file: Path | None) -> int:
-    """``phasestream keys generate DIR [--name NAME]... [--pipeline FILE]``: print what was written."""
-    # Deferred: the pipeline config is to hold CurveSettings, so phasestream.runtime.config will import
-    # this module.
-    from phasestream.runtime.config import load_pipeline
-
-    all_names = list(names)
-    if pipeline_file is not None:
-        pipeline = load_pipeline(pipeline_file)
-        all_names += [n for n in key_names([s.name for s in pipeline.stages]) if n not in all_names]
-    for secret_file in generate_keys(directory, all_names):
-        name = secret_file.name.removesuffix(SECRET_SUFFIX)
-        print(f"  {name:<12} public {directory / PUBLIC_DIR / (name + PUBLIC_SUFFIX)}, secret {secret_file}")
-    print(
-        f"Copy {directory / PUBLIC_DIR} to every host of the pipeline, and each "
-        f"{PRIVATE_DIR}/<name>{SECRET_SUFFIX} only to the hosts that run <name> (keep it mode 0600)."
-    )
-    return 0

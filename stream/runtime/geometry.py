@@ -227,8 +227,7 @@ def read_mask_file(spec: str, polarity: MaskPolarity) -> np.ndarray:
 
 
 def _plain_mask(values: Any, polarity: MaskPolarity, spec: str) -> np.ndarray:
-    array = _two_dimensional(values, spec)
-    nonzero = array != 0
+    nonzero = np.asarray(_two_dimensional(values, spec) != 0, dtype=np.bool_)
     return nonzero if polarity is MaskPolarity.BAD else ~nonzero
 
 
@@ -238,7 +237,7 @@ def _bit_mask(values: Any, spec: str, defect_bits: int) -> np.ndarray:
         raise ConfigError(
             f"mask_file {spec!r} holds {array.dtype}; a CXI or NXmx mask is an integer bit field"
         )
-    return (array.astype(np.int64) & defect_bits) != 0
+    return np.asarray((array.astype(np.int64) & defect_bits) != 0, dtype=np.bool_)
 
 
 def _two_dimensional(values: Any, spec: str) -> np.ndarray:

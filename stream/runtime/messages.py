@@ -2,8 +2,8 @@
 
 On the wire a message is a ZeroMQ multipart ``[header, payload, payload, ...]``. The header is the JSON
 of the message model with its arrays replaced by their descriptions (name, dtype, shape); each array
-travels as one contiguous buffer in the same order. No pickle, no positional tuples (DESIGN.md,
-"Describe, then stream").
+travels as one contiguous buffer in the same order. No pickle, no positional tuples: a
+receiver checks the description before it touches a byte.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ class ScanEnd(Message):
 
 
 AnyMessage = Annotated[ScanStart | FrameBatch | Reconstruction | ScanEnd, Field(discriminator="kind")]
-_HEADER_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyMessage)
+_HEADER_ADAPTER: TypeAdapter[ScanStart | FrameBatch | Reconstruction | ScanEnd] = TypeAdapter(AnyMessage)
 _ARRAY_FIELDS = frozenset(
     name for kind in (ScanStart, FrameBatch, Reconstruction, ScanEnd) for name in kind.array_fields
 )
@@ -332,7 +332,7 @@ def _array_specs(arrays: Any) -> list[ArraySpec]:
             "header field 'arrays' must be a list of {name, dtype, shape} objects, "
             f"got {type(arrays).__name__}"
         )
-    specs = []
+    specs: list[ArraySpec] = []
     for index, raw in enumerate(arrays):
         if not isinstance(raw, dict):
             raise WireFormatError(

@@ -7,20 +7,17 @@ Adding a stage is one module, one test and one line here; a pipeline YAML may al
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 from phasestream.errors import ConfigError
-
-if TYPE_CHECKING:
-    from phasestream.runtime.stage import Stage
+from phasestream.runtime.stage import Stage
 
 STAGES: dict[str, str] = {
-    "ingest": "phasestream.stages.ingest:IngestStage",
+    "ingest": "phasestream.stages.ingest.stage:IngestStage",
     "tpx3_ingest": "phasestream.stages.tpx3_ingest:Tpx3IngestStage",
     "record": "phasestream.stages.record:RecordStage",
     "binning": "phasestream.stages.binning:BinningStage",
     "inversion": "phasestream.stages.inversion:InversionStage",
-    "refine": "phasestream.stages.refine:RefineStage",
+    "refine": "phasestream.stages.refine.stage:RefineStage",
     "denoise": "phasestream.stages.denoise:DenoiseStage",
     "cdi": "phasestream.stages.cdi_stage:CdiStage",
     "publish": "phasestream.stages.publish:PublishStage",
@@ -29,8 +26,6 @@ STAGES: dict[str, str] = {
 
 def resolve_stage(ref: str) -> type[Stage]:
     """Return the Stage class for a registry name or a ``module:attr`` reference."""
-    from phasestream.runtime.stage import Stage
-
     target = STAGES.get(ref, ref)
     module_name, sep, attr = target.partition(":")
     if not sep:

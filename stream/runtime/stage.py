@@ -16,152 +16,48 @@ of a scan's ScanEnds closes the scan after ``scan_end_timeout_s`` without a mess
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import zmq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from phasestream.errors import ConfigError, DetectorMessageError, PhasestreamError
+from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.runtime import metrics
 from phasestream.runtime.accounting import (
     FRAMES_LOST,
     RESTARTED_MID_SCAN,
     SCAN_ENDS_MISSING,
-    FrameIndexSet,
-    LedgerKind,
     audit_lost_frames,
     counts_only,
     is_ledger_label,
-    ledger_label,
 )
 from phasestream.runtime.config import PipelineConfig, format_validation_error
-from phasestream.runtime.curve import StageCurve
+from phasestream.runtime.inbox import INBOX_PORT, RawInput, drain_messages, drain_raw
 from phasestream.runtime.messages import FrameBatch, Message, ScanEnd, ScanStart, decode
+from phasestream.runtime.scan_bookkeeping import ScanJournal, ScanState, own_ledger
+from phasestream.runtime.stage_log import StageLog
 from phasestream.runtime.topology import WorkerPlacement
-from phasestream.runtime.transport import Outlet, StatusChannel, StopRequestedError
+from phasestream.runtime.transport import StopRequestedError
+from phasestream.runtime.worker_sockets import WorkerSockets
 
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 100
-_DRAIN_LIMIT = 64
 _STATUS_INTERVAL_S = 0.25
-# Warnings and rejections of one reason: at most _LOG_BURST lines per _LOG_INTERVAL_S, then one line that
-# says how many were left out. A flood of bad messages must not fill the worker's log (the metrics count
-# every one).
-_LOG_INTERVAL_S = 5.0
-_LOG_BURST = 10
-_LOG_FLOOD_INTERVAL_S = 30.0
-TOO_MANY_PARTS = "too_many_parts"  # the reason of a raw message refused for its number of parts
+_LOST_RUNS_SHOWN = 10  # runs of lost frame indices a frames_lost warning lists
 # Set by the launcher for a restarted worker: how many times it restarted this worker so far.
 RESTARTS_ENV = "PHASESTREAM_WORKER_RESTARTS"
 
 
 class NoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-@dataclass(frozen=True)
-class RawInput:
-    """A detector-facing socket: the runtime creates and polls it, the stage decodes what arrives."""
-
-    socket_type: int
-    endpoint: str
-    bind: bool = False
-    # Larger messages drop the sender's connection before anything is allocated for them (ZMQ_MAXMSGSIZE).
-    max_message_bytes: int | None = None
-    # ZMQ_MAXMSGSIZE bounds each part, not their number: a message of more parts is refused, and its parts
-    # are received and dropped one at a time, never kept together.
-    max_parts: int = 16
-
-
-@dataclass
-class _LogWindow:
-    start_s: float
-    lines: int = 0
-    suppressed: int = 0
-    flooding: bool = False  # the reason's previous window had lines left out
-
-
-class LogLimiter:
-    """Decides which lines of each reason reach the log: ``burst`` per ``interval_s``, then none until the
-    interval is over, when one line says how many were left out. A reason still flooding after that gets
-    one line per ``flood_interval_s``, so a sustained flood of several reasons costs tens of bytes a
-    second, not kilobytes (a 5-minute soak at 10 % hostile messages wrote 1.4 MB with bursts alone)."""
-
-    def __init__(
-        self,
-        interval_s: float = _LOG_INTERVAL_S,
-        burst: int = _LOG_BURST,
-        flood_interval_s: float = _LOG_FLOOD_INTERVAL_S,
-    ) -> None:
-        self.interval_s = interval_s
-        self.burst = burst
-        self.flood_interval_s = flood_interval_s
-        self._windows: dict[str, _LogWindow] = {}
-        self._suppressing = False  # any window with lines left out: only then is there anything to flush
-
-    def _length_s(self, window: _LogWindow) -> float:
-        return self.flood_interval_s if window.flooding else self.interval_s
-
-    def admit(self, reason: str, now_s: float) -> int | None:
-        """None: leave this line out. Else how many lines of ``reason`` were left out before it."""
-        window = self._windows.get(reason)
-        if window is None or now_s - window.start_s >= self._length_s(window):
-            left_out = window.suppressed if window is not None else 0
-            self._windows[reason] = _LogWindow(now_s, lines=1, flooding=left_out > 0)
-            return left_out
-        if window.lines < (1 if window.flooding else self.burst):
-            window.lines += 1
-            return 0
-        window.suppressed += 1
-        self._suppressing = True
-        return None
-
-    def overdue(self, now_s: float, force: bool = False) -> list[tuple[str, int]]:
-        """(reason, lines left out) of each interval that is over (all, with ``force``), forgetting them."""
-        if not self._suppressing:
-            return []
-        due = [
-            (reason, window.suppressed)
-            for reason, window in self._windows.items()
-            if window.suppressed and (force or now_s - window.start_s >= self._length_s(window))
-        ]
-        for reason, _ in due:
-            # The reason stays in flood mode: its next line opens a window of flood_interval_s.
-            self._windows[reason] = _LogWindow(now_s, lines=1, flooding=True)
-        self._suppressing = any(window.suppressed for window in self._windows.values())
-        return due
-
-
-@dataclass
-class ScanState:
-    start: ScanStart | None = None
-    ends_received: int = 0
-    frames_sent_by_detector: int = 0
-    accounting: dict[str, dict[str, int]] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    # Frame indices in and out of this worker, and the upstream ledgers its ScanEnds brought.
-    received: FrameIndexSet = field(default_factory=FrameIndexSet)
-    sent: FrameIndexSet = field(default_factory=FrameIndexSet)
-    ledgers: dict[str, dict[str, int]] = field(default_factory=dict)
-    last_end: ScanEnd | None = None
-    last_message_s: float = field(default_factory=time.monotonic)
-    recovered: bool = False  # opened from the journal by a restarted worker
-    finished: bool = False
-    lost: FrameIndexSet | None = None
 
 
 class Stage:
@@ -188,8 +84,8 @@ class Stage:
         self._stop = threading.Event()
         self._scans_completed = 0
         self._last_status_s = 0.0
-        self._status: StatusChannel | None = None
-        self._log_limiter = LogLimiter()
+        self._log = StageLog(placement.label)
+        self._journal = ScanJournal(pipeline.run_dir / "scans" / placement.label)
         self.setup()
 
     # ---- construction -------------------------------------------------------------------------
@@ -250,25 +146,16 @@ class Stage:
         self.count(scan_uid, f"rejected_{reason}", n)
 
     def warn(self, reason: str, text: str) -> None:
-        """Say what was discarded and the fix without raising: in the log and to the launcher, at most
-        ``_LOG_BURST`` lines of one reason per ``_LOG_INTERVAL_S`` (``LogLimiter``)."""
-        left_out = self._log_limiter.admit(reason, time.monotonic())
-        if left_out is None:
-            return
-        text += _left_out_note(left_out, self._log_limiter.interval_s)
-        log.warning("%s (%s): %s", self.placement.label, reason, text)
-        if self._status is not None:
-            self._status.report("log", level="warning", reason=reason, text=text)
+        """Say what was discarded and the fix without raising: in the log and to the launcher, a limited
+        number of lines of one reason at a time (``LogLimiter``)."""
+        self._log.warn(reason, text)
 
     def note(self, reason: str, text: str) -> None:
         """Say what the stage decided (a start chosen, a value overridden): in the log and to the launcher."""
-        log.info("%s (%s): %s", self.placement.label, reason, text)
-        if self._status is not None:
-            self._status.report("log", level="info", reason=reason, text=text)
+        self._log.note(reason, text)
 
     def report_status(self, **fields: Any) -> None:
-        if self._status is not None:
-            self._status.report("status", **fields)
+        self._log.report("status", **fields)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -282,77 +169,34 @@ class Stage:
     def run(self) -> None:
         """Serve until stopped (signal, ``request_stop()``) or, with ``exit_after_scan``, a scan ends."""
         self._install_signal_handlers()
-        context = zmq.Context()
-        curve = self._curve(context)
-        poller = zmq.Poller()
-        ports: dict[zmq.Socket, str] = {}
-        if self.placement.input_endpoint is not None:
-            inbox = context.socket(zmq.PULL)
-            inbox.setsockopt(zmq.RCVHWM, self.pipeline.high_water_mark)
-            if curve is not None and _is_tcp(self.placement.input_endpoint):
-                curve.serve(inbox)
-            inbox.bind(self.placement.input_endpoint)
-            ports[inbox] = "in"
         raw_inputs = self.raw_inputs()
-        for port, raw in raw_inputs.items():
-            sock = context.socket(raw.socket_type)
-            sock.setsockopt(zmq.RCVHWM, max(self.pipeline.high_water_mark, 1000))
-            if raw.max_message_bytes is not None:
-                sock.setsockopt(zmq.MAXMSGSIZE, raw.max_message_bytes)
-            sock.bind(raw.endpoint) if raw.bind else sock.connect(raw.endpoint)
-            ports[sock] = port
-        for sock in ports:
-            poller.register(sock, zmq.POLLIN)
-        secure = None
-        downstream = self.placement.downstream
-        if curve is not None and downstream is not None and _is_tcp(*self.placement.output_endpoints):
-            secure = functools.partial(curve.connect_to, server_name=downstream)
-        self._outlet = Outlet(
-            context, self.placement.output_endpoints, self.pipeline.high_water_mark, self._stop, secure
-        )
-        self._status = StatusChannel(context, self.placement.control_endpoint, self.placement.label)
+        sockets = WorkerSockets.open(self.placement, self.pipeline, raw_inputs, self._stop)
+        self._outlet, self._log.status = sockets.outlet, sockets.status
+        self._announce_ready()
+        try:
+            self._recover_open_scans()
+            self._loop(sockets.poller, sockets.ports, raw_inputs)
+        except StopRequestedError:
+            log.info("%s stopped while waiting for downstream room", self.placement.label)
+        finally:
+            self._log.flush_left_out(force=True)
+            self.close()
+            self._log.report("stopped")
+            self._log.status = None
+            sockets.close()
+
+    def _announce_ready(self) -> None:
+        """Serve /metrics, count the launcher's restarts of this worker, and tell the launcher it is ready."""
         address = self.placement.metrics_address
         metrics_port = metrics.serve_metrics(self.placement.metrics_port, addr=address)
         restarts = int(os.environ.get(RESTARTS_ENV, "0"))
         if restarts:
             metrics.WORKER_RESTARTS.labels(**self._labels).inc(restarts)
-        self._status.report("ready", metrics_port=metrics_port, pid=os.getpid(), restarts=restarts)
+        self._log.report("ready", metrics_port=metrics_port, pid=os.getpid(), restarts=restarts)
         log.info("%s ready; /metrics on %s:%d", self.placement.label, address, metrics_port)
-        try:
-            self._recover_open_scans()
-            self._loop(poller, ports, raw_inputs)
-        except StopRequestedError:
-            log.info("%s stopped while waiting for downstream room", self.placement.label)
-        finally:
-            self._log_left_out(force=True)
-            self.close()
-            self._status.report("stopped")
-            self._outlet.close(linger_ms=5000)
-            self._status.close()
-            for sock in ports:
-                sock.close(linger=0)
-            if curve is not None:
-                curve.close()  # its authenticator's socket lives in this context
-            context.term()
-
-    def _curve(self, context: zmq.Context) -> StageCurve | None:
-        """This worker's CurveZMQ keys when the pipeline sets ``curve`` and a socket of it is tcp."""
-        endpoints = [e for e in (self.placement.input_endpoint, *self.placement.output_endpoints) if e]
-        if not any(_is_tcp(e) for e in endpoints):
-            return None
-        if self.pipeline.curve is None:
-            log.warning(
-                "%s talks tcp without CurveZMQ: anyone who reaches %s may send to or read from it; set "
-                "curve: in the pipeline (docs/operations.md, 'CurveZMQ between hosts')",
-                self.placement.label, ", ".join(endpoints),
-            )  # fmt: skip
-            return None
-        downstream = self.placement.downstream
-        peers = [downstream] if downstream is not None and _is_tcp(*self.placement.output_endpoints) else []
-        return StageCurve(self.pipeline.curve, context, self.stage_name, peers)
 
     def _loop(
-        self, poller: zmq.Poller, ports: dict[zmq.Socket, str], raw_inputs: dict[str, RawInput]
+        self, poller: zmq.Poller, ports: dict[zmq.Socket[bytes], str], raw_inputs: dict[str, RawInput]
     ) -> None:
         while not self._stop.is_set():
             wants_idle = self.idle_poll_ms is not None and self.has_open_scan()
@@ -362,7 +206,9 @@ class Stage:
             for sock, port in ports.items():
                 if not ready.get(sock, 0) & zmq.POLLIN:
                     continue
-                group = _drain(sock) if port == "in" else _drain_raw(sock, port, raw_inputs[port])
+                group: Sequence[list[Any] | PhasestreamError] = (
+                    drain_messages(sock) if port == INBOX_PORT else drain_raw(sock, port, raw_inputs[port])
+                )
                 handled += len(group)
                 self._handle_group(port, group)
             self._queue_depth.set(handled)
@@ -370,7 +216,7 @@ class Stage:
                 with self._errors_counted():
                     self._send_all(self.idle())
             self._close_overdue_scans()
-            self._log_left_out()
+            self._log.flush_left_out()
             if self.pipeline.exit_after_scan and self._scans_completed:
                 return
 
@@ -395,10 +241,10 @@ class Stage:
         self._process_seconds.observe(time.perf_counter() - started)
 
     def _handle(self, port: str, frames: list[Any] | PhasestreamError) -> None:
-        if isinstance(frames, PhasestreamError):  # what _drain_raw refused in place of the message
+        if isinstance(frames, PhasestreamError):  # what drain_raw refused in place of the message
             self.raw_refused(port, frames)
             raise frames
-        if port == "in":
+        if port == INBOX_PORT:
             self._current = decode(frames)
             self._send_all(self._dispatch_message(self._current))
         else:
@@ -434,27 +280,7 @@ class Stage:
         metrics.MESSAGES_REJECTED.labels(reason=reason, **self._labels).inc()
         if isinstance(self._current, FrameBatch):
             self.reject_frames(self._current.scan_uid, reason, len(self._current.frame_indices))
-        left_out = self._log_limiter.admit(reason, time.monotonic())
-        if left_out is None:
-            return
-        text += _left_out_note(left_out, self._log_limiter.interval_s)
-        log.warning(
-            "%s rejected a message (%s): %s", self.placement.label, reason, text, exc_info=with_traceback
-        )
-        if self._status is not None:
-            self._status.report("log", level="warning", reason=reason, text=text)
-
-    def _log_left_out(self, force: bool = False) -> None:
-        """One line for each reason whose lines ``LogLimiter`` left out in an interval that is over."""
-        interval_s = self._log_limiter.interval_s
-        for reason, n in self._log_limiter.overdue(time.monotonic(), force):
-            text = (
-                f"{n} more lines of this reason were left out of the log in the last {interval_s:g} s; "
-                "the metrics (phasestream_messages_rejected_total, ...) count every one"
-            )
-            log.warning("%s (%s): %s", self.placement.label, reason, text)
-            if self._status is not None:
-                self._status.report("log", level="warning", reason=reason, text=text)
+        self._log.rejected(reason, text, with_traceback)
 
     def _dispatch_message(self, message: Message) -> Iterable[Message]:
         state = self.scan(message.scan_uid)
@@ -513,28 +339,21 @@ class Stage:
         lost = audit_lost_frames(ledgers)
         if lost is None or not len(lost):
             return
-        uid = state.start.scan_uid if state.start else state.last_end.scan_uid if state.last_end else "?"
         n = len(lost)
         state.lost = lost
         state.counts[FRAMES_LOST] += n
         metrics.FRAMES_DROPPED.labels(reason=FRAMES_LOST, **self._labels).inc(n)
         runs = lost.runs()
-        shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:10])
+        shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:_LOST_RUNS_SHOWN])
         self.warn(
             FRAMES_LOST,
-            f"scan {uid}: {n} frames were sent but never came to rest in any stage (a worker died holding "
-            f"them): indices {shown}{'…' if len(runs) > 10 else ''}; see the launcher's restart events",
+            f"scan {state.scan_uid}: {n} frames were sent but never came to rest in any stage (a worker died "
+            f"holding them): indices {shown}{'…' if len(runs) > _LOST_RUNS_SHOWN else ''}; see the "
+            "launcher's restart events",
         )
 
     def _own_ledger(self, state: ScanState) -> dict[str, dict[str, int]]:
-        if self.placement.is_source:
-            if state.sent.overflowed or not len(state.sent):
-                return {}
-            return {ledger_label(self.placement.label, LedgerKind.SENT): state.sent.to_ledger()}
-        rested = state.received.difference(state.sent)
-        if not len(rested):
-            return {}
-        return {ledger_label(self.placement.label, LedgerKind.RESTED): rested.to_ledger()}
+        return own_ledger(state, self.placement.label, self.placement.is_source)
 
     def _send(self, message: Message) -> None:
         if isinstance(message, FrameBatch):
@@ -565,58 +384,48 @@ class Stage:
         extra = {}
         if state.lost is not None:
             extra["frames_lost_indices"] = [list(run) for run in state.lost.runs()]
-        if self._status is not None:
-            self._status.report(
-                "scan_end",
-                scan_uid=message.scan_uid,
-                frames_sent=message.frames_sent,
-                accounting=accounting,
-                **extra,
-            )
-        self._forget_start(message.scan_uid)
+        self._log.report(
+            "scan_end",
+            scan_uid=message.scan_uid,
+            frames_sent=message.frames_sent,
+            accounting=accounting,
+            **extra,
+        )
+        self._journal.forget(message.scan_uid)
         self._scans_completed += 1
 
     # ---- faults: the scan journal and the ScanEnd timeout -------------------------------------------
-    def _journal_path(self, scan_uid: str) -> Path:
-        name = hashlib.sha256(scan_uid.encode()).hexdigest()[:24]
-        return self.pipeline.run_dir / "scans" / self.placement.label / f"{name}.json"
-
     def _journal_start(self, message: ScanStart) -> None:
-        """Keep the ScanStart until the scan ends here, for a restarted worker (a few hundred bytes)."""
-        path = self._journal_path(message.scan_uid)
+        """Keep the ScanStart until the scan ends here, for a restarted worker."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            partial.write_text(message.model_dump_json())
-            partial.replace(path)
+            self._journal.keep(message)
         except OSError as exc:
-            self.warn("journal", f"cannot keep scan {message.scan_uid}'s start in {path} ({exc}): "
-                      "a restart of this worker could not resume the scan; check run_dir")  # fmt: skip
-
-    def _forget_start(self, scan_uid: str) -> None:
-        with contextlib.suppress(OSError):
-            self._journal_path(scan_uid).unlink(missing_ok=True)
+            self.warn(
+                "journal",
+                f"cannot keep scan {message.scan_uid}'s start in {self._journal.folder} ({exc}): a restart "
+                "of this worker could not resume the scan; check run_dir",
+            )
 
     def _recover_open_scans(self) -> None:
-        """Resume the scans a previous run of this worker left open (the launcher clears the journal
-        when it starts a pipeline, so these are from a worker that died)."""
-        folder = self.pipeline.run_dir / "scans" / self.placement.label
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        """Resume the scans a previous run of this worker left open: it died during them."""
+        for path in self._journal.kept():
             with self._errors_counted():
-                start = ScanStart.model_validate_json(path.read_text())
-                state = self.scan(start.scan_uid)
-                state.start, state.recovered = start, True
-                state.counts[RESTARTED_MID_SCAN] += 1
-                self.warn(
-                    RESTARTED_MID_SCAN,
-                    f"{self.placement.label} restarted during scan {start.scan_uid}: it goes on with the "
-                    "frames still to come; what the previous run held is counted as frames_lost",
-                )
-                if self.placement.is_source:
-                    # A source cannot pick up a detector stream mid-series: end the scan so nothing waits.
-                    self._send(ScanEnd(scan_uid=start.scan_uid, frames_sent=start.planned_frames))
-                else:
-                    self._send_all(self.on_scan_start(start))
+                self._resume(self._journal.read(path))
+
+    def _resume(self, start: ScanStart) -> None:
+        state = self.scan(start.scan_uid)
+        state.start, state.recovered = start, True
+        state.counts[RESTARTED_MID_SCAN] += 1
+        self.warn(
+            RESTARTED_MID_SCAN,
+            f"{self.placement.label} restarted during scan {start.scan_uid}: it goes on with the "
+            "frames still to come; what the previous run held is counted as frames_lost",
+        )
+        if self.placement.is_source:
+            # A source cannot pick up a detector stream mid-series: end the scan so nothing waits.
+            self._send(ScanEnd(scan_uid=start.scan_uid, frames_sent=start.planned_frames))
+        else:
+            self._send_all(self.on_scan_start(start))
 
     def _close_overdue_scans(self) -> None:
         """Close scans whose remaining ScanEnds will not come: an upstream worker died holding one."""
@@ -658,62 +467,3 @@ class Stage:
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
-
-
-def _is_tcp(*endpoints: str) -> bool:
-    return bool(endpoints) and all(e.startswith("tcp://") for e in endpoints)
-
-
-def _left_out_note(left_out: int, interval_s: float) -> str:
-    """What a line adds when lines of its reason were left out before it."""
-    if not left_out:
-        return ""
-    return f" ({left_out} more lines of this reason were left out of the log in the last {interval_s:g} s)"
-
-
-def _drain(sock: zmq.Socket) -> list[list[Any]]:
-    """The messages waiting on a socket, at most ``_DRAIN_LIMIT`` so that no socket starves the others.
-
-    phasestream's own messages carry arrays: they stay zero-copy frames.
-    """
-    group = []
-    for _ in range(_DRAIN_LIMIT):
-        try:
-            group.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
-        except zmq.Again:
-            break
-    return group
-
-
-def _drain_raw(sock: zmq.Socket, port: str, raw: RawInput) -> list[list[bytes] | PhasestreamError]:
-    """Like ``_drain`` for a detector-facing socket: each message as ``bytes`` parts (for small detector
-    messages cheaper than a ``zmq.Frame``), or, for one of more than ``raw.max_parts`` parts, the error
-    that refuses it."""
-    group: list[list[bytes] | PhasestreamError] = []
-    for _ in range(_DRAIN_LIMIT):
-        try:
-            parts = [sock.recv(flags=zmq.NOBLOCK)]
-        except zmq.Again:
-            break
-        # ZeroMQ delivers a message whole: once its first part is here, the rest are too.
-        while sock.getsockopt(zmq.RCVMORE):
-            if len(parts) == raw.max_parts:
-                parts = _too_many_parts(sock, port, raw, len(parts))
-                break
-            parts.append(sock.recv(flags=zmq.NOBLOCK))
-        group.append(parts)
-    return group
-
-
-def _too_many_parts(sock: zmq.Socket, port: str, raw: RawInput, kept: int) -> DetectorMessageError:
-    """Drop the rest of a message of too many parts, one part at a time, and say what was refused."""
-    dropped = 0
-    while sock.getsockopt(zmq.RCVMORE):
-        sock.recv(flags=zmq.NOBLOCK)
-        dropped += 1
-    return DetectorMessageError(
-        f"a message on the {port} socket ({raw.endpoint}) has {kept + dropped} parts, more than the "
-        f"{raw.max_parts} its raw input allows (max_parts); it is dropped unread. Is something other than "
-        "the detector sending to this endpoint?",
-        reason=TOO_MANY_PARTS,
-    )

@@ -30,15 +30,15 @@ class Outlet:
 
     def __init__(
         self,
-        context: zmq.Context,
+        context: zmq.Context[zmq.Socket[bytes]],
         endpoints: Sequence[str],
         high_water_mark: int,
         stop: threading.Event,
-        secure: Callable[[zmq.Socket], None] | None = None,
+        secure: Callable[[zmq.Socket[bytes]], None] | None = None,
     ) -> None:
         """``secure`` prepares each socket before it connects (CurveZMQ keys for a peer on another host)."""
         self._stop = stop
-        self._sockets: list[zmq.Socket] = []
+        self._sockets: list[zmq.Socket[bytes]] = []
         for endpoint in endpoints:
             sock = context.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, high_water_mark)
@@ -59,12 +59,12 @@ class Outlet:
         else:
             self._send_when_ready(self._rotated(), frames)
 
-    def _rotated(self) -> list[zmq.Socket]:
+    def _rotated(self) -> list[zmq.Socket[bytes]]:
         order = self._sockets[self._next :] + self._sockets[: self._next]
         self._next = (self._next + 1) % len(self._sockets)
         return order
 
-    def _send_when_ready(self, candidates: list[zmq.Socket], frames: list[Any]) -> None:
+    def _send_when_ready(self, candidates: list[zmq.Socket[bytes]], frames: list[Any]) -> None:
         poller = zmq.Poller()
         for sock in candidates:
             poller.register(sock, zmq.POLLOUT)
@@ -90,7 +90,7 @@ class Outlet:
 class StatusChannel:
     """Best-effort JSON events to the launcher (ready, status, scan_end, log). Never blocks a stage."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, sender: str) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], endpoint: str, sender: str) -> None:
         self._sock = context.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, 1000)
         self._sock.setsockopt(zmq.LINGER, 2000)

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from phasestream.apps.launcher import Launcher
+from phasestream.apps.launch.launcher import Launcher
 from phasestream.formats.position_channel import encode_positions, encode_positions_end
-from phasestream.formats.stream_v2_encode import encode_image, encode_message, end_fields, start_fields
+from phasestream.formats.stream_v2.encode import encode_image, encode_message, end_fields, start_fields
 from phasestream.runtime.config import validate_pipeline
 from phasestream.runtime.messages import FrameBatch, Message, ScanEnd
 from phasestream.runtime.stage import Stage

@@ -17,7 +17,7 @@ from tiled.client import from_uri
 from tiled.server import SimpleTiledServer
 
 from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
-from phasestream.runtime.tiled_publisher import TiledPublisher
+from phasestream.runtime.tiled.publisher import TiledPublisher
 
 pytestmark = pytest.mark.slow
 

@@ -32,9 +32,6 @@ and read raw bytes as object pointers in the second).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
 import logging
 import math
 import signal
@@ -52,8 +49,9 @@ import numpy as np
 import zmq
 from event_model import DocumentRouter
 from prometheus_client import Counter as PrometheusCounter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from phasestream.apps.bluesky.dispatcher import DispatcherRunner
 from phasestream.errors import ConfigError, PhasestreamError, PositionError, WireFormatError
 from phasestream.formats.position_channel import encode_positions, encode_positions_end
 from phasestream.formats.units import LengthUnit, parse_length_unit
@@ -71,53 +69,6 @@ RUNS_KEPT = 32
 POSITIONS_SENT = PrometheusCounter(
     "phasestream_positions_sent", "Scan positions sent on the position channel", ["stage", "worker"]
 )
-
-
-class DispatcherRunner:
-    """Runs a ``RemoteDispatcher`` in the calling thread until ``stop()``, which any thread may call."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stop_requested = False
-        self._dispatcher: Any = None
-
-    def run(
-        self,
-        proxy_address: str,
-        callback: Any,
-        decode: Any,
-        on_started: Any = None,
-    ) -> None:
-        """Subscribe ``callback`` to the proxy's documents, decoded by ``decode``, and serve until stopped."""
-        from bluesky.callbacks.zmq import RemoteDispatcher
-
-        dispatcher = RemoteDispatcher(proxy_address, deserializer=decode)
-        dispatcher.subscribe(callback)
-        with self._lock:
-            if self._stop_requested:
-                return
-            self._dispatcher = dispatcher
-        if on_started is not None:
-            on_started()
-        # stop() cancels the dispatcher's task; start()'s own finally has then closed its socket and loop.
-        with contextlib.suppress(asyncio.CancelledError):
-            dispatcher.start()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stop_requested = True
-            dispatcher = self._dispatcher
-        if dispatcher is None or dispatcher.closed:
-            return
-        # RemoteDispatcher.stop() from outside its loop would close a running loop; cancelling its task
-        # makes start() return, and start() then stops it. A RuntimeError says the loop closed meanwhile.
-        with contextlib.suppress(RuntimeError):
-            dispatcher.loop.call_soon_threadsafe(_cancel, dispatcher)
-
-
-def _cancel(dispatcher: Any) -> None:
-    if dispatcher._task is not None:
-        dispatcher._task.cancel()
 
 
 # Boolean, integers, floats, complex, byte and unicode strings, datetimes and timedeltas.
@@ -516,24 +467,8 @@ class BlueskyBridge:
         logger.error("%s", error)
 
 
-def run_bluesky_bridge(args: argparse.Namespace) -> int:
-    """``phasestream bluesky-bridge``: bridge runs until Ctrl-C."""
-    try:
-        config = BridgeConfig(
-            proxy_address=args.proxy,
-            positions_endpoint=args.positions_endpoint,
-            y_motor=args.y_motor,
-            x_motor=args.x_motor,
-            motor_unit=args.motor_unit,
-            invert_y=args.invert_y,
-            invert_x=args.invert_x,
-            stream_name=args.stream,
-            image_id_key=args.image_id_key,
-            series_id_key=args.series_id_key,
-            metrics_port=args.metrics_port,
-        )
-    except ValidationError as error:
-        raise ConfigError(f"bluesky-bridge options: {error}") from None
+def run_bluesky_bridge(config: BridgeConfig) -> int:
+    """``phasestream bluesky-bridge``: bridge runs until Ctrl-C or SIGTERM."""
     with BlueskyBridge(config) as bridge:
         # Ctrl-C or a service manager's SIGTERM cancels the dispatcher inside its loop; a KeyboardInterrupt
         # raised into the loop instead leaves bluesky's poll task pending ("Task was destroyed").

@@ -24,14 +24,12 @@ is registered but reading its frames answers HTTP 500.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import sys
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -39,11 +37,12 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from phasestream.apps.bluesky.bridge import DEFAULT_PROXY_ADDRESS, DispatcherRunner, decode_document
+from phasestream.apps.bluesky.bridge import DEFAULT_PROXY_ADDRESS, decode_document
+from phasestream.apps.bluesky.dispatcher import DispatcherRunner
 from phasestream.errors import ConfigError, PhasestreamError, WireFormatError
-from phasestream.runtime.tiled_access import check_tiled, public_uri, validate_api_key
+from phasestream.runtime.tiled.access import check_tiled, public_uri, validate_api_key
 
 logger = logging.getLogger(__name__)
 
@@ -227,36 +226,10 @@ class RawRunWriter:
         logger.error("%s", message)
 
 
-# ---- the command line ------------------------------------------------------------------------------------
-
-
-def add_tiled_writer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``phasestream bluesky-tiled-writer`` (and of this module run with ``python -m``)."""
-    parser.add_argument(
-        "--proxy", default=DEFAULT_PROXY_ADDRESS, help="bluesky-0MQ-proxy's out address (default %(default)s)"
-    )
-    parser.add_argument(
-        "--tiled-uri", required=True, help="the writable Tiled server, e.g. http://127.0.0.1:8000"
-    )
-    parser.add_argument(
-        "--tiled-api-key-file",
-        type=Path,
-        help="file holding the server's API key (default: ${}, else ${})".format(*API_KEY_ENVIRONMENT),
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=1, help="events per write; 1 (default) streams each event at once"
-    )
-
-
-def run_bluesky_tiled_writer(args: argparse.Namespace) -> int:
-    """``phasestream bluesky-tiled-writer``: write runs until Ctrl-C or SIGTERM."""
-    try:
-        config = TiledWriterConfig(
-            proxy_address=args.proxy, tiled_uri=args.tiled_uri, batch_size=args.batch_size
-        )
-    except ValidationError as error:
-        raise ConfigError(f"bluesky-tiled-writer options: {error}") from None
-    writer = RawRunWriter(config, read_api_key(args.tiled_api_key_file))
+def run_bluesky_tiled_writer(config: TiledWriterConfig, *, tiled_api_key_file: Path | None = None) -> int:
+    """``phasestream bluesky-tiled-writer``: write runs until Ctrl-C or SIGTERM; the key comes from
+    ``tiled_api_key_file``, else the environment (``read_api_key``)."""
+    writer = RawRunWriter(config, read_api_key(tiled_api_key_file))
     # Ctrl-C or SIGTERM cancels the dispatcher inside its loop (as the bridge does).
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, lambda *_: writer.stop()) for sig in stop_signals}
@@ -273,21 +246,8 @@ def run_bluesky_tiled_writer(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m phasestream.apps.bluesky.tiled_writer",
-        description="Write Bluesky runs from bluesky-0MQ-proxy into Tiled (bluesky_tiled_plugins).",
-    )
-    add_tiled_writer_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        return run_bluesky_tiled_writer(args)
-    except PhasestreamError as error:
-        print(f"phasestream: error: {error}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m phasestream.apps.bluesky.tiled_writer`` takes the options of the command of the same name.
+    from phasestream.apps.cli.main import main
+
+    sys.exit(main(["bluesky-tiled-writer", *sys.argv[1:]]))

@@ -1,9 +1,9 @@
-"""``phasestream replay``: a recorded scan through the simulated SELUN, into ingest.
+"""A recorded scan through the simulated SELUN, into ingest: what ``phasestream replay`` sends.
 
 Three sources: a CXI file, a DECTRIS NXmx master file, or a Bluesky run in Tiled as TiledWriter stores it
 (``--tiled-run http://host:port/RUN_UID``; ``phasestream.apps.replay.to_tiled`` reads frames, motor
-readbacks and
-geometry from it).
+readbacks and geometry from it). ``phasestream.apps.replay.session`` picks the source from the command's
+options and, with ``--pipeline``, starts a pipeline to replay into.
 
 The replayed scan takes the live path end to end: the SELUN emitter's sockets send a Stream V2 start, one
 ``image`` per frame and the end message, and the position channel sends the positions in batches right
@@ -25,9 +25,6 @@ and are sent without decompressing; other frames are compressed on the way.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,20 +32,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from phasestream.apps.scan_options import ScanOptions, with_scan_options
-from phasestream.errors import ConfigError, PhasestreamError
+from phasestream.errors import ConfigError, ScanFileError
 from phasestream.formats.cxi import read_cxi, split_dataset_spec
 from phasestream.formats.nxmx import read_nxmx
 from phasestream.formats.position_channel import POSITIONS_BATCH_SIZE, encode_positions_end, position_messages
-from phasestream.formats.recorded_scan import RecordedScan, ScanFileError
-from phasestream.formats.stream_v2_decode import IMAGE_DTYPES
-from phasestream.formats.stream_v2_encode import (
+from phasestream.formats.recorded_scan import RecordedScan
+from phasestream.formats.stream_v2.decode import IMAGE_DTYPES
+from phasestream.formats.stream_v2.encode import (
     bslz4_compress,
     channel_array,
     encode_message,
@@ -199,7 +194,7 @@ def replay(
 ) -> ReplayReport:
     """Bind the SELUN emitter's sockets and send the scan; returns when the last message left.
 
-    ``source`` is a scan file or a scan already read (a Tiled run from ``replay_tiled.read_tiled_run``).
+    ``source`` is a scan file or a scan already read (a Tiled run from ``to_tiled.read_tiled_run``).
     Like the detector, it waits (blocks) until ingest connects. ``send_timeout_s`` turns a wait longer
     than that into a ``TimeoutError``.
     """
@@ -332,202 +327,3 @@ def _send_paced(
         count = min(len(images) - done, max(1, due_by_now - image_id))
         emitter.emit_messages(images[done : done + count])
         done += count
-
-
-# ---- the command line ------------------------------------------------------------------------------------
-
-
-def run_replay(args: argparse.Namespace, scan_options: ScanOptions | None = None) -> int:
-    """What ``phasestream replay`` runs; ``scan_options`` (the first probe, geometry, a mask) apply with
-    ``--pipeline``."""
-    rate: ReplayRate | float = (
-        ReplayRate.MAX
-        if args.as_fast_as_possible
-        else args.rate_hz
-        if args.rate_hz is not None
-        else ReplayRate.RECORDED
-    )
-    scan = read_scan_for(args)
-    scan_uid = args.scan_uid or str(uuid.uuid4())
-    if args.pipeline:
-        if rate == ReplayRate.RECORDED and scan.frame_time_s is None:
-            # Into its own pipeline nothing waits on the detector's pace: a file without one still runs.
-            tqdm.write(f"replay: {source_label(scan)} records no frame time; sending as fast as possible")
-            rate = ReplayRate.MAX
-        return _replay_into_demo_pipeline(args, rate, scan, scan_uid, scan_options or ScanOptions())
-    report = replay(
-        scan,
-        rate,
-        args.data_endpoint,
-        args.positions_endpoint,
-        progress=not args.no_progress,
-        scan_uid=scan_uid,
-    )
-    print(
-        f"replayed {report.frames_sent} frames of scan {scan_uid} in {report.elapsed_s:.2f} s "
-        f"({report.frames_per_s:,.0f} frames/s{', stored bslz4 sent as is' if report.passthrough else ''})",
-        flush=True,
-    )
-    return 0
-
-
-def read_scan_for(args: argparse.Namespace) -> RecordedScan:
-    """The scan that ``phasestream replay``'s arguments name: ``file``, or a Tiled run (``--tiled-run``)."""
-    tiled_run = getattr(args, "tiled_run", None)
-    if (args.file is None) == (tiled_run is None):
-        raise ConfigError(
-            "give either a scan file (CXI or NXmx master) or --tiled-run http://host:port/RUN_UID, not "
-            f"{'both' if tiled_run else 'neither'}"
-        )
-    if tiled_run is None:
-        positions_m = _load_side_channel(args.positions) if args.positions else None
-        return read_recorded_scan(args.file, positions_m)
-    from phasestream.apps.bluesky.tiled_writer import read_api_key
-    from phasestream.apps.replay.to_tiled import read_tiled_run, split_run_uri
-
-    if args.positions:
-        raise ConfigError("--positions is for NXmx files: a Tiled run's positions are its motor readbacks")
-    tiled_uri, run_uid = split_run_uri(tiled_run)
-    return read_tiled_run(
-        tiled_uri,
-        run_uid,
-        api_key=read_api_key(getattr(args, "tiled_api_key_file", None)),
-        y_motor=getattr(args, "y_motor", None),
-        x_motor=getattr(args, "x_motor", None),
-        motor_unit=getattr(args, "motor_unit", None),
-        invert_y=getattr(args, "invert_y", False),
-        invert_x=getattr(args, "invert_x", False),
-    )
-
-
-def _load_side_channel(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"--positions {path}: not a .npy array ({error}); save (n, 2) metres with np.save"
-        ) from error
-
-
-def probe_option_for(scan: RecordedScan, asked: str | None) -> str:
-    """The refine stage's first probe: what ``--probe`` asked, else the probe stored in the file."""
-    if asked is not None:
-        return asked
-    probe_path = getattr(scan, "probe_path", None)
-    if scan.probe is not None and probe_path and isinstance(scan.source, Path):
-        spec = f"{scan.source}::{probe_path}"
-        tqdm.write(f"replay: starting from the probe stored in {spec} (--probe auto searches instead)")
-        return spec
-    return "auto"
-
-
-def _replay_into_demo_pipeline(
-    args: argparse.Namespace,
-    rate: ReplayRate | float,
-    scan: RecordedScan,
-    scan_uid: str,
-    scan_options: ScanOptions,
-) -> int:
-    """deploy/replay.yaml with the replay as its detector: prints the accounting and where the result
-    file is."""
-    from phasestream.apps.demo import SHIPPED_TOPOLOGIES
-    from phasestream.apps.launcher import Launcher
-    from phasestream.apps.serve import tiled_for
-    from phasestream.runtime.accounting import unaccounted_frames
-    from phasestream.runtime.config import DetectorSettings, TiledSettings, load_pipeline
-
-    rate_hz = replay_rate_hz(rate, scan)
-    run_dir = args.out / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    demo = load_pipeline(SHIPPED_TOPOLOGIES / "replay.yaml")
-    tiled = TiledSettings(
-        uri=args.tiled_uri or demo.tiled.uri,
-        api_key=args.tiled_api_key or demo.tiled.api_key,
-        data_dir=args.out / "tiled",
-    )
-    detector = DetectorSettings(
-        data_endpoint=f"ipc://{run_dir.absolute()}/detector-data.sock",
-        positions_endpoint=f"ipc://{run_dir.absolute()}/detector-positions.sock",
-    )
-    pipeline = demo.model_copy(
-        update={"run_dir": run_dir, "exit_after_scan": True, "tiled": tiled, "detector": detector}
-    )
-    probe = probe_option_for(scan, scan_options.initial_probe)
-    options = dataclasses.replace(scan_options, initial_probe=probe)
-    pipeline = with_results_dir(with_scan_options(pipeline, options), args.out.absolute())
-    failures: list[BaseException] = []
-    with tiled_for(pipeline) as resolved, Launcher(resolved) as launcher:
-        # A stage that dies mid-scan leaves the sender blocked: the timeout turns that into an error.
-        emitter = SelunEmitter(detector.data_endpoint, detector.positions_endpoint, send_timeout_s=120)
-        sender = threading.Thread(
-            target=_send_in_thread,
-            args=(emitter, scan, rate_hz, scan_uid, not args.no_progress, failures),
-            name="replay",
-            daemon=True,
-        )
-        sender.start()
-        try:
-            final = _wait_for_sink(launcher, resolved.stages[-1].name, failures)
-            launcher.wait_for_exit(30)
-        finally:
-            sender.join(timeout=10)
-            if not sender.is_alive():  # a socket belongs to one thread: never close it under a blocked send
-                emitter.close()
-        result_file = _result_file_in(args.out, scan_uid)
-    missing = unaccounted_frames(final["frames_sent"], final["accounting"])
-    for stage, counts in final["accounting"].items():
-        print(f"  {stage:<10} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    print("  every frame accounted for" if not missing else f"  UNACCOUNTED: {missing}")
-    if result_file.is_file():
-        print(f"reconstruction of scan {scan_uid}: {result_file}")
-    else:
-        print(f"  NO RESULT FILE at {result_file}: see the publish stage's log in {args.out / 'run'}")
-    return 0 if not missing else 1
-
-
-def _send_in_thread(
-    emitter: SelunEmitter,
-    scan: RecordedScan,
-    rate_hz: float | None,
-    scan_uid: str,
-    progress: bool,
-    failures: list[BaseException],
-) -> None:
-    try:
-        replay_scan(emitter, scan, rate_hz, scan_uid, progress=progress)
-    except Exception as error:  # reported by the main thread, which owns the launcher
-        failures.append(error)
-
-
-def _wait_for_sink(launcher: Any, sink: str, failures: list[BaseException]) -> dict[str, Any]:
-    deadline = time.monotonic() + 3600
-    while time.monotonic() < deadline:
-        if failures:
-            raise failures[0]
-        for event in launcher.events(timeout_s=1.0):
-            stage = event["sender"].split(".")[0]
-            if event["event"] == "log":
-                tqdm.write(f"  [{event['sender']}] {event['reason']}: {event['text']}")
-            elif event["event"] == "died":
-                raise PhasestreamError(
-                    f"stage {event['sender']} died (code {event['code']}):\n{event['log']}"
-                )
-            elif event["event"] == "scan_end" and stage == sink:
-                return event
-    raise PhasestreamError(f"the replay did not reach {sink} within an hour; see the logs in the run folder")
-
-
-def _result_file_in(out: Path, scan_uid: str) -> Path:
-    """Where the publish stage writes the scan's result file (see ``with_results_dir``)."""
-    return out.absolute() / f"reconstruction-{scan_uid}.cxi"
-
-
-def with_results_dir(pipeline: Any, folder: Path) -> Any:
-    """The pipeline with its publish stages writing result files into ``folder``."""
-    stages = [
-        spec.model_copy(update={"config": {**spec.config, "results_dir": str(folder)}})
-        if spec.stage == "publish"
-        else spec
-        for spec in pipeline.stages
-    ]
-    return pipeline.model_copy(update={"stages": stages})

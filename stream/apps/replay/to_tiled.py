@@ -43,17 +43,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from phasestream.errors import ConfigError, PositionError, PublishError
-from phasestream.formats.recorded_scan import (
-    READ_CHUNK_FRAMES,
-    RecordedScan,
-    ScanFileError,
-    check_geometry,
-    check_position_scale,
-    pixel_size_per_axis_m,
-)
+from phasestream.errors import ConfigError, PositionError, PublishError, ScanFileError
+from phasestream.formats.recorded_scan import READ_CHUNK_FRAMES, RecordedScan
+from phasestream.formats.scan_geometry import check_geometry, check_position_scale, pixel_size_per_axis_m
 from phasestream.formats.units import LengthUnit, parse_length_unit
-from phasestream.runtime.tiled_access import check_tiled, public_uri
+from phasestream.runtime.tiled.access import check_tiled, public_uri
 
 logger = logging.getLogger(__name__)
 
@@ -125,82 +119,24 @@ def read_tiled_run(
     ``invert_y`` / ``invert_x`` negate an axis whose motor moves the sample rather than the probe, as the
     bridge's options of the same name do.
     """
-    from tiled.client import from_uri
-
     shown = public_uri(tiled_uri)
-    try:
-        check_tiled(tiled_uri, api_key)
-    except PublishError as error:
-        raise ScanFileError(
-            f"cannot read run {run_uid} from Tiled at {shown} ({error.reason}): give the server that "
-            "TiledWriter writes to, and its API key in --tiled-api-key-file, PHASESTREAM_TILED__API_KEY "
-            "or TILED_API_KEY"
-        ) from error
-    # Data sources ride along so that an unreadable frames file can be named in the error.
-    client = from_uri(tiled_uri, api_key=api_key).include_data_sources()
     where = f"run {run_uid} in Tiled at {shown}"
-    run = _run_node(client, run_uid, shown)
+    run = _run_node(_client(tiled_uri, api_key, run_uid), run_uid, shown)
     start = dict(run.metadata.get("start") or {})
     stream_name = stream or _frames_stream(start)
-    try:
-        stream_node = run[stream_name]
-    except KeyError:
-        raise ScanFileError(
-            f"{where} has no stream {stream_name!r}, only {sorted(run)}: name the stream of the frames"
-        ) from None
-    descriptor = dict(stream_node.metadata)
-    data_keys = dict(descriptor.get("data_keys") or {})
-    key = frames_key or _frames_key(data_keys, where, stream_name)
-    if key not in data_keys:
-        raise ScanFileError(
-            f"{where}: stream {stream_name!r} has no data key {key!r}; it has {sorted(data_keys)}"
-        )
+    stream_node, data_keys, key = _frames_stream_node(run, stream_name, frames_key, where)
     detector = str(data_keys[key].get("object_name") or "")
-    config = dict(((descriptor.get("configuration") or {}).get(detector) or {}).get("data") or {})
-
-    energy_kev, distance_m, pixel_m = (
-        _geometry(name, detector, config, start, where) for name in GEOMETRY_KEYS
-    )
-    check_geometry(
-        energy_kev,
-        distance_m,
-        pixel_m,
-        {name: f"{where} ({detector or 'start'} {name})" for name in ("energy", "distance", "pixel")},
-    )
+    descriptor_config = (dict(stream_node.metadata).get("configuration") or {}).get(detector) or {}
+    config = dict(descriptor_config.get("data") or {})
+    energy_kev, distance_m, pixel_m = _run_geometry(detector, config, start, where)
     motors = _motors(y_motor, x_motor, detector, config, start, data_keys, where)
     unit = _motor_unit(motor_unit, motors, detector, config, data_keys, where)
-
-    base = stream_node.base if hasattr(stream_node, "base") else stream_node
-    table = _events_table(base, where, stream_name, motors)
-    frames_node = _frames_node(base, key, where)
+    table, frames_node = _events_and_frames(stream_node, stream_name, key, motors, where)
     n_frames, height, width = frames_node.shape
-    if n_frames != len(table):
-        raise ScanFileError(
-            f"{where} holds {n_frames} frames under {key!r} but {len(table)} events: the run is still being "
-            "written, or the TiledWriter process lost documents (see its log); replay it once it has ended"
-        )
-    signs = np.array([-1.0 if invert_y else 1.0, -1.0 if invert_x else 1.0])
-    readbacks = table[list(motors)].to_numpy(dtype=np.float64)
-    positions_m = readbacks * unit.metres * signs
-    if not np.isfinite(positions_m).all():
-        bad = int(np.flatnonzero(~np.isfinite(positions_m).all(axis=1))[0])
-        raise PositionError(
-            f"{where}: event {int(table['seq_num'].iloc[bad])} has readbacks {readbacks[bad].tolist()} for "
-            f"{list(motors)}; every event needs finite motor readbacks"
-        )
+    positions_m = _positions_m(table, motors, unit, (invert_y, invert_x), where)
     frame_shape_px = (int(height), int(width))
-    try:
-        check_position_scale(
-            positions_m,
-            frame_shape_px,
-            pixel_size_per_axis_m(energy_kev, distance_m, frame_shape_px, pixel_m),
-            f"{where} (motors {motors[0]}, {motors[1]} read as {unit.value})",
-        )
-    except PositionError as error:
-        raise PositionError(
-            f"{error}. A Bluesky run's motor unit is the motors' descriptor units, else --motor-unit, else "
-            f"the detector's {detector}_motor_unit_name (now {unit.value}): give the right --motor-unit"
-        ) from None
+    pixel_per_axis_m = pixel_size_per_axis_m(energy_kev, distance_m, frame_shape_px, pixel_m)
+    _check_motor_scale(positions_m, frame_shape_px, pixel_per_axis_m, motors, unit, where, detector)
     scan = TiledRunScan(
         source=Path(run_uid),
         blocks=(),
@@ -220,6 +156,114 @@ def read_tiled_run(
     )
     _read_frames(scan, 0, 1)  # an unreadable file fails now, before any socket is bound
     return scan
+
+
+def _run_geometry(
+    detector: str, config: dict[str, Any], start: dict[str, Any], where: str
+) -> tuple[float, float, float]:
+    """Energy (keV), detector distance and pixel size (m) as the detector's configuration or the start
+    document give them, checked."""
+    energy_kev, distance_m, pixel_m = (
+        _geometry(name, detector, config, start, where) for name in GEOMETRY_KEYS
+    )
+    check_geometry(
+        energy_kev,
+        distance_m,
+        pixel_m,
+        {name: f"{where} ({detector or 'start'} {name})" for name in ("energy", "distance", "pixel")},
+    )
+    return energy_kev, distance_m, pixel_m
+
+
+def _check_motor_scale(
+    positions_m: np.ndarray,
+    frame_shape_px: tuple[int, int],
+    pixel_per_axis_m: tuple[float, float],
+    motors: tuple[str, str],
+    unit: LengthUnit,
+    where: str,
+    detector: str,
+) -> None:
+    """Refuse positions whose span cannot be the scan's at this geometry: most often a wrong motor unit."""
+    try:
+        check_position_scale(
+            positions_m,
+            frame_shape_px,
+            pixel_per_axis_m,
+            f"{where} (motors {motors[0]}, {motors[1]} read as {unit.value})",
+        )
+    except PositionError as error:
+        raise PositionError(
+            f"{error}. A Bluesky run's motor unit is the motors' descriptor units, else --motor-unit, else "
+            f"the detector's {detector}_motor_unit_name (now {unit.value}): give the right --motor-unit"
+        ) from None
+
+
+def _events_and_frames(
+    stream_node: Any, stream_name: str, key: str, motors: tuple[str, str], where: str
+) -> tuple[Any, Any]:
+    """The stream's events table and its frames node, one frame per event."""
+    base = stream_node.base if hasattr(stream_node, "base") else stream_node
+    table = _events_table(base, where, stream_name, motors)
+    frames_node = _frames_node(base, key, where)
+    n_frames = frames_node.shape[0]
+    if n_frames != len(table):
+        raise ScanFileError(
+            f"{where} holds {n_frames} frames under {key!r} but {len(table)} events: the run is still being "
+            "written, or the TiledWriter process lost documents (see its log); replay it once it has ended"
+        )
+    return table, frames_node
+
+
+def _client(tiled_uri: str, api_key: str | None, run_uid: str) -> Any:
+    """A Tiled client of the server, checked first so that a wrong server or key is named as such."""
+    from tiled.client import from_uri
+
+    try:
+        check_tiled(tiled_uri, api_key)
+    except PublishError as error:
+        raise ScanFileError(
+            f"cannot read run {run_uid} from Tiled at {public_uri(tiled_uri)} ({error.reason}): give the "
+            "server that TiledWriter writes to, and its API key in --tiled-api-key-file, "
+            "PHASESTREAM_TILED__API_KEY or TILED_API_KEY"
+        ) from error
+    # Data sources ride along so that an unreadable frames file can be named in the error.
+    return from_uri(tiled_uri, api_key=api_key).include_data_sources()
+
+
+def _frames_stream_node(
+    run: Any, stream_name: str, frames_key: str | None, where: str
+) -> tuple[Any, dict[str, Any], str]:
+    """The stream that holds the frames, its descriptor's data keys, and the frames' key among them."""
+    try:
+        stream_node = run[stream_name]
+    except KeyError:
+        raise ScanFileError(
+            f"{where} has no stream {stream_name!r}, only {sorted(run)}: name the stream of the frames"
+        ) from None
+    data_keys = dict(dict(stream_node.metadata).get("data_keys") or {})
+    key = frames_key or _frames_key(data_keys, where, stream_name)
+    if key not in data_keys:
+        raise ScanFileError(
+            f"{where}: stream {stream_name!r} has no data key {key!r}; it has {sorted(data_keys)}"
+        )
+    return stream_node, data_keys, key
+
+
+def _positions_m(
+    table: Any, motors: tuple[str, str], unit: LengthUnit, inverted: tuple[bool, bool], where: str
+) -> np.ndarray:
+    """The probe positions (y, x) in metres from the motors' readbacks, each event's finite."""
+    signs = np.array([-1.0 if invert else 1.0 for invert in inverted])
+    readbacks = table[list(motors)].to_numpy(dtype=np.float64)
+    positions_m = readbacks * unit.metres * signs
+    if not np.isfinite(positions_m).all():
+        bad = int(np.flatnonzero(~np.isfinite(positions_m).all(axis=1))[0])
+        raise PositionError(
+            f"{where}: event {int(table['seq_num'].iloc[bad])} has readbacks {readbacks[bad].tolist()} for "
+            f"{list(motors)}; every event needs finite motor readbacks"
+        )
+    return positions_m
 
 
 def _run_node(client: Any, run_uid: str, shown: str) -> Any:

@@ -18,7 +18,6 @@ addressed to a loopback name, so that a web page elsewhere cannot reach it throu
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.resources
 import logging
@@ -28,6 +27,7 @@ import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -37,7 +37,7 @@ from phasestream.apps.viewer.follow import RESYNC_S, TiledFollower
 from phasestream.apps.viewer.metrics import MetricsScraper
 from phasestream.apps.viewer.state import ImageName, LiveView
 from phasestream.errors import ConfigError
-from phasestream.runtime.tiled_access import LOOPBACK_HOST, public_uri, read_api_key
+from phasestream.runtime.tiled.access import LOOPBACK_HOST, public_uri, read_api_key
 
 logger = logging.getLogger(__name__)
 
@@ -220,16 +220,27 @@ class Viewer:
         self._follower.close()
 
 
-def run_viewer(args: argparse.Namespace) -> int:
-    """``phasestream view``: serve the page until Ctrl-C."""
-    tiled_uri = args.tiled_uri or os.environ.get(URI_ENV)
+def run_viewer(
+    *,
+    tiled_uri: str | None = None,
+    tiled_api_key_file: Path | None = None,
+    metrics_urls: Sequence[str] = (),
+    port: int = 0,
+    scan_uid: str | None = None,
+) -> int:
+    """``phasestream view``: serve the page until Ctrl-C.
+
+    ``tiled_uri`` None takes ``$PHASESTREAM_TILED__URI``; the key comes from ``tiled_api_key_file`` (private)
+    or the environment. ``scan_uid`` pins one scan instead of following the newest.
+    """
+    tiled_uri = tiled_uri or os.environ.get(URI_ENV)
     if not tiled_uri:
         raise ConfigError(f"phasestream view needs --tiled-uri (or {URI_ENV}): e.g. http://127.0.0.1:8000")
-    api_key = read_api_key(args.tiled_api_key_file)  # a private file, or the environment
-    with Viewer(tiled_uri, api_key, metrics_urls=args.metrics, port=args.port, scan_uid=args.scan) as viewer:
+    api_key = read_api_key(tiled_api_key_file)  # a private file, or the environment
+    with Viewer(tiled_uri, api_key, metrics_urls=metrics_urls, port=port, scan_uid=scan_uid) as viewer:
         print(f"phasestream: viewer on {viewer.url} following Tiled at {public_uri(tiled_uri)}")
-        if args.metrics:
-            print(f"  frames/s from {len(args.metrics)} /metrics endpoint(s)")
+        if metrics_urls:
+            print(f"  frames/s from {len(metrics_urls)} /metrics endpoint(s)")
         print("Ctrl-C stops it.")
         with contextlib.suppress(KeyboardInterrupt):
             while True:

@@ -50,8 +50,8 @@ from phasestream.apps.viewer.images import (
 )
 from phasestream.apps.viewer.state import ImageName, LinkState, LiveView
 from phasestream.errors import ConfigError, PublishError
-from phasestream.runtime.tiled_access import API_KEY_FIX, api_root, check_tiled, public_uri
-from phasestream.runtime.tiled_publisher import RECONSTRUCTIONS_KEY
+from phasestream.runtime.tiled.access import API_KEY_FIX, api_root, check_tiled, public_uri
+from phasestream.runtime.tiled.updates import RECONSTRUCTIONS_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -2,10 +2,7 @@
 
 Layout: ``/reconstructions/<scan_uid>/`` is a container whose metadata carries the scan (``scan_uid``,
 algorithm, config, iteration, quality...); under it one array node per name (``object``, ``probe``,
-``mosaic``, ``denoised``...). Each node is created once and then updated in place: arrays with a PUT of
-the whole array (``.write()``), metadata with ``update_metadata(..., drop_revision=True)`` so that
-1,000 iterations do not leave 1,000 metadata revisions. A node whose shape or dtype changes is replaced.
-A container left by an earlier run with the same uid is reused.
+``mosaic``, ``denoised``...), written as ``tiled_writer`` describes.
 
 Latest wins: ``submit_*`` only files the update and returns. The writer keeps at most one pending
 update per node; a newer array replaces an unsent one (counted in ``superseded``), a newer metadata
@@ -33,227 +30,47 @@ every ``PENDING_LOG_INTERVAL_S``.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import threading
 import time
-import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx
 import numpy as np
 import tiled.client.utils
-from tiled.client import from_uri
-from tiled.client.array import ArrayClient
-from tiled.client.container import Container
 
 from phasestream.errors import ConfigError, PhasestreamError, PublishError
 from phasestream.runtime.metrics import MESSAGES_REJECTED, PUBLISH_SECONDS, RESULTS_PENDING
 from phasestream.runtime.scan_uid import check_scan_uid
-from phasestream.runtime.tiled_access import API_KEY_FIX, URI_FIX, public_uri, validate_api_key
+from phasestream.runtime.tiled.access import public_uri, validate_api_key
+from phasestream.runtime.tiled.node_writer import TiledNodeWriter
+from phasestream.runtime.tiled.pending_results import PendingResults
+from phasestream.runtime.tiled.updates import (
+    PUBLISHABLE_DTYPE_KINDS,
+    RETRYABLE,
+    WRITE_ERRORS,
+    Delivery,
+    FailureReason,
+    FinalResult,
+    TiledNode,
+    Update,
+    classify_failure,
+    combine,
+    describe_failure,
+    merge_metadata,
+)
 
 logger = logging.getLogger(__name__)
 
-RECONSTRUCTIONS_KEY = "reconstructions"
-# bool, signed and unsigned integers, floats, complex: what Tiled stores as a plain array.
-PUBLISHABLE_DTYPE_KINDS = "biufc"
 # At most one warning this often about final results that still wait for Tiled.
 PENDING_LOG_INTERVAL_S = 30.0
 # The scans whose submitted metadata is remembered, to create their container again after a 404.
 _REMEMBERED_SCANS = 64
 # Back-off doubles up to its limit; beyond this many doublings it is at the limit anyway.
 _MAX_DOUBLINGS = 30
-
-# What the tiled 0.2.20 client raises while writing:
-#   httpx.TransportError   connection refused (ConnectError), timeouts (TimeoutException and its
-#                          Connect/Read/Write/Pool subclasses), a reset connection (ReadError) ...
-#   httpx.HTTPStatusError  5xx and 429 as such; other 4xx as its subclass tiled.client.utils.ClientError
-#   KeyError               410 Gone (tiled turns it into a KeyError)
-#   TypeError              metadata that is not JSON-serialisable (orjson)
-#   RuntimeError           no API key set while the server requires one (from_uri, before any request)
-WRITE_ERRORS = (httpx.HTTPError, KeyError, TypeError, RuntimeError)
-
-FIX_BY_STATUS = {
-    httpx.codes.UNAUTHORIZED: API_KEY_FIX,
-    httpx.codes.FORBIDDEN: "the API key may not write here: use a key with write access",
-    httpx.codes.CONFLICT: "a node of that name is in the way: delete it in Tiled or use a new scan uid",
-    httpx.codes.UNPROCESSABLE_ENTITY: "the server refused the data: check the metadata (JSON) and the dtype",
-}
-
-
-class FailureReason(StrEnum):
-    """The ``reason`` label of a given-up update."""
-
-    UNREACHABLE = "tiled_unreachable"
-    REJECTED = "tiled_rejected"
-    NOT_FOUND = "tiled_not_found"  # the server no longer has the node: restarted on an empty catalog?
-
-
-# What may work on a retry: the network, 5xx and 429; a lost node, which the retry creates again.
-RETRYABLE = frozenset({FailureReason.UNREACHABLE, FailureReason.NOT_FOUND})
-
-
-def classify_failure(exc: BaseException) -> FailureReason:
-    """UNREACHABLE for the network, 5xx and 429, NOT_FOUND for a 404, REJECTED for what would fail again."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        status = exc.response.status_code
-        if status == httpx.codes.NOT_FOUND:
-            return FailureReason.NOT_FOUND
-        retryable = status >= httpx.codes.INTERNAL_SERVER_ERROR or status == httpx.codes.TOO_MANY_REQUESTS
-        return FailureReason.UNREACHABLE if retryable else FailureReason.REJECTED
-    if isinstance(exc, httpx.TransportError):
-        return FailureReason.UNREACHABLE
-    return FailureReason.REJECTED
-
-
-class _Node(NamedTuple):
-    scan_uid: str
-    name: str | None  # None: the scan container itself, i.e. the scan's metadata
-
-    @property
-    def path(self) -> str:
-        scan_path = f"/{RECONSTRUCTIONS_KEY}/{self.scan_uid}"
-        return scan_path if self.name is None else f"{scan_path}/{self.name}"
-
-
-@dataclass
-class FinalResult:
-    """A scan's final result as Tiled must end up holding it: the container's complete metadata, and its
-    arrays by node name, each with the metadata of its node."""
-
-    scan_uid: str
-    metadata: dict[str, Any]
-    arrays: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
-
-
-@dataclass
-class _Delivery:
-    """The parts (node names; None: the container's metadata) of one final result Tiled has not taken yet."""
-
-    scan_uid: str
-    unsent: set[str | None]
-
-
-@dataclass
-class _Update:
-    node: _Node
-    array: np.ndarray | None
-    metadata: dict[str, Any]
-    failed_attempts: int = 0
-    not_before_s: float = 0.0  # time.monotonic() before which a retry must not start
-    delivery: _Delivery | None = None  # set for a part of a final result: never given up while retryable
-
-
-def _combine(older: _Update, newer: _Update) -> _Update:
-    """One update for a node from an unsent (or failing) one and a newer one: latest wins, metadata merged.
-
-    The node's failure streak and backoff go on: a steady stream of submissions to a stopped server must
-    still end in counted failures, not in endless fresh first tries. A final result's array is never
-    replaced by a later snapshot (a straggler from another upstream worker).
-    """
-    if older.delivery is not None and newer.delivery is None and newer.array is not None:
-        return older
-    newer.metadata = _merge_metadata(older.metadata, newer.metadata)
-    newer.failed_attempts, newer.not_before_s = older.failed_attempts, older.not_before_s
-    newer.delivery = newer.delivery or older.delivery
-    return newer
-
-
-def _merge_metadata(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
-    """Two updates in one, with the nested-merge semantics of tiled's ``update_metadata``."""
-    merged = dict(older)
-    for key, value in newer.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge_metadata(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _child_container(parent: Container, key: str, metadata: dict[str, Any]) -> tuple[Container, bool]:
-    """``parent[key]``, created with ``metadata`` if absent, and whether it was created."""
-    try:
-        return parent[key], False
-    except KeyError:
-        pass
-    try:
-        return parent.create_container(key, metadata=metadata), True
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code != httpx.codes.CONFLICT:
-            raise
-        # Another publisher worker created it between our lookup and our create.
-        return parent[key], False
-
-
-class PendingResults:
-    """Final results on disk until Tiled has them: ``<directory>/<scan_uid>.npz``.
-
-    Each file holds the container's metadata (JSON, key ``metadata``), and per node ``array.<name>`` and
-    ``metadata.<name>``; it is written beside its place and renamed into it, so a crash leaves the old
-    file or the new one, never half of one. Read without pickle.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-
-    def path(self, scan_uid: str) -> Path:
-        return self.directory / f"{check_scan_uid(scan_uid, f'a result kept in {self.directory}')}.npz"
-
-    def save(self, result: FinalResult) -> Path:
-        """Keep ``result`` (replacing an earlier one of the scan); OSError when the disk refuses."""
-        path = self.path(result.scan_uid)
-        contents: dict[str, np.ndarray] = {
-            "scan_uid": np.array(result.scan_uid),
-            "metadata": np.array(json.dumps(result.metadata)),
-        }
-        for name, (array, metadata) in result.arrays.items():
-            contents[f"array.{name}"] = np.ascontiguousarray(array)
-            contents[f"metadata.{name}"] = np.array(json.dumps(metadata))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        with partial.open("wb") as file:
-            np.savez(file, **contents)
-            file.flush()
-            os.fsync(file.fileno())
-        partial.replace(path)
-        return path
-
-    def load(self) -> list[FinalResult]:
-        """Every result kept here; a file that cannot be read is logged and left for a person."""
-        results = []
-        for path in sorted(self.directory.glob("*.npz")) if self.directory.is_dir() else ():
-            try:
-                results.append(self._read(path))
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, PhasestreamError) as exc:
-                logger.error(
-                    "cannot read the pending result %s (%s: %s): it is not re-sent to Tiled; open it with "
-                    "numpy.load, or delete it", path, type(exc).__name__, exc,
-                )  # fmt: skip
-        return results
-
-    def _read(self, path: Path) -> FinalResult:
-        with np.load(path, allow_pickle=False) as stored:
-            scan_uid = str(stored["scan_uid"])
-            if self.path(scan_uid) != path:
-                raise ValueError(f"it holds scan {scan_uid!r}, not the one its name says")
-            arrays = {}
-            for key in stored.files:
-                name = key.removeprefix("array.")
-                if name == key:
-                    continue
-                if not name.isidentifier():
-                    raise ValueError(f"it names a node {name!r}, which is no plain name")
-                arrays[name] = (stored[key], json.loads(str(stored[f"metadata.{name}"])))
-            return FinalResult(scan_uid, json.loads(str(stored["metadata"])), arrays)
-
-    def discard(self, scan_uid: str) -> None:
-        self.path(scan_uid).unlink(missing_ok=True)
 
 
 class TiledPublisher:
@@ -305,8 +122,8 @@ class TiledPublisher:
 
         # Shared between submitters and the writer; guarded by _cond, never held during I/O.
         self._cond = threading.Condition()
-        self._pending: dict[_Node, _Update] = {}  # insertion order = service order
-        self._in_flight: _Update | None = None
+        self._pending: dict[TiledNode, Update] = {}  # insertion order = service order
+        self._in_flight: Update | None = None
         self._closing = False
         self._written = 0
         self._superseded = 0
@@ -317,13 +134,11 @@ class TiledPublisher:
         # Every metadata update submitted per scan, merged: what a container created again must hold.
         self._scan_metadata: OrderedDict[str, dict[str, Any]] = OrderedDict()
         # The final results Tiled has not taken yet, by scan.
-        self._deliveries: dict[str, _Delivery] = {}
+        self._deliveries: dict[str, Delivery] = {}
         self._pending_logged_s = float("-inf")
 
         # Confined to the writer thread: the tiled client and the nodes it has resolved.
-        self._client: Container | None = None
-        self._reconstructions: Container | None = None
-        self._nodes: dict[_Node, Container | ArrayClient] = {}
+        self._writer = TiledNodeWriter(self.uri, self._api_key, request_timeout_s, self._metadata_of)
         self._failures_in_a_row = 0
 
         self._thread = threading.Thread(
@@ -343,11 +158,11 @@ class TiledPublisher:
         self._check_dtype(node, array)
         # A copy, because solvers go on updating their estimate in place while this one waits.
         snapshot = np.array(array, order="C", copy=True)
-        self._file([_Update(node, snapshot, copy.deepcopy(metadata or {}))])
+        self._file([Update(node, snapshot, copy.deepcopy(metadata or {}))])
 
     def submit_metadata(self, scan_uid: str, metadata: dict[str, Any]) -> None:
         """File a metadata update (``dict.update``-like, nested dicts merge) for the scan's container."""
-        self._file([_Update(self._node(scan_uid, None), None, copy.deepcopy(metadata))])
+        self._file([Update(self._node(scan_uid, None), None, copy.deepcopy(metadata))])
 
     def submit_result(self, result: FinalResult) -> None:
         """File a scan's final result: kept in ``pending_dir`` and re-sent until Tiled has every part.
@@ -366,24 +181,24 @@ class TiledPublisher:
                 )  # fmt: skip
         self._file(updates)
 
-    def _result_updates(self, result: FinalResult) -> list[_Update]:
+    def _result_updates(self, result: FinalResult) -> list[Update]:
         """The container's metadata first (it creates the container with all of it), then each array."""
-        delivery = _Delivery(result.scan_uid, {None, *result.arrays})
+        delivery = Delivery(result.scan_uid, {None, *result.arrays})
         container = self._node(result.scan_uid, None)
-        updates = [_Update(container, None, copy.deepcopy(result.metadata), delivery=delivery)]
+        updates = [Update(container, None, copy.deepcopy(result.metadata), delivery=delivery)]
         for name, (array, metadata) in result.arrays.items():
             node = self._node(result.scan_uid, name)
             snapshot = np.array(array, order="C", copy=True)
             self._check_dtype(node, snapshot)
-            updates.append(_Update(node, snapshot, copy.deepcopy(metadata), delivery=delivery))
+            updates.append(Update(node, snapshot, copy.deepcopy(metadata), delivery=delivery))
         return updates
 
-    def _node(self, scan_uid: str, name: str | None) -> _Node:
+    def _node(self, scan_uid: str, name: str | None) -> TiledNode:
         """The node, once the scan uid is known to name one under ``/reconstructions/`` and nothing else."""
-        return _Node(check_scan_uid(scan_uid, f"a write to Tiled at {self.uri}"), name)
+        return TiledNode(check_scan_uid(scan_uid, f"a write to Tiled at {self.uri}"), name)
 
     @staticmethod
-    def _check_dtype(node: _Node, array: np.ndarray) -> None:
+    def _check_dtype(node: TiledNode, array: np.ndarray) -> None:
         if array.dtype.kind not in PUBLISHABLE_DTYPE_KINDS:
             raise PublishError(
                 f"cannot publish {node.path}: dtype {array.dtype} is not bool, integer, float or complex",
@@ -392,7 +207,9 @@ class TiledPublisher:
 
     def _resume_pending(self) -> None:
         """File the final results an earlier run left in ``pending_dir``."""
-        results = self._store.load() if self._store is not None else []
+        if self._store is None:
+            return
+        results = self._store.load()
         if not results:
             return
         logger.warning(
@@ -407,7 +224,7 @@ class TiledPublisher:
                     "the pending result of scan %s is not re-sent (%s): delete it", result.scan_uid, exc
                 )
 
-    def _file(self, updates: list[_Update]) -> None:
+    def _file(self, updates: list[Update]) -> None:
         with self._cond:
             if self._closing:
                 raise PublishError(
@@ -423,14 +240,14 @@ class TiledPublisher:
                 older = self._pending.get(update.node)
                 if older is not None:
                     self._superseded += 1
-                    update = _combine(older, update)
+                    update = combine(older, update)
                 self._pending[update.node] = update  # an existing key keeps its place in the queue
             self._pending_gauge.set(len(self._deliveries))
             self._cond.notify_all()
 
     def _remember_metadata(self, scan_uid: str, metadata: dict[str, Any]) -> None:
         known = self._scan_metadata.pop(scan_uid, {})
-        self._scan_metadata[scan_uid] = _merge_metadata(known, metadata)
+        self._scan_metadata[scan_uid] = merge_metadata(known, metadata)
         while len(self._scan_metadata) > _REMEMBERED_SCANS:
             self._scan_metadata.popitem(last=False)
 
@@ -448,7 +265,7 @@ class TiledPublisher:
                 timeout=timeout_s,
             )
 
-    def _parked(self, update: _Update) -> bool:
+    def _parked(self, update: Update) -> bool:
         """A final result's part that failed more than ``max_retries`` times: re-sent on the slow schedule."""
         return update.delivery is not None and update.failed_attempts > self._max_retries
 
@@ -471,9 +288,8 @@ class TiledPublisher:
                 "closed the Tiled publisher for %s before Tiled took the final results of scans %s: they "
                 "stay in %s and are re-sent at the next start", self.uri, kept, where,
             )  # fmt: skip
-        if self._client is not None and not self._thread.is_alive():
-            self._client.context.close()
-            self._client = None
+        if not self._thread.is_alive():
+            self._writer.close()
 
     def __enter__(self) -> TiledPublisher:
         return self
@@ -534,10 +350,7 @@ class TiledPublisher:
             try:
                 self._write(update)
             except WRITE_ERRORS as exc:
-                # The cached clients may point at a node that is gone or stale: resolve them again.
-                self._nodes.pop(update.node, None)
-                self._nodes.pop(_Node(update.node.scan_uid, None), None)
-                self._reconstructions = None
+                self._writer.forget(update.node)
                 self._settle(update, exc)
             else:
                 PUBLISH_SECONDS.labels(**self._labels).observe(time.perf_counter() - started_s)
@@ -557,7 +370,7 @@ class TiledPublisher:
                 "next start", self._store.path(delivered), exc,
             )  # fmt: skip
 
-    def _take_next_due(self) -> _Update | None:
+    def _take_next_due(self) -> Update | None:
         with self._cond:
             while not self._closing:
                 now_s = time.monotonic()
@@ -570,7 +383,7 @@ class TiledPublisher:
                 self._cond.wait(timeout=None if next_retry_s is None else next_retry_s - now_s)
             return None
 
-    def _settle(self, update: _Update, error: BaseException | None) -> str | None:
+    def _settle(self, update: Update, error: BaseException | None) -> str | None:
         """Count the outcome and retry, give up or keep pending; the scan whose result is now complete."""
         delivered = None
         with self._cond:
@@ -594,7 +407,7 @@ class TiledPublisher:
             self._cond.notify_all()
         return delivered
 
-    def _delivered(self, update: _Update) -> str | None:
+    def _delivered(self, update: Update) -> str | None:
         """Tick off a written part of a final result; the scan uid when that was its last part."""
         delivery = update.delivery
         if delivery is None:
@@ -624,7 +437,7 @@ class TiledPublisher:
             str(error).splitlines()[0] if str(error) else "", where, self._result_retry_s,
         )  # fmt: skip
 
-    def _schedule_retry(self, update: _Update) -> None:
+    def _schedule_retry(self, update: Update) -> None:
         update.failed_attempts += 1
         limit_s = self._result_retry_s if self._parked(update) else self._max_backoff_s
         doublings = min(update.failed_attempts - 1, _MAX_DOUBLINGS)
@@ -636,11 +449,11 @@ class TiledPublisher:
             return
         # The newer submission takes over: it is retried in place of this one, after the same backoff.
         self._superseded += 1
-        self._pending[update.node] = _combine(update, newer)
+        self._pending[update.node] = combine(update, newer)
 
-    def _give_up(self, update: _Update, error: BaseException) -> None:
+    def _give_up(self, update: Update, error: BaseException) -> None:
         reason = classify_failure(error)
-        message = self._describe(update, error)
+        message = describe_failure(update, error, self.uri)
         if update.delivery is not None:
             where = self._store.path(update.node.scan_uid) if self._store is not None else "memory"
             message += f"; the final result stays in {where} and is sent again at the next start"
@@ -654,95 +467,12 @@ class TiledPublisher:
         log("%s", message)
         self._failures_in_a_row += 1
 
-    def _describe(self, update: _Update, error: BaseException) -> str:
-        attempts = update.failed_attempts + 1
-        target = f"{update.node.path} at Tiled {self.uri}"
-        if isinstance(error, httpx.HTTPStatusError):
-            status = error.response.status_code
-            first_line = str(error).splitlines()[0]
-            if classify_failure(error) is FailureReason.NOT_FOUND:
-                return (
-                    f"gave up on {target} after {attempts} attempts: {status} ({first_line}); the server "
-                    "lost the node each time (restarted on an empty catalog, or a node deleted): check it"
-                )
-            if classify_failure(error) is FailureReason.UNREACHABLE:
-                return (
-                    f"gave up on {target} after {attempts} attempts: {status} ({first_line}); "
-                    "see the server's error log"
-                )
-            fix = FIX_BY_STATUS.get(status, "see the server's error log")
-            return f"Tiled at {self.uri} rejected {update.node.path} ({first_line}), not retried: {fix}"
-        if isinstance(error, httpx.TransportError):
-            return (
-                f"gave up on {target} after {attempts} attempts ({type(error).__name__}: {error}): "
-                f"no Tiled server answers; {URI_FIX}. Newer updates will still be tried"
-            )
-        fix = API_KEY_FIX if isinstance(error, RuntimeError) else "see the message"
-        return f"could not write {target} ({type(error).__name__}: {error}), not retried: {fix}"
+    def _write(self, update: Update) -> None:
+        """Send one update to Tiled (the writer thread only)."""
+        self._writer.write(update)
 
-    # Only the writer thread runs the methods below.
-
-    def _write(self, update: _Update) -> None:
-        node = update.node
-        if update.array is None:
-            scan, created = self._scan(node.scan_uid)
-            if not created and update.metadata:
-                scan.update_metadata(update.metadata, drop_revision=True)
-            return
-        assert node.name is not None  # array updates always name their node
-        array_node = self._nodes.get(node)
-        if array_node is None:
-            scan, _ = self._scan(node.scan_uid)
-            try:
-                array_node = scan[node.name]
-            except KeyError:
-                self._nodes[node] = scan.write_array(update.array, key=node.name, metadata=update.metadata)
-                return
-        if not self._same_structure(array_node, update.array):
-            # A PUT must match the stored shape and dtype (a mismatch gives a 500 or a reset
-            # connection, not a 4xx), so a new probe size or dtype replaces the node instead.
-            scan, _ = self._scan(node.scan_uid)
-            # external_only=False: our arrays are internally managed zarr, which the default refuses (409).
-            scan.delete_contents(node.name, external_only=False)
-            self._nodes[node] = scan.write_array(update.array, key=node.name, metadata=update.metadata)
-            return
-        array_node.write(update.array)
-        if update.metadata:
-            array_node.update_metadata(update.metadata, drop_revision=True)
-        self._nodes[node] = array_node
-
-    @staticmethod
-    def _same_structure(array_node: Container | ArrayClient, array: np.ndarray) -> bool:
-        return (
-            isinstance(array_node, ArrayClient)
-            and tuple(array_node.shape) == array.shape
-            and np.dtype(array_node.dtype) == array.dtype
-        )
-
-    def _scan(self, scan_uid: str) -> tuple[Container, bool]:
-        """The scan's container and whether it was created now: then with every metadata update submitted
-        for the scan so far (the one being written included), so that a container the server lost comes
-        back whole, whichever update finds it missing."""
-        key = _Node(scan_uid, None)
-        cached = self._nodes.get(key)
-        if isinstance(cached, Container):
-            return cached, False
+    def _metadata_of(self, scan_uid: str) -> dict[str, Any]:
+        """Every metadata update submitted for the scan so far (the writer thread asks, for a container it
+        creates)."""
         with self._cond:
-            metadata = copy.deepcopy(self._scan_metadata.get(scan_uid, {}))
-        scan, created = _child_container(
-            self._reconstructions_container(), scan_uid, {"scan_uid": scan_uid, **metadata}
-        )
-        self._nodes[key] = scan
-        return scan, created
-
-    def _reconstructions_container(self) -> Container:
-        if self._reconstructions is None:
-            if self._client is None:
-                timeout = httpx.Timeout(self._request_timeout_s)
-                self._client = from_uri(self.uri, api_key=self._api_key, timeout=timeout)
-            self._reconstructions, _ = _child_container(
-                self._client,
-                RECONSTRUCTIONS_KEY,
-                {"description": "phasestream reconstructions, one per scan"},
-            )
-        return self._reconstructions
+            return copy.deepcopy(self._scan_metadata.get(scan_uid, {}))

@@ -1,6 +1,6 @@
 """Timepix3 pixel events binned into frames: one per TDC trigger window, or per fixed time window.
 
-The events come from :class:`phasestream.formats.tpx3_decode.Tpx3Decoder`; ``bench_tpx3`` measures both.
+The events come from :class:`phasestream.formats.tpx3.decode.Tpx3Decoder`; ``bench_tpx3`` measures both.
 """
 
 from __future__ import annotations
@@ -11,11 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from phasestream.formats.tpx3_decode import (
-    TdcEdge,
-    Tpx3Decoded,
-    region_addresses,
-)
+from phasestream.formats.tpx3.packets import TdcEdge, Tpx3Decoded, region_addresses
 
 # From this many hits in a window on, histogram PixAddr instead of looking each hit up (measured crossover
 # about 40,000 on the 2-core machine, for a whole chip and for a 64 × 64 region alike).
@@ -130,7 +126,7 @@ class FrameBuilder:
             # than random data (measured: 35 against 157 ns a hit for 2 M hits).
             order = np.argsort(times, kind="stable")
             times, address = times[order], address[order]
-        cut = len(times) if final else int(np.searchsorted(times, watermark))
+        cut = len(times) if watermark is None else int(np.searchsorted(times, watermark))
         self._held_t, self._held_address = times[cut:], address[cut:]
         return self._bin(times[:cut], address[:cut], watermark) + self._close(watermark)
 

@@ -25,7 +25,7 @@ import cbor2
 import numpy as np
 
 from phasestream.formats.in_memory_scan import ScanInMemory
-from phasestream.formats.stream_v2_decode import (
+from phasestream.formats.stream_v2.decode import (
     COMPRESSION_TAG,
     IMAGE_DTYPES,
     MULTIDIM_ARRAY_TAG,
@@ -51,7 +51,7 @@ def bslz4_compress(frame: np.ndarray) -> bytes:
     """Bitshuffle + LZ4 with the HDF5 filter framing that Stream V2 tag 56500 "bslz4" carries."""
     array = np.ascontiguousarray(frame)
     block_elements = BSLZ4_BLOCK_BYTES // array.itemsize
-    blocks = bitshuffle.compress_lz4(array, block_elements)
+    blocks: np.ndarray = bitshuffle.compress_lz4(array, block_elements)  # untyped package
     return _FRAMING_HEADER.pack(array.nbytes, block_elements * array.itemsize) + blocks.tobytes()
 
 
@@ -117,18 +117,13 @@ def start_fields(
     )
     return {
         "type": MessageType.START.value,
+        **_simulated_detector(),
         "arm_date": arm_date or datetime.now(UTC),
         "beam_center_x": width / 2,
         "beam_center_y": height / 2,
-        "channels": [CHANNEL],
         "count_time": count_time_s,
-        "countrate_correction_enabled": False,
-        "detector_description": "DECTRIS SELUN (phasestream simulator)",
-        "detector_serial_number": "SIM-SELUN-0001",
         "detector_translation": [0.0, 0.0, detector_distance_m],
-        "flatfield_enabled": False,
         "frame_time": frame_time_s,
-        "goniometer": {},
         "image_dtype": _DTYPE_NAME_BY_DTYPE[wire],
         "image_size_x": width,
         "image_size_y": height,
@@ -140,12 +135,24 @@ def start_fields(
         "pixel_size_x": pixel_size_m,
         "pixel_size_y": pixel_size_m,
         **saturation,
-        "sensor_material": "Si",
-        "sensor_thickness": 450e-6,
         "series_id": series_id,
         "series_unique_id": series_unique_id,
         "threshold_energy": {CHANNEL: energy_ev / 2},
         "user_data": user_data,
+    }
+
+
+def _simulated_detector() -> dict[str, Any]:
+    """The start fields that describe the simulated detector itself, the same in every series."""
+    return {
+        "channels": [CHANNEL],
+        "countrate_correction_enabled": False,
+        "detector_description": "DECTRIS SELUN (phasestream simulator)",
+        "detector_serial_number": "SIM-SELUN-0001",
+        "flatfield_enabled": False,
+        "goniometer": {},
+        "sensor_material": "Si",
+        "sensor_thickness": 450e-6,
         "virtual_pixel_interpolation_enabled": False,
     }
 

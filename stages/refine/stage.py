@@ -7,10 +7,8 @@ one epoch over every position known so far and emits a ``Reconstruction`` every 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -18,12 +16,33 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from phasestream.errors import FrameValidationError
+from phasestream.models.ptycho.options import (
+    ConstraintOptions,
+    EpieOptions,
+    ExecutionOptions,
+    ObjectOptions,
+    PineOptions,
+    PositionOptions,
+    ProbeOptions,
+    UpdateRule,
+)
 from phasestream.runtime import metrics
 from phasestream.runtime.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.stage import Stage
+from phasestream.stages.refine.scan import (
+    OUTLIER_WARNING_INTERVAL_S,
+    ScanSolve,
+    canvas_span_px,
+    converged,
+    outlier_warning,
+    per_detector_frame,
+    position_outliers,
+    stop_label,
+)
 
 if TYPE_CHECKING:
     from phasestream.models.ptycho.epie import EpieSolver
+    from phasestream.models.ptycho.pine import PineRegulariser
 
 
 class Algorithm(StrEnum):
@@ -42,11 +61,17 @@ class InitialObject(StrEnum):
 
 
 class RefineConfig(BaseModel):
+    """The refine stage's settings: when it starts and stops, where it starts from, and the solver's
+    options in the groups of :class:`~phasestream.models.ptycho.options.EpieOptions` (``object``,
+    ``probe``, ``positions``, ``constraints``, ``execution``), checked by the same rules as everywhere."""
+
     model_config = ConfigDict(extra="forbid")
 
-    algorithm: Algorithm = Algorithm.EPIE
-    variant: str = Field(default="batched", pattern="^(batched|sequential)$")
-    batch_size: int = Field(default=32, ge=1, le=4096, description="positions per mini-batch (batched)")
+    algorithm: Algorithm = Field(
+        default=Algorithm.EPIE,
+        description="epie; rpie (regularised steps, object.rpie_alpha); or pine (ePIE with a denoiser "
+        "between sweeps, pine.rho)",
+    )
     min_positions: int = Field(
         default=32, ge=1, description="positions that must arrive before the first epoch"
     )
@@ -65,35 +90,6 @@ class RefineConfig(BaseModel):
     # within 3 % of it (docs/benchmarks.md).
     stop_window_epochs: int = Field(default=25, ge=1, le=1000, description="epochs per convergence window")
     emit_every_epochs: int = Field(default=2, ge=1, description="a Reconstruction every this many epochs")
-    object_step: float = Field(default=1.0, gt=0, le=2, description="ePIE α")
-    probe_step: float = Field(default=1.0, gt=0, le=2, description="ePIE β")
-    rpie_alpha: float = Field(
-        default=0.1, gt=0, le=1, description="rPIE α, the object denominator's weight (algorithm rpie only)"
-    )
-    pine_rho: float = Field(default=0.49, gt=0, lt=1, description="PINE's ρ (algorithm pine only)")
-    probe_update_start_epoch: int = Field(default=2, ge=0)
-    fourier_constraint: str = Field(
-        default="projection", pattern="^(projection|poisson)$",
-        description="the modulus projection, or a Poisson likelihood step for low dose",
-    )  # fmt: skip
-    fix_probe_power: bool = Field(
-        default=False, description="hold the probe's power at its start value (low dose, with probe updates)"
-    )
-    probe_power: float | None = Field(
-        default=None, gt=0, description="with fix_probe_power: the direct beam's photons per frame to hold"
-    )
-    max_object_amplitude: float | None = Field(
-        default=None, gt=0, description="bound |O|, 1 for a transmission sample; None leaves it free"
-    )
-    probe_modes: int = Field(
-        default=1, ge=1, le=16, description="incoherent probe modes (mixed states); 1 is a coherent probe"
-    )
-    position_correction_start_epoch: int | None = Field(
-        default=None, ge=0, description="refine scan positions from this epoch on; None keeps them as given"
-    )
-    max_position_step_px: float = Field(
-        default=1.0, gt=0, le=8, description="largest position correction per epoch and axis"
-    )
     margin_px: int = Field(default=4, ge=0, description="free canvas around the outermost windows")
     max_canvas_px: int = Field(
         default=8192, ge=64, le=65536,
@@ -111,8 +107,21 @@ class RefineConfig(BaseModel):
     probe_search_epochs: int = Field(
         default=6, ge=0, description="epochs per candidate in the automatic probe search; 0: off"
     )
-    device: str | None = Field(default=None, description="torch device; default cuda when present, else cpu")
-    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch (default: all)")
+    object: ObjectOptions = Field(default_factory=ObjectOptions, description="ePIE α and rPIE's α")
+    probe: ProbeOptions = Field(
+        default_factory=ProbeOptions, description="ePIE β, rPIE's β, when probe updates start, probe modes"
+    )
+    positions: PositionOptions = Field(default_factory=PositionOptions, description="position correction")
+    constraints: ConstraintOptions = Field(
+        default_factory=ConstraintOptions,
+        description="the Fourier step (projection or poisson), probe power and object amplitude bounds",
+    )
+    execution: ExecutionOptions = Field(
+        default_factory=ExecutionOptions,
+        description="variant, batch_size, seed, device, and num_threads (also the stage's CPU threads for "
+        "torch; None: one per core)",
+    )
+    pine: PineOptions = Field(default_factory=PineOptions, description="PINE's ρ (algorithm pine only)")
 
     @field_validator("initial_probe")
     @classmethod
@@ -121,32 +130,13 @@ class RefineConfig(BaseModel):
 
         return parse_initial_probe(text)
 
-
-@dataclass
-class ScanSolve:
-    """One scan's solver and what it needs to map positions to canvas pixels."""
-
-    start: ScanStart
-    pixel_size_m: float
-    pending_patterns: list[np.ndarray] = field(default_factory=list)
-    pending_positions: list[np.ndarray] = field(default_factory=list)
-    fed_positions_m: list[np.ndarray] = field(default_factory=list)
-    origin_m: np.ndarray | None = None
-    solver: EpieSolver | None = None
-    mosaic: Reconstruction | None = None
-    last_error: float = float("nan")
-    error_history: list[float] = field(default_factory=list)
-    epochs_at_scan_end: int | None = None
-    seq: int = 0
-    # The bounding box (y, x) in metres of the positions accepted so far (and of the canvas origin, when the
-    # scan's extent fixed it): no position may stretch it beyond max_canvas_px.
-    accepted_lo_m: np.ndarray | None = None
-    accepted_hi_m: np.ndarray | None = None
-    outlier_warned_s: float = float("-inf")
-
-    @property
-    def pending_count(self) -> int:
-        return sum(len(p) for p in self.pending_patterns)
+    def epie_options(self) -> EpieOptions:
+        """The solver's options: the groups as configured, the update rule from ``algorithm``."""
+        return EpieOptions(
+            update_rule=UpdateRule.RPIE if self.algorithm is Algorithm.RPIE else UpdateRule.EPIE,
+            object=self.object, probe=self.probe, positions=self.positions,
+            constraints=self.constraints, execution=self.execution,
+        )  # fmt: skip
 
 
 class RefineStage(Stage):
@@ -155,11 +145,10 @@ class RefineStage(Stage):
     idle_poll_ms = 0
 
     def setup(self) -> None:
-        import torch
-
+        from phasestream.models.execution import set_torch_threads
         from phasestream.stages.probe_start import PreviousProbes, load_initial_probe
 
-        torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
+        set_torch_threads(self.config.execution.num_threads)
         self._solves: dict[str, ScanSolve] = {}
         self._denoiser = None  # PINE's, loaded once on first use
         self._given_probe = load_initial_probe(self.config.initial_probe)
@@ -197,7 +186,7 @@ class RefineStage(Stage):
                 "before its ScanStart, so they cannot be placed; check the stage before refine",
                 reason="no_scan_start",
             )
-        patterns = _per_detector_frame(message)
+        patterns = per_detector_frame(message)
         if not np.isfinite(message.positions_m).all():
             raise FrameValidationError(
                 f"frames {message.first_index}..{message.last_index}: positions hold NaN or inf; "
@@ -239,69 +228,22 @@ class RefineStage(Stage):
     def _position_outliers(
         self, solve: ScanSolve, positions: np.ndarray, window_px: tuple[int, ...]
     ) -> np.ndarray:
-        """Which positions (bool, per row) lie outside the scan's extent plus a probe window, or would
-        stretch the accepted positions' bounding box beyond ``max_canvas_px``; the others widen the box."""
-        outlier = np.zeros(len(positions), dtype=bool)
-        if not len(positions):
-            return outlier
-        window_m = np.asarray(window_px, dtype=np.float64) * solve.pixel_size_m
-        extent = solve.start.scan_extent_m
-        if extent is not None:
-            y_min, y_max, x_min, x_max = extent
-            low_m, high_m = np.array([y_min, x_min]) - window_m, np.array([y_max, x_max]) + window_m
-            outlier |= ((positions < low_m) | (positions > high_m)).any(axis=1)
-        # The canvas spans the box plus a window and a margin each side; 2 px more for rounding.
-        span_m = np.maximum(self._canvas_span_px(window_px), 0) * solve.pixel_size_m
-        if solve.accepted_lo_m is None:
-            # The canvas origin when the extent fixed it, else the median (robust to one wild position).
-            seed_m = solve.origin_m if solve.origin_m is not None else np.median(positions[~outlier], axis=0)
-            solve.accepted_lo_m = solve.accepted_hi_m = np.asarray(seed_m, dtype=np.float64)
-        inside = positions[~outlier]
-        if not len(inside):
-            return outlier
-        low_m = np.minimum(solve.accepted_lo_m, inside.min(axis=0))
-        high_m = np.maximum(solve.accepted_hi_m, inside.max(axis=0))
-        if (high_m - low_m <= span_m).all():
-            solve.accepted_lo_m, solve.accepted_hi_m = low_m, high_m
-            return outlier
-        for row in np.flatnonzero(~outlier):  # the rare batch that overreaches: position by position
-            low_m = np.minimum(solve.accepted_lo_m, positions[row])
-            high_m = np.maximum(solve.accepted_hi_m, positions[row])
-            if (high_m - low_m <= span_m).all():
-                solve.accepted_lo_m, solve.accepted_hi_m = low_m, high_m
-            else:
-                outlier[row] = True
-        return outlier
+        return position_outliers(solve, positions, window_px, self._canvas_span_px(window_px))
 
     def _canvas_span_px(self, window_px: tuple[int, ...]) -> np.ndarray:
-        """How far apart (y, x) in canvas pixels positions may lie for the canvas to fit max_canvas_px."""
-        return self.config.max_canvas_px - np.asarray(window_px) - 2 * self.config.margin_px - 2
+        return canvas_span_px(self.config.max_canvas_px, window_px, self.config.margin_px)
 
     def _warn_outliers(
         self, solve: ScanSolve, batch: FrameBatch, outliers_m: np.ndarray, window_px: tuple[int, ...]
     ) -> None:
         """Name the first left-out position and the bound it broke, at most every few seconds per scan."""
         now_s = time.monotonic()
-        if now_s - solve.outlier_warned_s < _OUTLIER_WARNING_INTERVAL_S:
+        if now_s - solve.outlier_warned_s < OUTLIER_WARNING_INTERVAL_S:
             return
         solve.outlier_warned_s = now_s
-        y_m, x_m = outliers_m[0]
-        extent = solve.start.scan_extent_m
-        bound = (
-            f"the scan's extent y {extent[0]:.6g}..{extent[1]:.6g} m, x {extent[2]:.6g}..{extent[3]:.6g} m "
-            "plus a probe window, or "
-            if extent is not None
-            else ""
-        )
         span_px = self._canvas_span_px(window_px)
-        self.warn(
-            "position_outlier",
-            f"scan {solve.start.scan_uid}: {len(outliers_m)} position(s) in frames {batch.first_index}.."
-            f"{batch.last_index}, first (y, x) = ({y_m:.6g}, {x_m:.6g}) m, lie outside {bound}the "
-            f"{span_px[0]}×{span_px[1]} px around the positions so far that max_canvas_px="
-            f"{self.config.max_canvas_px} allows; left out of the reconstruction (fix the position "
-            "source, or raise max_canvas_px for a larger scan)",
-        )
+        message = outlier_warning(solve, batch, outliers_m, span_px, self.config.max_canvas_px)
+        self.warn("position_outlier", message)
 
     def _feed(self, solve: ScanSolve) -> None:
         from phasestream.models.physics import positions_to_pixels
@@ -362,39 +304,28 @@ class RefineStage(Stage):
         canvas_shape_px: tuple[int, int],
         object_guess: np.ndarray | None = None,
         unmeasured: np.ndarray | None = None,
+        options: EpieOptions | None = None,
     ) -> EpieSolver:
-        from phasestream.models.ptycho.epie import EpieSolver, UpdateRule
+        """A solver with the stage's options (or ``options``), PINE's regulariser for algorithm pine."""
+        from phasestream.models.ptycho.epie import EpieSolver
 
-        regulariser = None
-        if self.config.algorithm is Algorithm.PINE:
-            from phasestream.models.nets.dncnn import load_denoiser
-            from phasestream.models.ptycho.pine import PineRegulariser
-
-            if self._denoiser is None:
-                self._denoiser = load_denoiser(device=self.config.device)
-            regulariser = PineRegulariser(self._denoiser, self.config.pine_rho)
         return EpieSolver(
-            probe=probe,
-            variant=self.config.variant,
-            update_rule=UpdateRule.RPIE if self.config.algorithm is Algorithm.RPIE else UpdateRule.EPIE,
-            object_regulariser=regulariser,
-            rpie_alpha=self.config.rpie_alpha,
-            batch_size=self.config.batch_size,
-            object_step=self.config.object_step,
-            probe_step=self.config.probe_step,
-            probe_update_start_epoch=self.config.probe_update_start_epoch,
-            fourier_constraint=self.config.fourier_constraint,
-            fix_probe_power=self.config.fix_probe_power,
-            probe_power=self.config.probe_power,
-            max_object_amplitude=self.config.max_object_amplitude,
-            probe_modes=self.config.probe_modes,
-            position_correction_start_epoch=self.config.position_correction_start_epoch,
-            max_position_step_px=self.config.max_position_step_px,
-            unmeasured=unmeasured,
-            canvas_shape_px=None if object_guess is not None else canvas_shape_px,
-            object_guess=object_guess,
-            device=self.config.device,
-        )
+            options if options is not None else self.config.epie_options(), probe=probe,
+            object_regulariser=self._pine_regulariser(), unmeasured=unmeasured,
+            canvas_shape_px=None if object_guess is not None else canvas_shape_px, object_guess=object_guess,
+        )  # fmt: skip
+
+    def _pine_regulariser(self) -> PineRegulariser | None:
+        """PINE's regulariser with the shipped denoiser, loaded once on first use; None for ePIE and rPIE."""
+        if self.config.algorithm is not Algorithm.PINE:
+            return None
+        from phasestream.models.execution import default_device
+        from phasestream.models.nets.dncnn import load_denoiser
+        from phasestream.models.ptycho.pine import PineRegulariser
+
+        if self._denoiser is None:
+            self._denoiser = load_denoiser(device=default_device(self.config.execution.device))
+        return PineRegulariser(self._denoiser, self.config.pine)
 
     def _first_probe(
         self, solve: ScanSolve, patterns: np.ndarray, corners_px: np.ndarray, canvas_shape_px: tuple[int, int]
@@ -431,11 +362,12 @@ class RefineStage(Stage):
         if start is None:
             unmeasured = solve.start.detector_mask()
 
+            # With the probe free to adapt, the right curvature pulls ahead within a few epochs; with the
+            # probe fixed, or after one or two epochs, a tight in-focus start can look as good.
+            trial_options = self.config.epie_options().replace(probe={"update_start_epoch": 0})
+
             def trial_error(probe: np.ndarray) -> float:
-                trial = self._new_solver(probe, canvas_shape_px, unmeasured=unmeasured)
-                # With the probe free to adapt, the right curvature pulls ahead within a few epochs; with
-                # the probe fixed, or after one or two epochs, a tight in-focus start can look as good.
-                trial.probe_update_start_epoch = 0
+                trial = self._new_solver(probe, canvas_shape_px, unmeasured=unmeasured, options=trial_options)
                 trial.add_patterns(patterns, corners_px)
                 return [trial.run_epoch() for _ in range(self.config.probe_search_epochs)][-1]
 
@@ -463,18 +395,6 @@ class RefineStage(Stage):
         if solver.epochs_run % self.config.emit_every_epochs == 0:
             yield self._reconstruction(solve, final=False)
 
-    def _converged(self, solve: ScanSolve) -> bool:
-        """Whether the error stopped improving since ScanEnd: the last window's mean error is within
-        ``stop_tolerance`` of the window before (means, because the random order makes each epoch's
-        error jitter)."""
-        tolerance, window = self.config.stop_tolerance, self.config.stop_window_epochs
-        after_end = solve.error_history[solve.epochs_at_scan_end or 0 :]
-        if tolerance is None or len(after_end) < 2 * window:
-            return False
-        before = float(np.mean(after_end[-2 * window : -window]))
-        last = float(np.mean(after_end[-window:]))
-        return before <= 0 or (before - last) / before < tolerance
-
     def _reconstruction(self, solve: ScanSolve, final: bool, stop_reason: str = "") -> Reconstruction:
         solver = solve.solver
         probe_shape = np.array(solver.probe.shape)
@@ -488,7 +408,7 @@ class RefineStage(Stage):
         return Reconstruction(
             scan_uid=solve.start.scan_uid,
             seq=solve.seq,
-            algorithm=f"{self.config.algorithm}-{self.config.variant}",
+            algorithm=f"{self.config.algorithm}-{self.config.execution.variant}",
             iteration=solver.epochs_run,
             positions_used=solver.n_positions,
             final=final,
@@ -504,7 +424,7 @@ class RefineStage(Stage):
 
     def _positions_used_m(self, solve: ScanSolve) -> np.ndarray:
         """Probe centres (y, x) in metres as the solver uses them: corrected where correction ran."""
-        if self.config.position_correction_start_epoch is None:
+        if self.config.positions.correction_start_epoch is None:
             return np.concatenate(solve.fed_positions_m)
         # Corner c (the caller's frame) holds position p when c = (p − origin)/dx + margin (see _feed).
         corners_px = solve.solver.positions_px
@@ -522,13 +442,13 @@ class RefineStage(Stage):
                 reason = "stopped"  # Ctrl-C: publish what there is now rather than finish the schedule
                 break
             yield from self._epoch(solve)
-            if self._converged(solve):
+            if converged(solve, self.config.stop_tolerance, self.config.stop_window_epochs):
                 reason = f"converged (error changed < {self.config.stop_tolerance:g} over the last window)"
                 break
         epochs = len(solve.error_history) - solve.epochs_at_scan_end
-        self.note("refine_end", f"scan {solve.start.scan_uid}: {_stop_label(reason, epochs)}, error "
+        self.note("refine_end", f"scan {solve.start.scan_uid}: {stop_label(reason, epochs)}, error "
                   f"{solve.last_error:.4g}")  # fmt: skip
-        final = self._reconstruction(solve, final=True, stop_reason=_stop_label(reason, epochs))
+        final = self._reconstruction(solve, final=True, stop_reason=stop_label(reason, epochs))
         window_px = tuple(final.probe.shape[-2:])
         self._previous_probes.put(geometry_key(solve.start.geometry, window_px), np.asarray(final.probe))
         yield final
@@ -541,18 +461,3 @@ class RefineStage(Stage):
             if solve.solver is not None:
                 yield from self._finish(solve)
         yield message
-
-
-_OUTLIER_WARNING_INTERVAL_S = 10.0
-
-
-def _stop_label(reason: str, epochs: int) -> str:
-    return f"{reason} after {epochs} epochs on the complete scan"
-
-
-def _per_detector_frame(batch: FrameBatch) -> np.ndarray:
-    """Counts per detector frame, so bins holding fewer frames (the end of a batch) match the others."""
-    patterns = np.asarray(batch.frames, dtype=np.float32)
-    if batch.detector_frames:
-        patterns = patterns / np.asarray(batch.detector_frames, dtype=np.float32)[:, None, None]
-    return patterns

@@ -1,25 +1,5 @@
-"""Decode Timepix3 raw data (ASI SERVAL "TPX3 raw file format") with whole-array NumPy, and bin the events
-into frames by TDC trigger windows.
-
-Format (SERVAL manual, appendix "TPX3 raw file format"; the same layout is in ASI's ``AsiRawStreamDecoder``
-and in public readers such as NSLS-II tpx3awkward): chunks, each an 8-byte header (bits 0–31 ``"TPX3"``,
-32–39 chip index, 40–47 reserved, 48–63 chunk size in bytes) followed by 64-bit little-endian words typed
-by their top nibble:
-
-- ``0xb`` pixel in ToA mode: PixAddr[59:44], ToA[43:30] (25 ns), ToT[29:20] (25 ns), FToA[19:16]
-  (−1.5625 ns), SPIDR time[15:0] (409.6 µs). In ticks of 1.5625 ns the time is
-  ``((SPIDR << 14 | ToA) << 4) − FToA``: ToA alone wraps every 409.6 µs, SPIDR time extends it to 34 bits,
-  which wrap every 2³⁴ × 1.5625 ns = 26.84 s.
-- ``0x6`` TDC: edge[59:56] (0xf TDC1 rise, 0xa TDC1 fall, 0xe TDC2 rise, 0xb TDC2 fall), trigger
-  count[55:44] (12 bits), timestamp[43:9] (3.125 ns), fine[8:5] (1–12 in steps of 260.4 ps). In ticks:
-  ``(timestamp << 1) | ((fine − 1) // 6)``, 36 bits, which wrap every 107.37 s.
-- ``0x4`` global time: ``0x44`` TimeStampLow[47:16] (25 ns), ``0x45`` TimeStampHigh[31:16] (units of
-  2³² × 25 ns); together 48 bits of 25 ns.
-- ``0x5`` SPIDR control, ``0x7`` TPX3 control and ``0xa`` integrated-ToT pixels are recognised and counted,
-  not turned into events. Anything else is an unknown packet type: counted and reported by value.
-
-PixAddr → pixel: ``dcol = (a & 0xFE00) >> 8``, ``spix = (a & 0x01F8) >> 1``, ``pix = a & 7``; column
-``x = dcol + pix // 4``, row ``y = spix + (pix & 3)``.
+"""Decode Timepix3 raw data with whole-array NumPy: chunks of 64-bit words into pixel hits, TDC triggers and
+global times on one extended timeline. The format: ``phasestream.formats.tpx3.packets``.
 
 **Time extension.** Every timestamped word (pixel, TDC, global-time low) is reduced to its time modulo 2³⁴
 ticks and the words are chained in stream order: each word's extended time is the previous one's plus the
@@ -38,134 +18,30 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import IntEnum, StrEnum
 
 import numpy as np
 
 from phasestream.errors import DetectorMessageError
-
-MAGIC = 0x33585054  # b"TPX3" read as a little-endian u32: the low half of every chunk header
-MAGIC_BYTES = b"TPX3"
-CHUNK_HEADER_BYTES = 8
-MAX_CHUNK_BYTES = 0xFFFF & ~7  # the largest whole number of words the 16-bit size field can declare
-TICK_NS = 1.5625  # 640 MHz: the FToA step, the unit of every extended time here
-TOA_CLOCK_TICKS = 16  # one 25 ns ToA / ToT / global-time count is 16 ticks
-CHIP_SIZE_PX = 256
-PIXEL_TIME_BITS = 34  # SPIDR(16) + ToA(14) + FToA(4)
-TDC_TIME_BITS = 36  # 35 bits of 3.125 ns, then one more from the fine bits
-TDC_FINE_STEPS = 12  # fine bits run 1..12 over one 3.125 ns step
+from phasestream.formats.tpx3.chunks import frame_fast, frame_walk
+from phasestream.formats.tpx3.packets import (
+    PIXEL_TIME_BITS,
+    TDC_FINE_STEPS,
+    TDC_TIME_BITS,
+    TICK_NS,
+    TOA_CLOCK_TICKS,
+    GlobalTime,
+    PacketType,
+    PixelEvents,
+    TdcEdge,
+    TdcEvents,
+    Tpx3Decoded,
+    Tpx3Problem,
+)
 
 _PERIOD = 1 << PIXEL_TIME_BITS
 _HALF_PERIOD = 1 << (PIXEL_TIME_BITS - 1)
 _PERIOD_MASK = _PERIOD - 1
 _BLOCK_WORDS = 1 << 15
-
-
-class PacketType(IntEnum):
-    """Top nibble of a 64-bit word."""
-
-    GLOBAL_TIME = 0x4
-    SPIDR_CONTROL = 0x5
-    TDC = 0x6
-    TPX3_CONTROL = 0x7
-    PIXEL_INTEGRATED_TOT = 0xA
-    PIXEL_TOA = 0xB
-
-
-class GlobalTime(IntEnum):
-    """Top byte of a global-time word."""
-
-    LOW = 0x44
-    HIGH = 0x45
-
-
-class TdcEdge(IntEnum):
-    """Bits 59–56 of a TDC word."""
-
-    TDC1_RISE = 0xF
-    TDC1_FALL = 0xA
-    TDC2_RISE = 0xE
-    TDC2_FALL = 0xB
-
-
-class Tpx3Problem(StrEnum):
-    """What the decoder could not use (the ``reason`` of its ``DetectorMessageError``s)."""
-
-    UNKNOWN_PACKET = "tpx3_unknown_packet_type"
-    TRUNCATED_CHUNK = "tpx3_truncated_chunk"
-    UNFRAMED_BYTES = "tpx3_unframed_bytes"
-    GLOBAL_TIME_JUMP = "tpx3_global_time_jump"
-
-
-@dataclass(frozen=True, slots=True)
-class PixelEvents:
-    """ToA-mode pixel hits in stream order."""
-
-    address: np.ndarray  # uint16 PixAddr
-    toa_ticks: np.ndarray  # int64 extended time of arrival, 1.5625 ns ticks
-    tot_clocks: np.ndarray  # uint16 time over threshold, 25 ns clocks
-    chip: np.ndarray  # uint8 chip index from the chunk header
-
-    def __len__(self) -> int:
-        return len(self.address)
-
-    @property
-    def x_px(self) -> np.ndarray:
-        return pixel_column(self.address)
-
-    @property
-    def y_px(self) -> np.ndarray:
-        return pixel_row(self.address)
-
-
-@dataclass(frozen=True, slots=True)
-class TdcEvents:
-    """TDC words in stream order."""
-
-    edge: np.ndarray  # uint8, a TdcEdge value
-    trigger_count: np.ndarray  # uint16, the 12-bit counter as sent
-    time_ticks: np.ndarray  # int64 extended, 1.5625 ns ticks
-
-    def __len__(self) -> int:
-        return len(self.edge)
-
-
-@dataclass(frozen=True, slots=True)
-class Tpx3Decoded:
-    """What one ``feed`` or ``finish`` decoded, and what it could not use."""
-
-    pixels: PixelEvents
-    tdc: TdcEvents
-    global_time_ticks: np.ndarray  # int64: absolute times of complete 0x44/0x45 pairs, in ticks
-    packet_counts: dict[str, int]  # words by kind ("chunks" for headers); problems name the unknown ones
-    problems: tuple[DetectorMessageError, ...]
-
-
-def pixel_column(address: np.ndarray) -> np.ndarray:
-    a = address.astype(np.int32)
-    return (((a >> 8) & 0xFE) | ((a >> 2) & 1)).astype(np.uint16)
-
-
-def pixel_row(address: np.ndarray) -> np.ndarray:
-    a = address.astype(np.int32)
-    return (((a >> 1) & 0xFC) | (a & 3)).astype(np.uint16)
-
-
-def region_addresses(shape_px: tuple[int, int], origin_px: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """PixAddr of each pixel of a ``shape_px`` region whose corner is chip pixel ``origin_px`` (row,
-    column), row-major: ``counts_by_address[region_addresses(...)]`` is the region's frame."""
-    (height, width), (row0, col0) = shape_px, origin_px
-    if min(row0, col0) < 0 or min(height, width) < 1 or max(row0 + height, col0 + width) > CHIP_SIZE_PX:
-        raise ValueError(
-            f"a {shape_px} region at {origin_px} does not fit the {CHIP_SIZE_PX}×{CHIP_SIZE_PX} chip: "
-            "choose an origin and shape inside it"
-        )
-    address = np.arange(1 << 16)
-    by_chip_pixel = np.empty(1 << 16, np.intp)
-    by_chip_pixel[pixel_row(address).astype(np.intp) * CHIP_SIZE_PX + pixel_column(address)] = address
-    rows, cols = np.ogrid[row0 : row0 + height, col0 : col0 + width]
-    return by_chip_pixel[rows * CHIP_SIZE_PX + cols].ravel()
 
 
 # ---- the decoder ------------------------------------------------------------------------------------------
@@ -188,7 +64,7 @@ _PIXEL_NIBBLE = np.uint64(PacketType.PIXEL_TOA)
 
 
 def _kind_of_top_byte() -> np.ndarray:
-    by_nibble = {
+    by_nibble: dict[int, int] = {
         PacketType.PIXEL_TOA: _PIXEL,
         PacketType.PIXEL_INTEGRATED_TOT: _INTEGRATED_TOT,
         PacketType.SPIDR_CONTROL: _SPIDR_CONTROL,
@@ -261,9 +137,9 @@ class Tpx3Decoder:
 
     def _decode(self, buffer: bytes, final: bool) -> Tpx3Decoded:
         problems: list[DetectorMessageError] = []
-        framed = _frame_fast(buffer, final)
+        framed = frame_fast(buffer, final)
         if framed is None:
-            framed = _frame_walk(buffer, final, self._stream_offset, problems)
+            framed = frame_walk(buffer, final, self._stream_offset, problems)
         words, header_index, header_chip, consumed = framed
         self._pending = buffer[consumed:]
         self._stream_offset += consumed
@@ -301,11 +177,11 @@ class Tpx3Decoder:
             if everything_pixels:
                 self._unwrap(raw, steps)
             else:
-                *others, timed = self._place_others(blk, is_pixel, headers, raw, out)
+                at, kinds, anchor_words, timed = self._place_others(blk, is_pixel, headers, raw, out)
                 # A block of headers and untimed words has nothing to extend (a high word needs no time).
                 extended = self._unwrap(raw, steps) if timed else raw
                 out.toa[k : k + n_pixels] = extended[is_pixel]
-                self._anchors(extended, *others, out, k + n_pixels)
+                self._anchors(extended, at, kinds, anchor_words, out, k + n_pixels)
             pixels = blk if everything_pixels else blk[is_pixel]
             address = temp[:n_pixels]
             np.right_shift(pixels, np.uint64(44), out=address)
@@ -376,11 +252,11 @@ class Tpx3Decoder:
             np.subtract(raw[1:], raw[:-1], out=steps[1:])
             at = np.flatnonzero((steps >= _HALF_PERIOD) | (steps < -_HALF_PERIOD))
             folds = list(zip(at.tolist(), np.where(steps[at] < 0, _PERIOD, -_PERIOD).tolist(), strict=True))
-        extended = np.add(raw, offset, out=raw)
+        raw += offset
         for index, fold in folds:
-            extended[index:] += fold
-        self._last_ext = int(extended[-1])
-        return extended
+            raw[index:] += fold
+        self._last_ext = int(raw[-1])
+        return raw
 
     def _anchors(
         self,
@@ -492,156 +368,6 @@ def _anchor_raw_time(words: np.ndarray, kinds: np.ndarray) -> np.ndarray:
     tdc_ticks = (coarse << 1) | ((fine - 1) // (TDC_FINE_STEPS // 2))
     low_ticks = ((words >> np.uint64(16)) & np.uint64(0xFFFFFFFF)).astype(np.int64) * TOA_CLOCK_TICKS
     return np.where(tdc, tdc_ticks, low_ticks) & _PERIOD_MASK
-
-
-# ---- chunk framing ----------------------------------------------------------------------------------------
-def _frame_fast(buffer: bytes, final: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
-    """The words of the complete chunks at the start of ``buffer`` (headers included), the word index and
-    chip of each header, and how many bytes that consumed (the rest waits for more data); None when the
-    chunks do not chain cleanly, which ``_frame_walk`` then sorts out and reports.
-
-    Header candidates come from hopping by the declared sizes (large chunks) or, vectorised, from every
-    word whose low half reads "TPX3"; their sizes must chain them exactly from the first word on.
-    """
-    n_words = len(buffer) // 8
-    if n_words == 0:
-        return None if final and buffer else (np.empty(0, np.uint64), *_no_headers(), 0)
-    words = np.frombuffer(buffer, "<u8", count=n_words)
-    candidates = _hop_headers(buffer, n_words)
-    if candidates is None:
-        candidates = np.flatnonzero(words.view("<u4")[::2] == MAGIC)
-    if not len(candidates) or candidates[0] != 0:
-        return None
-    headers = words[candidates]
-    if not _valid_headers(headers).all():
-        return None
-    ends = candidates + 1 + (headers >> np.uint64(51)).astype(np.intp)  # + size in bytes / 8
-    if not np.array_equal(ends[:-1], candidates[1:]):
-        return None
-    if ends[-1] == n_words and not (final and len(buffer) % 8):
-        complete = len(candidates)
-    elif ends[-1] > n_words and not final:
-        complete = len(candidates) - 1
-    else:
-        return None
-    used = int(ends[complete - 1]) if complete else 0
-    chips = ((headers[:complete] >> np.uint64(32)) & np.uint64(0xFF)).astype(np.uint8)
-    return words[:used], candidates[:complete], chips, used * 8
-
-
-def _hop_headers(buffer: bytes, n_words: int) -> np.ndarray | None:
-    """Header positions found by hopping from header to header by the declared sizes, while chunks are
-    large: a hop costs about 0.3 µs, against 0.2 ns a word for the vectorised scan, so it pays from a few
-    thousand bytes a chunk on. None when the chunks turn out small (or a hop lands off a header)."""
-    hops_allowed = max(8, n_words >> 10)
-    sizes = memoryview(buffer)[: n_words * 8].cast("Q")
-    position, found = 0, []
-    while position < n_words:
-        header = sizes[position]
-        if (header & 0xFFFFFFFF) != MAGIC or len(found) == hops_allowed:
-            return None
-        found.append(position)
-        position += 1 + (header >> 51)
-    return np.array(found, np.intp)
-
-
-def _valid_headers(headers: np.ndarray) -> np.ndarray:
-    """Reserved byte zero and a whole number of words: "TPX3" alone turns up by chance in pixel data."""
-    return ((headers >> np.uint64(40)) & np.uint64(0xFF) == 0) & ((headers >> np.uint64(48)) % 8 == 0)
-
-
-def _no_headers() -> tuple[np.ndarray, np.ndarray]:
-    return np.empty(0, np.intp), np.empty(0, np.uint8)
-
-
-def _is_header(buffer: bytes, pos: int) -> bool:
-    return (
-        pos + CHUNK_HEADER_BYTES <= len(buffer)
-        and buffer[pos : pos + 4] == MAGIC_BYTES
-        and buffer[pos + 5] == 0
-        and buffer[pos + 6] % 8 == 0
-    )
-
-
-def _next_header(buffer: bytes, start: int, stop: int) -> int | None:
-    at = buffer.find(MAGIC_BYTES, start, stop)
-    while at != -1 and not _is_header(buffer, at):
-        at = buffer.find(MAGIC_BYTES, at + 1, stop)
-    return None if at == -1 else at
-
-
-def _frame_walk(
-    buffer: bytes, final: bool, stream_offset: int, problems: list[DetectorMessageError]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Follow the declared chunk sizes one chunk at a time, resynchronising on the next header.
-
-    A chunk whose declared size runs into the next header (or past the end of a finished stream) is
-    truncated: its whole words are decoded, the loss is reported. Bytes that no header frames are skipped
-    and reported. Everything else decodes as usual.
-    """
-    n = len(buffer)
-    pos = 0
-    pieces: list[tuple[int, int, int]] = []  # (header byte offset, payload words, chip)
-
-    def problem(reason: Tpx3Problem, text: str) -> None:
-        problems.append(DetectorMessageError(text, reason=reason))
-
-    while n - pos >= CHUNK_HEADER_BYTES:
-        if not _is_header(buffer, pos):
-            found = _next_header(buffer, pos + 1, n)
-            # Without a header in sight, keep the last 7 bytes: a header may start there.
-            resume = found if found is not None else (n if final else max(pos, n - 7))
-            if resume > pos:
-                problem(
-                    Tpx3Problem.UNFRAMED_BYTES,
-                    f"{resume - pos} bytes at stream offset {stream_offset + pos} belong to no Timepix3 "
-                    f"chunk (they do not start with a 'TPX3' header) and were skipped; the stream goes "
-                    "on at the next header. Check that the client reads the SERVAL raw stream from its start",
-                )
-            pos = resume
-            if found is None:
-                break
-            continue
-        size = int.from_bytes(buffer[pos + 6 : pos + 8], "little")
-        chip = buffer[pos + 4]
-        end = pos + CHUNK_HEADER_BYTES + size
-        if end <= n and (end + CHUNK_HEADER_BYTES > n or _is_header(buffer, end)):
-            pieces.append((pos, size // 8, chip))
-            pos = end
-            continue
-        inner = _next_header(buffer, pos + CHUNK_HEADER_BYTES, min(end, n))
-        if inner is None and end > n and not final:
-            break  # the rest of this chunk is still on its way
-        if inner is None and end <= n:
-            pieces.append((pos, size // 8, chip))  # what follows it is unframed; the loop reports it
-            pos = end
-            continue
-        stop = n if inner is None else inner
-        received = stop - pos - CHUNK_HEADER_BYTES
-        pieces.append((pos, received // 8, chip))
-        cause = "the stream ended" if inner is None else "the next chunk header follows"
-        problem(
-            Tpx3Problem.TRUNCATED_CHUNK,
-            f"Timepix3 chunk at stream offset {stream_offset + pos} (chip {chip}) declares {size} bytes but "
-            f"{cause} after {received}: a truncated chunk; its {received // 8} whole words are decoded"
-            + (f", {received % 8} trailing bytes dropped" if received % 8 else "")
-            + ". Check the link from SERVAL (a dropped connection or a full queue)",
-        )
-        pos = stop
-    if final and pos < n:
-        problem(
-            Tpx3Problem.UNFRAMED_BYTES,
-            f"the Timepix3 stream ended with {n - pos} bytes at offset {stream_offset + pos}, too few for a "
-            "chunk header; they were skipped",
-        )
-        pos = n
-    if not pieces:
-        return np.empty(0, np.uint64), *_no_headers(), pos
-    spans = [np.frombuffer(buffer, "<u8", count=1 + words, offset=at) for at, words, _ in pieces]
-    lengths = np.array([1 + words for _, words, _ in pieces], np.intp)
-    header_index = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.intp)
-    chips = np.array([chip for _, _, chip in pieces], np.uint8)
-    return np.concatenate(spans), header_index, chips, pos
 
 
 def _concat(arrays: Sequence[np.ndarray], dtype: type) -> np.ndarray:

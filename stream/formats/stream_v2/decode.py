@@ -279,7 +279,8 @@ def _decompress(value: Any, dtype: np.dtype, shape: tuple[int, ...], expected_by
             "do not match the data"
         )
     try:
-        return decompress(payload, algorithm, elem_size=dtype.itemsize)
+        decompressed: bytes = decompress(payload, algorithm, elem_size=dtype.itemsize)  # untyped package
+        return decompressed
     except (RuntimeError, ValueError, MemoryError) as error:
         raise DetectorMessageError(
             f"{algorithm} payload of {len(payload)} bytes cannot be decompressed "

@@ -15,176 +15,59 @@ restarts is reported as ``died``. How a restarted worker rejoins a scan in progr
 ``stream/runtime/stage.py``.
 
 The run directory is the launcher's alone while it runs: before it writes anything there, ``start()``
-takes an exclusive lock (``RunDirLock``: ``fcntl.flock`` on ``launcher.lock``, which the kernel releases
-when the process exits or crashes), and a second launcher on the same directory fails at once, naming
-the directory and the holder's pid, instead of overwriting ``pipeline.json``, the logs and the sockets.
+takes an exclusive lock (``RunDirLock``, ``run_dir.py``: ``fcntl.flock`` on ``launcher.lock``,
+which the kernel releases when the process exits or crashes), and a second launcher on the same directory
+fails at once, naming the directory and the holder's pid, instead of overwriting ``pipeline.json``, the
+logs and the sockets.
 
-The control socket takes only its schema (``ControlEvent``: ``parse_control_message``), from this
-launcher's own workers, in messages of one part up to ``CONTROL_MAX_MESSAGE_BYTES``; ZeroMQ drops a
-larger message with its sender's connection (``zmq.MAXMSGSIZE``). Anything else is counted
-(``Launcher.rejected_messages``, by ``ControlRejection``), logged at most every
-``REJECTION_LOG_INTERVAL_S``, and skipped: a bad message never stops the pipeline.
+The control socket takes only its schema (``ControlEvent``: ``parse_control_message``, both in
+``control.py``), from this launcher's own workers, in messages of one part up to
+``CONTROL_MAX_MESSAGE_BYTES``; ZeroMQ drops a larger message with its sender's connection
+(``zmq.MAXMSGSIZE``). Anything else is counted (``Launcher.rejected_messages``, by ``ControlRejection``),
+logged at most every ``REJECTION_LOG_INTERVAL_S``, and skipped: a bad message never stops the pipeline.
 
 Across hosts every host runs its own launcher, ``Launcher(pipeline, host=NAME)`` (``phasestream run
 PIPELINE --host NAME``): it starts only the stages placed on that host and hears only them, on that host's
 own control socket (``stream/runtime/topology.py``), under that host's own lock. Without a host it starts
-every
-stage here.
+every stage here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import logging
 import os
 import queue
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from phasestream.errors import PhasestreamError
-from phasestream.runtime.config import PipelineConfig, StageSpec, user_run_root
+from phasestream.apps.launch.control import (
+    CONTROL_MAX_MESSAGE_BYTES,
+    ControlEvent,
+    ControlMessageError,
+    ControlRejection,
+    ReadyEvent,
+    parse_control_message,
+    receive_control,
+)
+from phasestream.apps.launch.run_dir import LaunchError, RunDirLock
+from phasestream.runtime.config import PipelineConfig, StageSpec
 from phasestream.runtime.stage import RESTARTS_ENV
 from phasestream.runtime.topology import control_endpoint, stages_on
 
 log = logging.getLogger(__name__)
 
-# A scan_end lists the runs of frames lost by index; 16 MiB holds about 800,000 of them.
-CONTROL_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 REJECTION_LOG_INTERVAL_S = 10.0
-_PRIVATE_BITS = stat.S_IRWXG | stat.S_IRWXO
-
-
-class LaunchError(PhasestreamError):
-    reason = "launch"
-
-
-class ControlRejection(StrEnum):
-    """Why a message on the control socket was not taken."""
-
-    NOT_JSON = "not_json"
-    WRONG_SHAPE = "wrong_shape"  # JSON, but not one of the ControlEvent models
-    TOO_LARGE = "too_large"
-    MULTIPART = "multipart"
-    UNKNOWN_SENDER = "unknown_sender"  # well formed, from no worker of this launcher
-    IMPOSTOR = "impostor"  # a ready event whose pid is not the worker's process
-
-
-class ControlMessageError(PhasestreamError):
-    """A message on the launcher's control socket that it does not take; ``reason`` is a ControlRejection."""
-
-    reason = ControlRejection.WRONG_SHAPE.value
-
-
-# ---- the control socket's schema: what stream/runtime/stage.py (StatusChannel) sends ----------------------
-class LogLevel(StrEnum):
-    INFO = "info"
-    WARNING = "warning"
-
-
-class _ControlModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # A worker's label, <stage>.<worker> (stage names as in StageSpec; at most 64 workers).
-    sender: str = Field(pattern=r"^[a-z][a-z0-9_]*\.[0-9]{1,2}$", max_length=128)
-
-
-class ReadyEvent(_ControlModel):
-    event: Literal["ready"]
-    metrics_port: int = Field(ge=1, le=65535)
-    pid: int = Field(gt=0)
-    restarts: int = Field(ge=0)
-
-
-class StoppedEvent(_ControlModel):
-    event: Literal["stopped"]
-
-
-class LogEvent(_ControlModel):
-    event: Literal["log"]
-    level: LogLevel
-    reason: str = Field(min_length=1, max_length=128)
-    text: str
-
-
-class StatusEvent(_ControlModel):
-    """Progress: each stage reports its own fields (frames_received, iteration, ...), any JSON."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    event: Literal["status"]
-
-
-class ScanEndEvent(_ControlModel):
-    event: Literal["scan_end"]
-    scan_uid: str = Field(min_length=1)
-    frames_sent: int = Field(ge=0)
-    accounting: dict[str, dict[str, int]]
-    frames_lost_indices: list[tuple[int, int]] | None = None  # (first, last) runs, inclusive
-
-
-ControlEvent = Annotated[
-    ReadyEvent | StoppedEvent | LogEvent | StatusEvent | ScanEndEvent, Field(discriminator="event")
-]
-_CONTROL_EVENT: TypeAdapter[Any] = TypeAdapter(ControlEvent)
-
-
-def parse_control_message(payload: bytes) -> ControlEvent:
-    """The event in one control message; ``ControlMessageError`` (with a ``ControlRejection``) otherwise.
-
-    Never raises anything else, whatever the bytes: the launcher counts the rejection and goes on.
-    """
-    if len(payload) > CONTROL_MAX_MESSAGE_BYTES:
-        raise ControlMessageError(
-            f"control message of {len(payload)} bytes, over the {CONTROL_MAX_MESSAGE_BYTES} allowed",
-            reason=ControlRejection.TOO_LARGE,
-        )
-    try:
-        return _CONTROL_EVENT.validate_json(payload)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False, include_context=False)
-        if errors and errors[0]["type"] == "json_invalid":
-            raise ControlMessageError(
-                f"control message is not JSON ({errors[0]['msg']}); it starts {payload[:40]!r}",
-                reason=ControlRejection.NOT_JSON,
-            ) from None
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}"
-            for error in errors[:3]
-        )
-        raise ControlMessageError(
-            f"control message is not a phasestream event ({problems}); it starts {payload[:40]!r}",
-            reason=ControlRejection.WRONG_SHAPE,
-        ) from None
-
-
-def _receive_control(sock: zmq.Socket) -> bytes:
-    """One message waiting on ``sock``; a multipart one is read to its end, part by part, and refused."""
-    payload = sock.recv()
-    parts = 1
-    while sock.getsockopt(zmq.RCVMORE):
-        sock.recv()  # dropped at once: a flood of parts never piles up in memory
-        parts += 1
-    if parts > 1:
-        raise ControlMessageError(
-            f"control message of {parts} parts; events come in one", reason=ControlRejection.MULTIPART
-        )
-    return payload
 
 
 @dataclass
@@ -209,124 +92,6 @@ class ControlRejections:
         )  # fmt: skip
         self._logged_at_s = now_s
         self._unlogged = 0
-
-
-# ---- the run directory's lock ------------------------------------------------------------------------
-def _lock_name(host: str | None) -> str:
-    # One lock per control socket: launchers of several hosts may share run_dir, each with its own socket.
-    return "launcher.lock" if host is None else f"launcher-{host}.lock"
-
-
-def _check_owned_directory(path: Path, info: os.stat_result, what: str) -> None:
-    if not stat.S_ISDIR(info.st_mode):
-        raise LaunchError(f"{what} {path} is not a directory: remove it, or set another run_dir")
-    if info.st_uid != os.getuid():
-        raise LaunchError(
-            f"{what} {path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}): another user "
-            "could read and replace its sockets and logs; remove it, or set another run_dir "
-            "(run_dir: in the YAML, or PHASESTREAM_RUN_DIR)"
-        )
-
-
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create ``run_dir`` (mode 0700) and refuse one, or a default one's parent, that is not this user's."""
-    root = user_run_root()
-    if run_dir.absolute().is_relative_to(root):
-        # The per-user root may sit in a shared /tmp: refuse a symlink or a folder that someone else made.
-        with contextlib.suppress(FileExistsError):  # also a symlink there, dangling or not: checked below
-            root.mkdir(mode=0o700, parents=True)
-        info = root.lstat()
-        if stat.S_ISLNK(info.st_mode):
-            raise LaunchError(
-                f"the run directory root {root} is a symlink: remove it, or set another run_dir"
-            )
-        _check_owned_directory(root, info, "the run directory root")
-        if info.st_mode & _PRIVATE_BITS:
-            root.chmod(0o700)
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_owned_directory(run_dir, run_dir.stat(), "run directory")
-
-
-@dataclass
-class RunDirLock:
-    """Exclusive locks on ``run_dir`` for the control sockets of ``hosts`` (None: a pipeline without hosts).
-
-    ``fcntl.flock`` on ``<run_dir>/launcher.lock`` (``launcher-<host>.lock`` per host), holding the holder's
-    pid. The kernel releases it when the holder exits or crashes, so a stale lock file is harmless.
-    """
-
-    run_dir: Path
-    hosts: Sequence[str | None] = (None,)
-    _descriptors: list[int] = field(default_factory=list, init=False, repr=False)
-
-    @classmethod
-    def for_launcher(cls, pipeline: PipelineConfig, host: str | None = None) -> RunDirLock:
-        """The locks a ``Launcher(pipeline, host)`` takes: one per control socket it binds."""
-        hosts = list(dict.fromkeys(spec.host for spec in stages_on(pipeline, host)))
-        return cls(pipeline.run_dir, hosts)
-
-    @property
-    def held(self) -> bool:
-        return bool(self._descriptors)
-
-    def acquire(self) -> None:
-        """Take every lock, or none: ``LaunchError`` naming the directory, the holder and the fix."""
-        if self.held:
-            return
-        prepare_run_dir(self.run_dir)
-        try:
-            for host in self.hosts:
-                self._descriptors.append(self._lock(self.run_dir / _lock_name(host)))
-        except BaseException:
-            self.release()
-            raise
-        for descriptor in self._descriptors:
-            os.ftruncate(descriptor, 0)
-            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-
-    def _lock(self, path: Path) -> int:
-        # O_NOFOLLOW: a symlink planted at the lock's path is refused rather than followed.
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            descriptor = os.open(path, flags, 0o600)
-        except OSError as exc:
-            raise LaunchError(
-                f"cannot open the lock file {path} ({exc.strerror}): remove it, or set another run_dir"
-            ) from None
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _holder_pid(descriptor)
-            os.close(descriptor)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise LaunchError(f"cannot lock {path} ({exc.strerror})") from None
-            who = f"pid {holder}" if holder else "pid unknown"
-            stop = f"`kill {holder}` (or Ctrl-C where it runs)" if holder else "stop it"
-            raise LaunchError(
-                f"run directory {self.run_dir} is in use by another launcher ({who}, lock {path}): {stop} "
-                "before starting this one, or give this pipeline another run_dir (run_dir: in the YAML, "
-                "or PHASESTREAM_RUN_DIR)"
-            ) from None
-        return descriptor
-
-    def release(self) -> None:
-        while self._descriptors:
-            os.close(self._descriptors.pop())  # closing the last descriptor drops the flock
-
-    def __enter__(self) -> RunDirLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _holder_pid(descriptor: int) -> int | None:
-    try:
-        text = os.pread(descriptor, 32, 0).decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() else None
 
 
 @dataclass
@@ -529,7 +294,7 @@ class Launcher:
         deadline = time.monotonic() + timeout_s
         while self._control.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             try:
-                return self._accept(parse_control_message(_receive_control(self._control)))
+                return self._accept(parse_control_message(receive_control(self._control)))
             except ControlMessageError as exc:
                 self._rejections.note(exc)
             if time.monotonic() >= deadline:

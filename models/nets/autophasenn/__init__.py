@@ -1,0 +1,1 @@
+"""AutoPhaseNN: the network, its weights, fitting patterns to its input, and inference."""

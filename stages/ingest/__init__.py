@@ -1,0 +1,1 @@
+"""The ingest stage: DECTRIS Stream V2 frames joined with positions into frame batches."""

@@ -1,0 +1,1 @@
+"""The refine stage: ePIE/rPIE (and PINE) refinement of each scan, live and to convergence."""

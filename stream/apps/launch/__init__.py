@@ -1,0 +1,1 @@
+"""The launcher: starts stage workers, hears their control socket, owns the run directory."""

@@ -1,0 +1,1 @@
+"""Publishing to Tiled: client access, node writing, pending final results, the publisher."""
