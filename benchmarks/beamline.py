@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from phasestream_bench.ingest import machine_description
 
+from phasestream.apps.demo_figure import compare_with_truth
 from phasestream.errors import PhasestreamError
 from phasestream.formats.result_file import read_result_file
 from phasestream.simulators.beamline_scans import BeamlineCase, BeamlineScan, simulate_beamline_scan
@@ -102,14 +104,12 @@ def replay_case(
 
 def object_error(scan: BeamlineScan, obj: np.ndarray, origin_m: tuple[float, float]) -> float:
     """Error against the truth after the global phase, phase ramp and sub-pixel shift are removed."""
-    from phasestream.apps.demo_figure import compare_with_truth
 
     return compare_with_truth(scan, {"object": obj, "metadata": {"origin_m": origin_m}}).error
 
 
 def bench_beamline(folder: Path, n_positions: int = 150, cases: tuple[BeamlineCase, ...] = ()) -> list:
     """Every case with no probe given and with the true probe; prints the table for docs/benchmarks.md."""
-    from phasestream_bench.ingest import machine_description
 
     outcomes = []
     for case in cases or tuple(BeamlineCase):

@@ -4,7 +4,16 @@ benchmark's library function; figures go in docs/benchmarks.md."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+from phasestream_bench.beamline import TABLE_HEADER, bench_beamline
+from phasestream_bench.ingest import bench_ingest
+from phasestream_bench.replay import bench_replay
+from phasestream_bench.soak import bench_soak
+from phasestream_bench.tpx3 import bench_tpx3
+
+from phasestream.simulators.beamline_scans import BeamlineCase
 
 # Public datasets in the repository (see tests/data/README.md for their origin and licence); the paths
 # are relative to the repository root, where the benchmarks run.
@@ -50,8 +59,6 @@ def _add_ingest(bench: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_ingest(args: argparse.Namespace) -> int:
-    from phasestream_bench.ingest import bench_ingest
-
     bench_ingest(
         n_frames=args.frames,
         repeats=args.repeats,
@@ -71,8 +78,6 @@ def _add_inversion(bench: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_inversion(args: argparse.Namespace) -> int:
-    import json
-
     from phasestream_bench.inversion import bench_inversion
 
     print(json.dumps(bench_inversion(repeats=args.repeats, num_threads=args.threads), indent=2))
@@ -133,8 +138,6 @@ def _add_soak(bench: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
-    from phasestream_bench.soak import bench_soak
-
     result = bench_soak(
         args.duration_s,
         scan_frames=args.scan_frames,
@@ -190,8 +193,6 @@ def _cmd_bench_epie(args: argparse.Namespace) -> int:
 
 
 def _beamline_cases() -> list:
-    from phasestream.simulators.beamline_scans import BeamlineCase
-
     return list(BeamlineCase)
 
 
@@ -212,10 +213,6 @@ def _add_beamline(bench: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_beamline(args: argparse.Namespace) -> int:
-    from phasestream_bench.beamline import TABLE_HEADER, bench_beamline
-
-    from phasestream.simulators.beamline_scans import BeamlineCase
-
     print(TABLE_HEADER)
     bench_beamline(args.out, args.positions, tuple(BeamlineCase(c) for c in args.case or ()))
     return 0
@@ -231,8 +228,6 @@ def _add_replay(bench: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_replay(args: argparse.Namespace) -> int:
-    from phasestream_bench.replay import bench_replay
-
     bench_replay(tuple(args.frames), args.repeats)
     return 0
 
@@ -352,8 +347,6 @@ def _add_tpx3(bench: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_tpx3(args: argparse.Namespace) -> int:
-    from phasestream_bench.tpx3 import bench_tpx3
-
     rate = bench_tpx3(args.events, args.repeats, build_frames=args.frames)
     what = "decode + frames" if args.frames else "decode"
     print(f"Timepix3 {what}: {rate / 1e6:.1f} M events/s (median of {args.repeats}, one core)")

@@ -21,6 +21,17 @@ import numpy as np
 from tqdm import tqdm
 
 from phasestream.errors import PhasestreamError
+from phasestream.formats.position_channel import encode_positions_end, position_messages
+from phasestream.formats.stream_v2.encode import (
+    bslz4_compress,
+    channel_array,
+    encode_message,
+    end_fields,
+    image_fields,
+    start_fields,
+)
+from phasestream.simulators.selun import SelunEmitter
+from phasestream.simulators.sparse_frames import sparse_frames
 
 SHAPE_PX = (192, 192)
 MEAN_COUNTS_PER_PX = 0.05
@@ -40,13 +51,6 @@ class BenchError(PhasestreamError):
 
 def bench_messages(n_frames: int, *, seed: int = 0, progress: bool = True) -> list[bytes]:
     """Stream V2 ``image`` messages with image ids 0..n-1 (see the module docstring on reuse)."""
-    from phasestream.formats.stream_v2.encode import (
-        bslz4_compress,
-        channel_array,
-        encode_message,
-        image_fields,
-    )
-    from phasestream.simulators.sparse_frames import sparse_frames
 
     pool = sparse_frames(
         min(n_frames, UNIQUE_FRAMES), shape_px=SHAPE_PX, mean_counts_per_px=MEAN_COUNTS_PER_PX, seed=seed
@@ -70,8 +74,6 @@ def bench_messages(n_frames: int, *, seed: int = 0, progress: bool = True) -> li
 
 
 def _start_message(n_frames: int, scan_uid: str) -> bytes:
-    from phasestream.formats.stream_v2.encode import encode_message, start_fields
-
     return encode_message(
         start_fields(
             series_id=SERIES_ID,
@@ -126,8 +128,6 @@ def _emitter_main(
     """Serve scans on command: ``(scan_uid, n_frames, frames_per_s, interleave)`` sends one, as fast as
     ZeroMQ takes the frames when ``frames_per_s`` is None, else paced to that rate, with the messages of
     ``interleave`` (an ``Interleave`` or None) mixed in; ``None`` ends the process."""
-    from phasestream.formats.position_channel import encode_positions_end, position_messages
-    from phasestream.formats.stream_v2.encode import encode_message, end_fields
 
     end = encode_message(end_fields(series_id=SERIES_ID, series_unique_id=SERIES_UNIQUE_ID))
     with _interleaving_emitter(data_endpoint, positions_endpoint) as emitter:
@@ -159,7 +159,6 @@ def _emitter_main(
 def _interleaving_emitter(data_endpoint: str, positions_endpoint: str) -> Any:
     """A ``SelunEmitter`` that also sends ``RawMessage``s (``send_raw``), of any number of parts (a DCU
     sends one) on either socket. Its class is made here: only the emitter's own process needs it."""
-    from phasestream.simulators.selun import SelunEmitter
 
     class InterleavingEmitter(SelunEmitter):
         def send_raw(self, messages: Iterable[RawMessage]) -> None:

@@ -47,7 +47,11 @@ from phasestream_bench.detector_emitter import (
 )
 from tqdm import tqdm
 
+from phasestream.apps.launch.launcher import Launcher
 from phasestream.errors import ConfigError
+from phasestream.formats.stream_v2.decode import decode_stream_v2
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import validate_pipeline
 from phasestream.runtime.messages import Message, ScanEnd
 from phasestream.runtime.stage import Stage
 
@@ -107,7 +111,6 @@ class IngestBenchResult:
 
 def decode_only_frames_per_s(messages: Sequence[bytes]) -> float:
     """One pass of ``decode_stream_v2`` over the messages in this process: the per-worker ceiling."""
-    from phasestream.formats.stream_v2.decode import decode_stream_v2
 
     started = time.perf_counter()
     for message in messages:
@@ -120,7 +123,6 @@ def decode_only_frames_per_s(messages: Sequence[bytes]) -> float:
 
 def bench_pipeline(run_dir: Path, batch_size: int, sink: str = SINK_STAGE, binning_workers: int = 1) -> Any:
     """ingest → binning → ``sink`` on ipc:// sockets under ``run_dir``, serving scan after scan."""
-    from phasestream.runtime.config import validate_pipeline
 
     return validate_pipeline(
         {
@@ -151,7 +153,6 @@ class _Session:
 
     def scan(self, n_frames: int, bar: tqdm) -> PipelineRun:
         """Send one scan and wait for the sink's scan_end; check that every frame arrived."""
-        from phasestream.runtime.accounting import unaccounted_frames
 
         scan_uid = f"bench-{uuid.uuid4().hex[:12]}"
         cpu_before, window_started = self._cpu_seconds(), time.monotonic()
@@ -222,7 +223,6 @@ def bench_ingest(
     progress: bool = True,
 ) -> IngestBenchResult:
     """Measure, print a table and a docs/benchmarks.md row, and return the figures."""
-    from phasestream.apps.launch.launcher import Launcher
 
     if n_frames < 1 or repeats < 1:
         raise ConfigError(f"--frames {n_frames} and --repeats {repeats}: both must be at least 1")

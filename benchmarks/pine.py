@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from phasestream.models.ptycho.epie import EpieSolver, ObjectRegulariser
 from phasestream.models.ptycho.options import EpieOptions, EpieVariant, FourierConstraint, UpdateRule
+from phasestream.models.ptycho.pine import pine_solver
 from phasestream.models.quality import FrcCurve, FrcThreshold, frc, frc_resolution, half_bit_threshold
 from phasestream.simulators.samples import SampleKind
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
@@ -213,7 +214,6 @@ def bench_pine(
     progress: bool = True,
 ) -> dict[str, ConvergenceTrace]:
     """ePIE and rPIE for ``long_iterations``, PINE for ``pine_iterations``, on one low-dose scan."""
-    from phasestream.models.ptycho.pine import pine_solver
 
     scan = low_dose_scan(n_positions, photons_per_frame, seed, overlap_fraction)
     starts = {ProbeStart.KNOWN: known_probe_start, ProbeStart.RECONSTRUCTED: reconstructed_probe_start}

@@ -14,14 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zmq
 from phasestream_bench.ingest import machine_description
 from tqdm import tqdm
 
 from phasestream.apps.replay.replay import ReplayRate, replay
 from phasestream.errors import PhasestreamError
-from phasestream.formats.cxi import read_cxi
+from phasestream.formats.cxi import read_cxi, write_cxi
+from phasestream.formats.nxmx import write_nxmx
 from phasestream.formats.position_channel import POSITIONS_BATCH_SIZE
 from phasestream.formats.recorded_scan import FrameBlock, FrameCompression, RecordedScan
+from phasestream.formats.stream_v2.decode import EndMessage, decode_stream_v2
+from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
+from phasestream.simulators.scans import ScanKind, make_scan
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,6 @@ def bench_replay(
     receives and counts (no decoding: ingest's cost is ``bench ingest``'s subject). Files are read right
     after writing, so from the page cache.
     """
-    from phasestream.formats.cxi import write_cxi
-    from phasestream.formats.nxmx import write_nxmx
-    from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
 
     load_before = os.getloadavg()[0]
     rows = []
@@ -105,7 +107,6 @@ def format_replay_bench(rows: list[ReplayBenchRow], load_before: float | None = 
 
 def _repeated(base: RecordedScan, size: int) -> RecordedScan:
     """``size`` frames cycling through ``base``'s (read lazily) under a Fermat spiral of ``size`` points."""
-    from phasestream.simulators.scans import ScanKind, make_scan
 
     block = base.blocks[0]
     blocks = [block] * (size // block.count)
@@ -146,9 +147,6 @@ def _count_messages(data_endpoint: str, positions_endpoint: str, n_frames: int, 
     Only the last data message is decoded (it must be the end): decoding each image would time the
     receiver, not the replay.
     """
-    import zmq
-
-    from phasestream.formats.stream_v2.decode import EndMessage, decode_stream_v2
 
     context = zmq.Context()
     data, positions = context.socket(zmq.PULL), context.socket(zmq.PULL)

@@ -45,6 +45,7 @@ from phasestream_bench.ingest import bench_pipeline
 from phasestream_bench.soak_report import SoakResult, format_soak_report
 from tqdm import tqdm
 
+from phasestream.apps.launch.launcher import Launcher
 from phasestream.errors import ConfigError
 from phasestream.runtime.accounting import per_stage, unaccounted_frames
 from phasestream.runtime.messages import FrameBatch, Message, ScanEnd
@@ -210,7 +211,6 @@ def bench_soak(
 ) -> SoakResult:
     """Soak the data path for ``duration_s``, with ``hostile_fraction`` of each scan's messages hostile;
     print the report and a docs/benchmarks.md row."""
-    from phasestream.apps.launch.launcher import Launcher
 
     if duration_s <= 0 or scan_frames < 64 or not 0 < load <= 1 or not 0 <= hostile_fraction < 1:
         raise ConfigError(

@@ -16,10 +16,13 @@ import torch
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError
+from phasestream.models.cdi.phasing import CdiSolver
+from phasestream.models.cdi.support import ShrinkWrap
 from phasestream.models.execution import default_device, torch_threads
 from phasestream.models.physics import far_field
 from phasestream.models.ptycho.epie import EpieSolver
 from phasestream.models.ptycho.options import DEFAULT_BATCH_SIZE, EpieOptions, EpieVariant, UpdateRule
+from phasestream.models.ptycho.pine import pine_solver
 
 GOLDEN_ANGLE_RAD = np.pi * (3.0 - np.sqrt(5.0))
 HEXAGONAL_SPACING_PER_SPIRAL_CONSTANT = np.sqrt(2.0 * np.pi / np.sqrt(3.0))
@@ -148,12 +151,8 @@ def bench_epie(
             "num_threads": num_threads,
         },
     )  # fmt: skip
-    if algorithm == "pine":
-        from phasestream.models.ptycho.pine import pine_solver
-
-        solver = pine_solver(options)  # the shipped denoiser, on the options' device
-    else:
-        solver = EpieSolver(options)
+    # PINE's denoiser is the shipped one, on the options' device.
+    solver = pine_solver(options) if algorithm == "pine" else EpieSolver(options)
     solver.add_patterns(scan.intensities, scan.top_left_px)
     seconds_per_epoch, error = _timed_epochs(solver, epochs, f"{algorithm} {variant}", progress)
     return {
@@ -204,9 +203,6 @@ def bench_cdi(
 
 
 def _bench_cdi(amplitude_path: str, schedule_blocks: int, device: str | None) -> dict:
-    from phasestream.models.cdi.phasing import CdiSolver
-    from phasestream.models.cdi.support import ShrinkWrap
-
     amplitude = np.load(amplitude_path).astype(np.float32)
     autocorrelation = np.abs(np.fft.ifftn(np.fft.ifftshift(amplitude.astype(np.float64) ** 2)))
     support = np.fft.fftshift(autocorrelation > 0.04 * autocorrelation.max())

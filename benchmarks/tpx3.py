@@ -12,6 +12,7 @@ from phasestream.formats.tpx3.frames import (
     FrameBuilder,
 )
 from phasestream.formats.tpx3.packets import CHIP_SIZE_PX, TICK_NS
+from phasestream.simulators.timepix3 import encode_tpx3
 
 
 def bench_tpx3(n_events: int = 10_000_000, repeats: int = 5, *, build_frames: bool = False) -> float:
@@ -22,7 +23,6 @@ def bench_tpx3(n_events: int = 10_000_000, repeats: int = 5, *, build_frames: bo
     34-bit pixel clock wraps, a TDC trigger every 1 ms (a scan position), a global-time pair first, and
     chunks of the largest size SERVAL can send. NumPy runs these kernels on one thread.
     """
-    from phasestream.simulators.timepix3 import encode_tpx3
 
     if n_events < 1 or repeats < 1:
         raise ValueError(f"n_events={n_events}, repeats={repeats}: both must be at least 1")

@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from tiled.client import from_uri
 
 from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.apps.viewer.app import Viewer
@@ -98,8 +99,6 @@ def bench_viewer(updates: int = 30, size_px: int = 256) -> dict[str, list[float]
 
 
 def _measure(server: EmbeddedTiledServer, objects: list[np.ndarray], updates: int) -> dict[str, list[float]]:
-    from tiled.client import from_uri
-
     client = from_uri(server.uri, api_key=server.api_key)
     scan = client.create_container(RECONSTRUCTIONS_KEY).create_container(
         uuid.uuid4().hex, metadata={"iteration": 0}

@@ -46,6 +46,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError, FrameValidationError
+from phasestream.models.execution import default_device, set_torch_threads
+from phasestream.models.quality import fourier_r_factor
 from phasestream.runtime.messages import FrameBatch, Message, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.stage import Stage
 
@@ -161,8 +163,6 @@ class CdiStage(Stage):
     config: CdiStageConfig
 
     def setup(self) -> None:
-        from phasestream.models.execution import default_device, set_torch_threads
-
         set_torch_threads(self.config.torch_threads)
         self._device = default_device(self.config.device)
         self._series: dict[str, CdiScan] = {}
@@ -304,7 +304,6 @@ class CdiStage(Stage):
 
 def _r_factor(pattern: np.ndarray, exit_wave: np.ndarray) -> float:
     """Fourier R-factor of |F(X + U)|² against the counts, F the project's centred orthonormal FFT."""
-    from phasestream.models.quality import fourier_r_factor
 
     spectrum = np.fft.fftshift(np.fft.fft2(exit_wave, norm="ortho"))
     return fourier_r_factor(pattern, spectrum.real**2 + spectrum.imag**2)

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import FrameValidationError
+from phasestream.models.execution import default_device, set_torch_threads
 from phasestream.models.nets.shipped_weights import shipped_weights
 from phasestream.runtime.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.stage import Stage
@@ -224,7 +225,6 @@ class InversionStage(Stage):
     idle_poll_ms = 50
 
     def setup(self) -> None:
-        from phasestream.models.execution import default_device, set_torch_threads
         from phasestream.models.nets.autophasenn.weights import load_autophasenn
 
         set_torch_threads(self.config.torch_threads)

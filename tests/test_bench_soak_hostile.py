@@ -118,6 +118,11 @@ def test_a_hostile_soak_delivers_every_real_frame_and_counts_every_hostile_messa
     assert len(counted) >= 8, rows
     assert rows["frame_too_large"][2] == rows["frame_too_large"][1] > 0  # the bombs' frames, dropped
     assert 0 < result.log_bytes["ingest.0"] < LOG_LIMIT_BYTES
-    assert result.peak_rss_mb["ingest.0"] >= max(mb for _, mb in result.rss_mb["ingest.0"])
+    # VmHWM is the soak's peak, so no RSS sample exceeds it, up to the kernel's batching of per-thread RSS
+    # counters (64 pages, 256 kB, per thread), which lets a VmRSS read run ahead of VmHWM by that much.
+    counter_batching_mb = 1.0
+    assert (
+        result.peak_rss_mb["ingest.0"] >= max(mb for _, mb in result.rss_mb["ingest.0"]) - counter_batching_mb
+    )
     report = format_soak_report(result)
     assert "hostile messages sent" in report and "| 10% |" in report

@@ -26,14 +26,14 @@ operator guarantee must hold between sweeps.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from phasestream.models.execution import default_device
+from phasestream.models.nets.dncnn import apply_to_complex, load_denoiser
+from phasestream.models.ptycho.epie import EpieSolver
 from phasestream.models.ptycho.options import EpieOptions, PineOptions
-
-if TYPE_CHECKING:
-    from phasestream.models.ptycho.epie import EpieSolver
 
 RANGE_QUANTILE = 0.01
 """1 % of the real and imaginary values at each end are left out of the range D's map is built from: the
@@ -70,8 +70,6 @@ class PineRegulariser:
         self.value_range = value_range
 
     def __call__(self, obj: torch.Tensor) -> torch.Tensor:
-        from phasestream.models.nets.dncnn import apply_to_complex
-
         value_range = self.value_range if self.value_range is not None else robust_value_range(obj)
         return obj.mul(1 - self.rho).add_(apply_to_complex(self.denoiser, obj, value_range), alpha=self.rho)
 
@@ -85,9 +83,6 @@ def pine_solver(
     """An :class:`EpieSolver` with PINE's regulariser; the shipped denoiser, on the solver's device, unless
     one is given. ``start`` is the solver's start (``probe``, ``object_guess``, ``canvas_shape_px``,
     ``unmeasured``)."""
-    from phasestream.models.execution import default_device
-    from phasestream.models.nets.dncnn import load_denoiser
-    from phasestream.models.ptycho.epie import EpieSolver
 
     options = options if options is not None else EpieOptions()
     if denoiser is None:

@@ -16,6 +16,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from phasestream.errors import FrameValidationError
+from phasestream.formats.probe_source import ProbeStartKind
+from phasestream.models.execution import default_device, set_torch_threads
 from phasestream.models.ptycho.options import (
     ConstraintOptions,
     EpieOptions,
@@ -29,6 +31,17 @@ from phasestream.models.ptycho.options import (
 from phasestream.runtime import metrics
 from phasestream.runtime.messages import FrameBatch, Message, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.stage import Stage
+from phasestream.stages.inversion import resample_object
+from phasestream.stages.probe_start import (
+    PreviousProbes,
+    ProbeStart,
+    auto_start,
+    geometry_key,
+    load_initial_probe,
+    loaded_start,
+    parse_initial_probe,
+    start_kind,
+)
 from phasestream.stages.refine.scan import (
     OUTLIER_WARNING_INTERVAL_S,
     ScanSolve,
@@ -126,8 +139,6 @@ class RefineConfig(BaseModel):
     @field_validator("initial_probe")
     @classmethod
     def _probe_loads(cls, text: str) -> str:
-        from phasestream.stages.probe_start import parse_initial_probe
-
         return parse_initial_probe(text)
 
     def epie_options(self) -> EpieOptions:
@@ -145,9 +156,6 @@ class RefineStage(Stage):
     idle_poll_ms = 0
 
     def setup(self) -> None:
-        from phasestream.models.execution import set_torch_threads
-        from phasestream.stages.probe_start import PreviousProbes, load_initial_probe
-
         set_torch_threads(self.config.execution.num_threads)
         self._solves: dict[str, ScanSolve] = {}
         self._denoiser = None  # PINE's, loaded once on first use
@@ -282,7 +290,6 @@ class RefineStage(Stage):
         """The mosaic resampled onto the new canvas (ones where it has nothing), or None for a flat start."""
         if solve.mosaic is None:
             return None
-        from phasestream.stages.inversion import resample_object
 
         # Canvas pixel c holds position origin + (c − margin − N//2)·dx (see _reconstruction).
         centre_px = self.config.margin_px + np.array(window_px) // 2
@@ -319,7 +326,6 @@ class RefineStage(Stage):
         """PINE's regulariser with the shipped denoiser, loaded once on first use; None for ePIE and rPIE."""
         if self.config.algorithm is not Algorithm.PINE:
             return None
-        from phasestream.models.execution import default_device
         from phasestream.models.nets.dncnn import load_denoiser
         from phasestream.models.ptycho.pine import PineRegulariser
 
@@ -331,14 +337,6 @@ class RefineStage(Stage):
         self, solve: ScanSolve, patterns: np.ndarray, corners_px: np.ndarray, canvas_shape_px: tuple[int, int]
     ) -> np.ndarray | None:
         """The probe this scan starts from (see ``stages.probe_start``), logged with why it was chosen."""
-        from phasestream.formats.probe_source import ProbeStartKind
-        from phasestream.stages.probe_start import (
-            ProbeStart,
-            auto_start,
-            geometry_key,
-            loaded_start,
-            start_kind,
-        )
 
         kind = start_kind(self.config.initial_probe)
         uid = solve.start.scan_uid
@@ -433,7 +431,6 @@ class RefineStage(Stage):
     def _finish(self, solve: ScanSolve) -> Iterator[Message]:
         """Epochs on the complete scan until the error stops improving (or the most allowed), then the
         final estimate, whose probe the next scan with this geometry may start from."""
-        from phasestream.stages.probe_start import geometry_key
 
         solve.epochs_at_scan_end = len(solve.error_history)
         reason = "epochs_after_scan reached"

@@ -19,12 +19,15 @@ from typing import Any
 
 from tqdm import tqdm
 
+from phasestream.apps.demo_figure import compare_with_truth, draw_comparison
 from phasestream.apps.launch.launcher import Launcher
 from phasestream.apps.serve import tiled_for
 from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.config import DetectorSettings, PipelineConfig, TiledSettings, load_pipeline
-from phasestream.runtime.tiled.access import read_api_key_file
+from phasestream.runtime.tiled.access import public_uri, read_api_key_file
+from phasestream.simulators.scan_file import save_scan
+from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
 
 # The shipped topologies: package data, so an installed wheel finds them from any directory.
 SHIPPED_TOPOLOGIES = Path(str(importlib.resources.files("phasestream.deploy")))
@@ -70,8 +73,6 @@ class DemoOptions:
 
 def run_demo(options: DemoOptions) -> int:
     """Simulate a scan, reconstruct it live through the demo topology, and report against the truth."""
-    from phasestream.simulators.scan_file import save_scan
-    from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
 
     out = options.out
     n_positions = options.positions
@@ -84,8 +85,6 @@ def run_demo(options: DemoOptions) -> int:
     scan_file = pipeline.run_dir / "scan.npz"
     save_scan(scan, scan_file)
     scan_uid = str(uuid.uuid4())
-
-    from phasestream.runtime.tiled.access import public_uri
 
     with tiled_for(pipeline) as resolved:
         tiled_uri = public_uri(resolved.tiled.uri)  # never the key, even when it came in the URI
@@ -246,8 +245,6 @@ def _read_back(pipeline: PipelineConfig, scan_uid: str) -> dict[str, Any]:
 def _report(
     scan: Any, reconstruction: dict[str, Any], progress: DemoProgress, mosaic_s: float | None, out: Path
 ) -> int:
-    from phasestream.apps.demo_figure import compare_with_truth, draw_comparison
-
     comparison = compare_with_truth(scan, reconstruction)
     latency = (
         progress.final_published_s - progress.last_frame_s

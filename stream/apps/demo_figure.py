@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from phasestream.models.quality import aligned_error
+
 # Pixels lit by at least this fraction of the peak summed probe intensity are well determined by the
 # data; outside, ePIE leaves the initial guess and no algorithm can be judged there.
 ILLUMINATION_FRACTION = 0.3
@@ -54,8 +56,6 @@ def illumination_mask(scan: Any, shape: tuple[int, int], origin_m: tuple[float, 
 
 
 def compare_with_truth(scan: Any, reconstruction: dict[str, Any]) -> Comparison:
-    from phasestream.models.quality import aligned_error
-
     obj = reconstruction["object"]
     origin_m = tuple(reconstruction["metadata"]["origin_m"])
     truth = truth_on_reconstruction_grid(scan, obj, origin_m)

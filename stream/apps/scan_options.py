@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from phasestream.errors import ConfigError
 from phasestream.runtime.config import PipelineConfig, StageSpec, format_validation_error
 from phasestream.runtime.geometry import GeometrySettings
+from phasestream.stages.refine.stage import RefineConfig
 
 _INGEST_STAGES = ("ingest",)
 _REFINE_STAGES = ("refine",)
@@ -74,8 +75,6 @@ def _stages_of(pipeline: PipelineConfig, kinds: tuple[str, ...]) -> list[StageSp
 
 
 def _check_refine(spec: StageSpec, config: dict[str, Any]) -> None:
-    from phasestream.stages.refine.stage import RefineConfig
-
     try:
         RefineConfig(**config)
     except ValidationError as error:

@@ -9,8 +9,10 @@ from pathlib import Path
 from phasestream.apps.launch.launcher import Launcher
 from phasestream.apps.launch.run_dir import RunDirLock
 from phasestream.apps.scan_options import ScanOptions, with_scan_options
+from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key, write_api_key_file
 from phasestream.errors import ConfigError
 from phasestream.runtime.config import PipelineConfig, TiledSettings, load_pipeline
+from phasestream.runtime.tiled.access import check_tiled, public_uri, read_api_key_file
 
 # Where ``phasestream run`` keeps the embedded Tiled server's key, in the run directory.
 EMBEDDED_API_KEY_FILE = "tiled-api-key"
@@ -19,8 +21,6 @@ EMBEDDED_API_KEY_FILE = "tiled-api-key"
 @contextlib.contextmanager
 def tiled_for(pipeline: PipelineConfig) -> Iterator[PipelineConfig]:
     """Yield the pipeline with a reachable Tiled server: the configured one, else an embedded one."""
-    from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
-    from phasestream.runtime.tiled.access import check_tiled
 
     tiled = pipeline.tiled
     if tiled.uri:
@@ -71,7 +71,6 @@ def _pipeline_to_serve(
     path: Path, tiled_uri: str | None, tiled_api_key_file: Path | None, host: str | None, options: ScanOptions
 ) -> PipelineConfig:
     """The topology with the scan options and the Tiled server and key given on the command line."""
-    from phasestream.runtime.tiled.access import read_api_key_file
 
     pipeline = with_scan_options(load_pipeline(path), options)
     api_key = read_api_key_file(tiled_api_key_file) if tiled_api_key_file is not None else None
@@ -93,8 +92,6 @@ def _pipeline_to_serve(
 
 def _print_where(resolved: PipelineConfig, launcher: Launcher, *, embedded_tiled: bool) -> None:
     """Where results, the embedded server's key file, the run directory, the detector and metrics are."""
-    from phasestream.apps.tiled_server import write_api_key_file
-    from phasestream.runtime.tiled.access import public_uri
 
     tiled_uri = public_uri(resolved.tiled.uri)  # never the key, even when it came in the URI
     print(f"phasestream: pipeline {resolved.name!r} is up; results in Tiled at {tiled_uri}")

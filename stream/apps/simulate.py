@@ -5,6 +5,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from phasestream.simulators.scan_file import load_scan
+from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
+from phasestream.simulators.selun import SelunEmitter
+
 
 def run_simulate(
     *,
@@ -18,9 +22,6 @@ def run_simulate(
 ) -> int:
     """Bind the detector's sockets and stream ``scan_file`` (a demo's .npz), else a simulated scan of
     ``n_positions``; ``rate_hz`` None sends as fast as the client takes the frames."""
-    from phasestream.simulators.scan_file import load_scan
-    from phasestream.simulators.scan_simulation import ScanSimulationConfig, simulate_scan
-    from phasestream.simulators.selun import SelunEmitter
 
     scan = load_scan(scan_file) if scan_file else simulate_scan(ScanSimulationConfig(n_positions=n_positions))
     scan_uid = scan_uid or str(uuid.uuid4())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from phasestream.apps import demo as demo_app
 from phasestream.apps.cli.options import add_tiled_options
 
 
@@ -36,9 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from phasestream.apps.demo import DemoOptions, run_demo
-
-    options = DemoOptions(
+    options = demo_app.DemoOptions(
         out=args.out,
         large=args.large,
         n_positions=args.positions,
@@ -48,4 +47,4 @@ def demo(args: argparse.Namespace) -> int:
         tiled_uri=args.tiled_uri,
         tiled_api_key_file=args.tiled_api_key_file,
     )
-    return run_demo(options)
+    return demo_app.run_demo(options)

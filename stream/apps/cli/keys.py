@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from phasestream.apps.keys import run_keys_generate
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keys", help="CurveZMQ keys for stages on several hosts")
@@ -21,6 +23,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def generate_keys(args: argparse.Namespace) -> int:
-    from phasestream.apps.keys import run_keys_generate
-
     return run_keys_generate(args.directory, args.name, args.pipeline)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from importlib.metadata import entry_points
@@ -31,9 +30,6 @@ STOPPED_BY_SIGTERM = ("demo", "run", "replay", "view")
 
 
 def main(argv: list[str] | None = None) -> int:
-    # bitshuffle's OpenMP threads spin while they wait: without this, compressing a frame in the emitter
-    # took 1.7-7 ms instead of 0.2 ms beside busy stages. It must be set before bitshuffle is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in STOPPED_BY_SIGTERM:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from phasestream.apps.cli.options import (
     DEFAULT_DATA_ENDPOINT,
@@ -13,10 +12,10 @@ from phasestream.apps.cli.options import (
     add_tiled_key_file_option,
     scan_options,
 )
+from phasestream.apps.replay import session
+from phasestream.apps.replay.replay import ReplayRate
 from phasestream.formats.units import LengthUnit
-
-if TYPE_CHECKING:
-    from phasestream.apps.replay.session import ScanSource
+from phasestream.runtime.tiled.access import read_api_key_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -101,10 +100,6 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
 
 
 def replay(args: argparse.Namespace) -> int:
-    from phasestream.apps.replay.replay import ReplayRate
-    from phasestream.apps.replay.session import IntoPipeline, ReplayOptions, run_replay
-    from phasestream.runtime.tiled.access import read_api_key_file
-
     # A key file must be private to the user; without one, each server's key comes from the environment.
     key_file = args.tiled_api_key_file
     api_key = read_api_key_file(key_file) if key_file is not None else None
@@ -115,21 +110,21 @@ def replay(args: argparse.Namespace) -> int:
         if args.rate_hz is not None
         else ReplayRate.RECORDED
     )
-    options = ReplayOptions(
+    options = session.ReplayOptions(
         rate=rate,
         data_endpoint=args.data_endpoint,
         positions_endpoint=args.positions_endpoint,
         scan_uid=args.scan_uid,
         progress=not args.no_progress,
     )
-    into = IntoPipeline(args.out, args.tiled_uri, api_key, scan_options(args)) if args.pipeline else None
-    return run_replay(_scan_source(args, api_key), options, into)
+    into = (
+        session.IntoPipeline(args.out, args.tiled_uri, api_key, scan_options(args)) if args.pipeline else None
+    )
+    return session.run_replay(_scan_source(args, api_key), options, into)
 
 
-def _scan_source(args: argparse.Namespace, api_key: str | None) -> ScanSource:
-    from phasestream.apps.replay.session import ScanSource
-
-    return ScanSource(
+def _scan_source(args: argparse.Namespace, api_key: str | None) -> session.ScanSource:
+    return session.ScanSource(
         file=args.file,
         positions_file=args.positions,
         tiled_run=args.tiled_run,

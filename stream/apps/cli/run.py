@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from phasestream.apps.cli.options import add_scan_options, add_tiled_options, scan_options
+from phasestream.apps.serve import serve_pipeline
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,8 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phasestream.apps.serve import serve_pipeline
-
     return serve_pipeline(
         args.pipeline,
         tiled_uri=args.tiled_uri,

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from phasestream.apps.cli.options import DEFAULT_DATA_ENDPOINT, DEFAULT_POSITIONS_ENDPOINT
+from phasestream.apps.simulate import run_simulate
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +27,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    from phasestream.apps.simulate import run_simulate
-
     return run_simulate(
         data_endpoint=args.data_endpoint,
         positions_endpoint=args.positions_endpoint,

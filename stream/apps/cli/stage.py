@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from phasestream.runtime.config import load_pipeline
+from phasestream.runtime.registry import resolve_stage
+from phasestream.runtime.topology import place
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,10 +25,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def stage(args: argparse.Namespace) -> int:
-    from phasestream.runtime.config import load_pipeline
-    from phasestream.runtime.registry import resolve_stage
-    from phasestream.runtime.topology import place
-
     pipeline = load_pipeline(args.pipeline)
     placement = place(pipeline, args.name, args.worker)
     stage_cls = resolve_stage(placement.spec.stage)

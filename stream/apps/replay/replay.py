@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from phasestream.apps.replay.to_tiled import TiledRunScan
 from phasestream.errors import ConfigError, ScanFileError
 from phasestream.formats.cxi import read_cxi, split_dataset_spec
 from phasestream.formats.nxmx import read_nxmx
@@ -117,7 +118,6 @@ def detect_format(path: Path) -> ScanFormat:
 
 def source_label(scan: RecordedScan) -> str:
     """What people and the Stream V2 start (``replay_of``) call the scan's origin: a path or a run URI."""
-    from phasestream.apps.replay.to_tiled import TiledRunScan
 
     return scan.run_uri if isinstance(scan, TiledRunScan) else str(scan.source)
 

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from phasestream.apps.demo import SHIPPED_TOPOLOGIES
+from phasestream.apps.launch.launcher import Launcher
 from phasestream.apps.replay.replay import (
     ReplayRate,
     read_recorded_scan,
@@ -28,11 +30,14 @@ from phasestream.apps.replay.replay import (
     replay_scan,
     source_label,
 )
+from phasestream.apps.replay.to_tiled import read_tiled_run, split_run_uri
 from phasestream.apps.scan_options import ScanOptions, with_scan_options
+from phasestream.apps.serve import tiled_for
 from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.formats.recorded_scan import RecordedScan
 from phasestream.formats.units import LengthUnit
-from phasestream.runtime.config import PipelineConfig
+from phasestream.runtime.accounting import unaccounted_frames
+from phasestream.runtime.config import DetectorSettings, PipelineConfig, TiledSettings, load_pipeline
 from phasestream.simulators.selun import DEFAULT_DATA_ENDPOINT, DEFAULT_POSITIONS_ENDPOINT, SelunEmitter
 
 
@@ -110,7 +115,6 @@ def read_scan(source: ScanSource) -> RecordedScan:
         positions_m = _load_side_channel(source.positions_file) if source.positions_file else None
         return read_recorded_scan(source.file, positions_m)
     from phasestream.apps.bluesky.tiled_writer import read_api_key
-    from phasestream.apps.replay.to_tiled import read_tiled_run, split_run_uri
 
     if source.positions_file:
         raise ConfigError("--positions is for NXmx files: a Tiled run's positions are its motor readbacks")
@@ -151,8 +155,6 @@ def probe_option_for(scan: RecordedScan, asked: str | None) -> str:
 def _replay_pipeline(scan: RecordedScan, into: IntoPipeline) -> PipelineConfig:
     """deploy/replay.yaml under ``into.out``, its detector on sockets there, with the scan options applied
     (the first probe, when none is asked, is the one stored in the scan's file)."""
-    from phasestream.apps.demo import SHIPPED_TOPOLOGIES
-    from phasestream.runtime.config import DetectorSettings, TiledSettings, load_pipeline
 
     run_dir = into.out / "run"
     demo = load_pipeline(SHIPPED_TOPOLOGIES / "replay.yaml")
@@ -177,8 +179,6 @@ def _replay_into_pipeline(
     scan: RecordedScan, rate_hz: float | None, scan_uid: str, options: ReplayOptions, into: IntoPipeline
 ) -> int:
     """Start the replay pipeline, send the scan from a thread, and report what the last stage accounted."""
-    from phasestream.apps.launch.launcher import Launcher
-    from phasestream.apps.serve import tiled_for
 
     pipeline = _replay_pipeline(scan, into)
     pipeline.run_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,6 @@ def _replay_into_pipeline(
 
 def _report(final: dict[str, Any], out: Path, scan_uid: str) -> int:
     """Print the last stage's accounting and where the result file is; 1 when a frame is unaccounted."""
-    from phasestream.runtime.accounting import unaccounted_frames
 
     missing = unaccounted_frames(final["frames_sent"], final["accounting"])
     for stage, counts in final["accounting"].items():
