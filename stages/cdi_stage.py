@@ -64,7 +64,10 @@ class CdiMethod(StrEnum):
 class CdiStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    algorithm: CdiMethod = CdiMethod.LODIP
+    algorithm: CdiMethod = Field(
+        default=CdiMethod.LODIP,
+        description="lodip, or hio_stat (the in-situ HIO baseline LoDIP is compared with)",
+    )
     static_reference: Path = Field(description="npz: static_pattern, static_support, sample_support, flux")
     incident_photons_per_px: float = Field(
         gt=0, description="s: photons per sample pixel of unit transmission in each pattern (beam monitor)"

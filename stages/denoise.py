@@ -92,7 +92,10 @@ class DenoiseDevice(StrEnum):
 class DenoiseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    when: DenoiseWhen = DenoiseWhen.SCAN_END
+    when: DenoiseWhen = Field(
+        default=DenoiseWhen.SCAN_END,
+        description="scan_end: each scan's final object; every_snapshot: every object refine sends",
+    )
     representation: ComplexChannels = Field(
         default=ComplexChannels.REAL_IMAG,
         description="network channels of a complex object; amplitude_phase suits phases that do not wrap",
@@ -107,7 +110,9 @@ class DenoiseConfig(BaseModel):
     lr: float = Field(default=DEFAULT_LEARNING_RATE, gt=0, description="Adam step")
     input_noise_std: float = Field(default=DEFAULT_INPUT_NOISE_STD, ge=0, description="σ_z on the input")
     seed: int = Field(default=0, ge=0, description="network initialisation and input z")
-    device: DenoiseDevice = DenoiseDevice.AUTO
+    device: DenoiseDevice = Field(
+        default=DenoiseDevice.AUTO, description="auto (cuda when present), cuda or cpu"
+    )
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch (default: all)")
     final_timeout_s: float = Field(
         default=600.0, gt=0, description="longest a scan's ScanEnd waits for its final object's fit"

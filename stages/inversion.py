@@ -60,11 +60,16 @@ class InversionConfig(BaseModel):
 
     weights_path: Path = Field(default=DEMO_WEIGHTS, description="2D AutoPhaseNN weights (with their probe)")
     batch_size: int = Field(default=64, ge=1, le=4096, description="frames per network call")
-    device: DeviceChoice = DeviceChoice.AUTO
+    device: DeviceChoice = Field(
+        default=DeviceChoice.AUTO, description="auto (cuda when present), cuda or cpu"
+    )
     bin_factor: int = Field(
         default=2, ge=1, le=16, description="sum k×k detector pixels before the fit, as the weights expect"
     )
-    fit: FitMode = FitMode.CROP
+    fit: FitMode = Field(
+        default=FitMode.CROP,
+        description="crop: centred crop; auto: bin when oversampled; exact: refuse others",
+    )
     emit_interval_s: float = Field(
         default=1.0, ge=0, description="at most one mosaic per this many seconds while the scan runs"
     )

@@ -43,7 +43,9 @@ class RecordConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     directory: Path = Field(default=Path("phasestream-data/scans"), description="where <scan_uid>.cxi go")
-    compression: FrameCompression = FrameCompression.BSLZ4
+    compression: FrameCompression = Field(
+        default=FrameCompression.BSLZ4, description="HDF5 frame compression: bslz4 (as DECTRIS), gzip or none"
+    )
 
 
 class CxiRecording:

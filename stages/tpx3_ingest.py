@@ -59,8 +59,8 @@ class FrameDtype(StrEnum):
 
 class Tpx3IngestConfig(IngestConfig):
     n_triggers: int = Field(ge=1, description="exposures per scan (SERVAL nTriggers): the frames announced")
-    energy_kev: float = Field(gt=0)
-    detector_distance_m: float = Field(gt=0)
+    energy_kev: float = Field(gt=0, description="photon energy (keV)")
+    detector_distance_m: float = Field(gt=0, description="sample to detector distance (m)")
     pixel_size_m: float = Field(default=55e-6, gt=0, description="Timepix3: 55 µm")
     roi_origin_px: tuple[int, int] = Field(
         default=(0, 0), description="chip (row, column) of frame pixel 0,0"
@@ -74,11 +74,15 @@ class Tpx3IngestConfig(IngestConfig):
     lateness_s: float = Field(
         default=1e-3, ge=0, description="readout disorder allowed: a frame goes out this long after its end"
     )
-    trigger_edge: TriggerEdge = TriggerEdge.TDC1_RISE
+    trigger_edge: TriggerEdge = Field(
+        default=TriggerEdge.TDC1_RISE, description="the TDC input and edge that marks each exposure's start"
+    )
     chip: int = Field(default=0, ge=0, le=255, description="chip index whose hits make the frames")
-    frame_dtype: FrameDtype = FrameDtype.UINT16
-    scan_uid_prefix: str = Field(default="tpx3", pattern=r"^[A-Za-z0-9_.-]+$")
-    scan_shape: tuple[int, ...] = ()
+    frame_dtype: FrameDtype = Field(default=FrameDtype.UINT16, description="dtype of the frames built")
+    scan_uid_prefix: str = Field(
+        default="tpx3", pattern=r"^[A-Za-z0-9_.-]+$", description="scan uids are <prefix>-<UTC time>-<count>"
+    )
+    scan_shape: tuple[int, ...] = Field(default=(), description="grid shape of the scan, if any (rows, cols)")
     decode_bytes: int = Field(default=1 << 20, ge=8, description="received bytes gathered before a decode")
 
     @model_validator(mode="after")

@@ -34,7 +34,6 @@ from bluesky.callbacks.zmq import Publisher
 from ophyd.sim import SynAxis, det
 
 from phasestream.apps.bluesky.bridge import encode_document
-from phasestream.apps.bluesky.tiled_writer import read_api_key
 from phasestream.apps.replay.replay import ReplayRate, replay, replay_rate_hz
 from phasestream.apps.replay.session import ScanSource, read_scan
 from phasestream.apps.replay.to_tiled import TiledRunScan, read_tiled_run, split_run_uri
@@ -42,6 +41,7 @@ from phasestream.apps.tiled_server import EmbeddedTiledServer, generate_api_key
 from phasestream.errors import ConfigError, PositionError, ScanFileError
 from phasestream.formats.position_channel import PositionBatch, PositionsEnd, decode_positions
 from phasestream.formats.stream_v2.decode import EndMessage, ImageMessage, StartMessage, decode_stream_v2
+from phasestream.runtime.tiled.access import read_api_key
 from phasestream.simulators.ophyd_selun import FRAMES_DATASET, SelunDetector, SimulatedSample
 from phasestream.simulators.scan_simulation import ScanSimulationConfig, SimulatedScan, simulate_scan
 
@@ -366,11 +366,12 @@ def test_a_run_given_as_uri_is_read_with_the_key_given_else_the_environments(
         monkeypatch.delenv(variable, raising=False)
     key_file = tmp_path / "key"
     key_file.write_text(runs.api_key + "\n")
+    key_file.chmod(0o600)
     run_uri = f"{runs.tiled_uri}/{runs.grid}"
     scan = read_scan(ScanSource(tiled_run=run_uri, tiled_api_key=read_api_key(key_file)))
     np.testing.assert_array_equal(scan.positions_m, _readbacks_m(runs, runs.grid))
     monkeypatch.setenv("TILED_API_KEY", runs.api_key)
-    assert read_api_key() == runs.api_key
+    assert read_api_key(None) == runs.api_key
     np.testing.assert_array_equal(read_scan(ScanSource(tiled_run=run_uri)).positions_m, scan.positions_m)
     with pytest.raises(ConfigError, match=r"either a scan file.*not both"):
         read_scan(ScanSource(file=tmp_path / "scan.cxi", tiled_run=run_uri))
@@ -434,6 +435,7 @@ def test_positions_in_an_implausible_unit_are_refused(runs: Runs, unit: str, pro
 
 def test_an_empty_key_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("\n")
+    (tmp_path / "key").chmod(0o600)
     with pytest.raises(ConfigError, match="is empty"):
         read_api_key(tmp_path / "key")
     with pytest.raises(ConfigError, match="cannot read the Tiled API key file"):

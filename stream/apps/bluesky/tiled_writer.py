@@ -25,7 +25,6 @@ is registered but reading its frames answers HTTP 500.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -41,14 +40,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from phasestream.apps.bluesky.bridge import DEFAULT_PROXY_ADDRESS, decode_document
 from phasestream.apps.bluesky.dispatcher import DispatcherRunner
-from phasestream.errors import ConfigError, PhasestreamError, WireFormatError
-from phasestream.runtime.tiled.access import check_tiled, public_uri, validate_api_key
+from phasestream.errors import PhasestreamError, WireFormatError
+from phasestream.runtime.tiled.access import check_tiled, public_uri, read_api_key
 
 logger = logging.getLogger(__name__)
 
 # Environment variables that may hold the Tiled API key, first found wins: phasestream's own, then
 # tiled's (which tiled's client also reads).
-API_KEY_ENVIRONMENT = ("PHASESTREAM_TILED__API_KEY", "TILED_API_KEY")
 # Runs whose outcome is kept for wait_for_run: a few runs back, bounded for a writer that runs for weeks.
 RUNS_KEPT = 32
 
@@ -81,30 +79,6 @@ class TiledWriterConfig(BaseModel):
                 f"{address!r}: give host:port (e.g. 127.0.0.1:5578) or ipc://path, not a bare port"
             )
         return address
-
-
-def read_api_key(api_key_file: Path | None = None) -> str | None:
-    """The Tiled API key from ``api_key_file`` (first line), else from the environment; None if neither.
-
-    The key never appears in a message: errors name the file or the variable, not its contents.
-    """
-    if api_key_file is not None:
-        try:
-            api_key = Path(api_key_file).read_text().strip()
-        except OSError as error:
-            raise ConfigError(
-                f"cannot read the Tiled API key file {api_key_file} ({error.strerror}): give a readable "
-                f"file holding only the key, or set {API_KEY_ENVIRONMENT[0]}"
-            ) from None
-        if not api_key:
-            raise ConfigError(f"the Tiled API key file {api_key_file} is empty: write the key into it")
-        validate_api_key(api_key)
-        return api_key
-    for variable in API_KEY_ENVIRONMENT:
-        if api_key := os.environ.get(variable, "").strip():
-            validate_api_key(api_key)
-            return api_key
-    return None
 
 
 @dataclass

@@ -38,6 +38,7 @@ from phasestream.formats.recorded_scan import RecordedScan
 from phasestream.formats.units import LengthUnit
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.config import DetectorSettings, PipelineConfig, TiledSettings, load_pipeline
+from phasestream.runtime.tiled.access import read_api_key
 from phasestream.simulators.selun import DEFAULT_DATA_ENDPOINT, DEFAULT_POSITIONS_ENDPOINT, SelunEmitter
 
 
@@ -114,15 +115,13 @@ def read_scan(source: ScanSource) -> RecordedScan:
     if source.tiled_run is None:
         positions_m = _load_side_channel(source.positions_file) if source.positions_file else None
         return read_recorded_scan(source.file, positions_m)
-    from phasestream.apps.bluesky.tiled_writer import read_api_key
-
     if source.positions_file:
         raise ConfigError("--positions is for NXmx files: a Tiled run's positions are its motor readbacks")
     tiled_uri, run_uid = split_run_uri(source.tiled_run)
     return read_tiled_run(
         tiled_uri,
         run_uid,
-        api_key=source.tiled_api_key if source.tiled_api_key is not None else read_api_key(),
+        api_key=source.tiled_api_key if source.tiled_api_key is not None else read_api_key(None),
         y_motor=source.y_motor,
         x_motor=source.x_motor,
         motor_unit=source.motor_unit,

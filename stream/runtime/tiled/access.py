@@ -18,6 +18,7 @@ from phasestream.runtime.config import read_secret_file
 
 LOOPBACK_HOST = "127.0.0.1"
 API_KEY_ENV = "PHASESTREAM_TILED__API_KEY"
+TILED_CLIENT_API_KEY_ENV = "TILED_API_KEY"
 API_KEY_FIX = (
     f"give it in a file only you can read (--tiled-api-key-file PATH, chmod 600) or in ${API_KEY_ENV}"
 )
@@ -52,16 +53,19 @@ def read_api_key_file(path: Path) -> str:
 
 
 def read_api_key(api_key_file: Path | None) -> str | None:
-    """The Tiled API key from ``api_key_file``, else from ``$PHASESTREAM_TILED__API_KEY``, else None.
+    """The Tiled API key from ``api_key_file``, else from ``$PHASESTREAM_TILED__API_KEY``, else from
+    ``$TILED_API_KEY`` (the variable Tiled's own client reads), else None.
 
     A file or the environment, never a command-line value, which every user of the host sees in ``ps``.
     An ``?api_key=`` inside a Tiled URI is honoured by the clients, and never shown.
     """
     if api_key_file is not None:
         return read_api_key_file(api_key_file)
-    key = os.environ.get(API_KEY_ENV, "").strip() or None
-    validate_api_key(key)
-    return key
+    for variable in (API_KEY_ENV, TILED_CLIENT_API_KEY_ENV):
+        if key := os.environ.get(variable, "").strip():
+            validate_api_key(key)
+            return key
+    return None
 
 
 def public_uri(uri: str) -> str:
