@@ -30,6 +30,14 @@ def _audit(event, args):
         with open(_log, "a") as log:
             log.write(json.dumps(path) + "\\n")
 
+# A fresh environment has no editable install of the checkout: drop its path entries before anything
+# is imported, so only the wheel and the dependencies can be found.
+sys.path[:] = [
+    entry for entry in sys.path
+    if not entry
+    or not os.path.realpath(entry).startswith(_repo + os.sep)
+    or os.path.realpath(entry).startswith(_allowed)
+]
 sys.addaudithook(_audit)
 """
 
