@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from phasestream_bench.solvers import BENCH_CDI
 
-from phasestream.models.cdi.phasing import CdiAlgorithm, CdiResult, CdiSolver
-from phasestream.models.cdi.support import ShrinkWrap
+from phasestream.models.cdi.phasing import CdiResult, CdiSolver
 from phasestream.models.execution import default_device
 from phasestream.models.nets.autophasenn.inference import predict, refine_prediction
 from phasestream.models.nets.autophasenn.network import INPUT_SIZE_PX
@@ -44,9 +44,10 @@ def bench_autophasenn(
     ``amplitude_path``: a measured 64³ BCDI amplitude (``tests/data/bcdi_amplitude_64.npy``). Reports the
     median ms per 64³ prediction, 2D frames/s at batch 1, 8 and 64, and on the measured pattern the χ² and
     wall time of prediction + ``er_iterations`` ER against ``hio_er_blocks`` × (180 HIO + 20 ER) with
-    shrink-wrap from a random start (600 iterations, :func:`phasestream_bench.solvers.bench_cdi`'s
-    recipe: the start support is the autocorrelation's at 4 % of its peak). χ² depends on the support's
-    size (a looser support fits more), so both supports' voxel counts are reported with it.
+    shrink-wrap from a random start (600 iterations, :data:`phasestream_bench.solvers.BENCH_CDI`, as in
+    :func:`~phasestream_bench.solvers.bench_cdi`: the start support is the autocorrelation's at 4 % of its
+    peak). χ² depends on the support's size (a looser support fits more), so both supports' voxel counts
+    are reported with it.
     """
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -69,9 +70,10 @@ def bench_autophasenn(
     neural_s = time.perf_counter() - started_s
     autocorrelation = np.abs(np.fft.ifftn(np.fft.ifftshift(amplitude.astype(np.float64) ** 2)))
     loose_support = np.fft.fftshift(autocorrelation > 0.04 * autocorrelation.max())
-    solver = CdiSolver(amplitude, loose_support, shrink_wrap=ShrinkWrap(), seed=0, device=resolved)
+    options = BENCH_CDI.replace(schedule={"cycles": hio_er_blocks}, execution={"device": str(resolved)})
+    solver = CdiSolver(amplitude, loose_support, options)
     started_s = time.perf_counter()
-    solver.run([(CdiAlgorithm.HIO, 180), (CdiAlgorithm.ER, 20)] * hio_er_blocks)
+    solver.run()
     iterative_s = time.perf_counter() - started_s
     return {
         "device": str(resolved),

@@ -100,7 +100,7 @@ def _add_flyscan(bench: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_flyscan(args: argparse.Namespace) -> int:
-    from phasestream_bench.flyscan import bench_flyscan
+    from phasestream_bench.flyscan import FLYSCAN_DIP, bench_flyscan
 
     bench_flyscan(
         rows=args.rows,
@@ -108,7 +108,7 @@ def _cmd_bench_flyscan(args: argparse.Namespace) -> int:
         photons_per_frame=args.photons,
         epochs=args.epochs,
         architectures=tuple(args.arch),
-        dip_max_iterations=args.dip_iterations,
+        dip=FLYSCAN_DIP.replace(optimisation={"max_iterations": args.dip_iterations}),
         seed=args.seed,
         figure=args.figure,
     )
@@ -296,12 +296,13 @@ def _add_lodip(bench: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_lodip(args: argparse.Namespace) -> int:
-    from phasestream_bench.dip import bench_lodip
+    from phasestream_bench.dip import BENCH_DOUBLE_DIP, BENCH_LODIP, bench_lodip
 
+    double_dip_iterations = {"max_iterations": args.double_dip_iterations}
     bench_lodip(
         args.samples, tuple(args.photons), size_px=args.size, sample_size_px=args.sample_size,
-        lodip_iterations=args.lodip_iterations, double_dip_iterations=args.double_dip_iterations,
-        threads=args.threads,
+        lodip_options=BENCH_LODIP.replace(optimisation={"max_iterations": args.lodip_iterations}),
+        double_dip_options=BENCH_DOUBLE_DIP.replace(optimisation=double_dip_iterations), threads=args.threads,
     )  # fmt: skip
     return 0
 
@@ -316,11 +317,12 @@ def _add_dip(bench: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_dip(args: argparse.Namespace) -> int:
-    from phasestream_bench.dip import bench_dip_denoise
+    from phasestream_bench.dip import BENCH_DENOISE, bench_dip_denoise
 
     bench_dip_denoise(
-        size_px=args.size, repeats=args.repeats, max_iterations=args.max_iterations, threads=args.threads
-    )
+        size_px=args.size, repeats=args.repeats, threads=args.threads,
+        options=BENCH_DENOISE.replace(optimisation={"max_iterations": args.max_iterations}),
+    )  # fmt: skip
     return 0
 
 

@@ -22,9 +22,10 @@ import torch
 from phasestream.errors import ConfigError
 from phasestream.models.cdi.double_dip import double_dip
 from phasestream.models.cdi.lodip import hio_stat, lodip, reconstruct_static, static_in_pattern_units
+from phasestream.models.cdi.options import DoubleDipOptions, HioStatOptions, LodipOptions
 from phasestream.models.execution import torch_threads
-from phasestream.models.nets.dip import DEFAULT_PATIENCE, DEFAULT_WINDOW, dip_denoise
-from phasestream.models.nets.skip_net import DipArchitecture, SkipNetConfig
+from phasestream.models.nets.dip import dip_denoise
+from phasestream.models.nets.dip_options import DenoiseOptions, DipArchitecture, SkipNetConfig
 from phasestream.models.quality import psnr
 from phasestream.simulators.insitu_cdi import InSituCdiConfig, InSituCdiData, simulate_insitu_cdi
 from phasestream.simulators.samples import dead_leaves_material
@@ -39,6 +40,22 @@ BENCH_NETWORK = SkipNetConfig(channels=(16, 32, 64), skip_channels=(4, 4, 4))
 """The generator of LoDIP and double DIP here: a 3-level skip net. Erin et al.'s 5-level Arch1 needs a
 64-px grid for double DIP's 32-px object and took longer per iteration and more iterations per dB on this
 CPU (measured on two samples at 1,000 photons/px: 13-21 dB after 600 iterations against 27 dB)."""
+BENCH_LODIP = LodipOptions(
+    network={"architecture": BENCH_NETWORK}, optimisation={"max_iterations": 300},
+    early_stopping={"window": 50, "patience": 150}, execution={"device": "cpu"},
+)  # fmt: skip
+"""LoDIP in ``bench_lodip``; its execution also runs the static region's reconstruction and HIO-stat. The
+300-iteration cap and the 50-iteration ES-WMV window fit 20 samples at two doses into about 25 minutes of
+one shared CPU core; they cut the fits short (LoDIP is still improving at 300 iterations at 1,000
+photons/px, and a 50-iteration window lets ES-WMV settle on early plateaus), so give larger caps and the
+solvers' own ES-WMV settings where there is time or a GPU."""
+BENCH_DOUBLE_DIP = DoubleDipOptions(
+    network={"architecture": BENCH_NETWORK}, optimisation={"max_iterations": 150},
+    early_stopping={"window": 50, "patience": 150}, execution={"device": "cpu"},
+)  # fmt: skip
+"""Double DIP in ``bench_lodip``."""
+BENCH_DENOISE = DenoiseOptions(optimisation={"max_iterations": 1000}, execution={"device": "cpu"})
+"""The DIP of ``bench_dip_denoise`` (the network is each architecture benchmarked)."""
 DENOISE_NOISE_STD = 0.1
 """Gaussian noise on the [0, 1] dead-leaves image that ``bench_dip_denoise`` cleans."""
 
@@ -113,23 +130,18 @@ def bench_lodip(
     *,
     size_px: int = 64,
     sample_size_px: int = 16,
-    arch: DipArchitecture | str | SkipNetConfig = BENCH_NETWORK,
-    lodip_iterations: int = 300,
-    double_dip_iterations: int = 150,
-    window: int = 50,
-    patience: int = 150,
+    lodip_options: LodipOptions = BENCH_LODIP,
+    double_dip_options: DoubleDipOptions = BENCH_DOUBLE_DIP,
     seed: int = 0,
     threads: int | None = 1,
     progress: bool = True,
 ) -> dict[float, DoseResult]:
     """PSNR of HIO-stat, LoDIP and double DIP on ``n_samples`` simulated samples per dose; prints a table.
 
-    Sample i uses seed ``seed + i`` at every dose, so the doses see the same samples. ``arch`` is the
-    generator of LoDIP and double DIP; ``*_iterations`` cap the fits, which ES-WMV (``window``,
-    ``patience``) may stop earlier. The defaults fit 20 samples at two doses into about 25 minutes of one
-    shared CPU core; they cut the DIP fits short (LoDIP is still improving at 300 iterations at 1,000
-    photons/px, and a 50-iteration window lets ES-WMV settle on early plateaus), so pass larger caps and
-    the solvers' own ES-WMV settings where there is time or a GPU.
+    Sample i is simulated with seed ``seed + i`` at every dose, so the doses see the same samples, and
+    fitted with the options' ``execution.seed + i``. The static region and HIO-stat run on
+    ``lodip_options.execution``. The defaults (:data:`BENCH_LODIP`, :data:`BENCH_DOUBLE_DIP`) cut the fits
+    short to fit a CPU's budget.
     """
     if n_samples < 1:
         raise ConfigError(f"n_samples={n_samples!r} must be at least 1")
@@ -146,15 +158,7 @@ def bench_lodip(
                         photons_per_px=photons_per_px, seed=seed + index,
                     )
                 )  # fmt: skip
-                _run_one(
-                    data,
-                    dose,
-                    arch,
-                    (lodip_iterations, double_dip_iterations),
-                    (window, patience),
-                    index,
-                    progress,
-                )
+                _run_one(data, dose, (lodip_options, double_dip_options), index, progress)
             results[float(photons_per_px)] = dose
         print(format_lodip_table(results, n_samples, size_px, sample_size_px))
         return results
@@ -163,16 +167,14 @@ def bench_lodip(
 def _run_one(
     data: InSituCdiData,
     dose: DoseResult,
-    arch: DipArchitecture | str | SkipNetConfig,
-    iterations: tuple[int, int],
-    early_stopping: tuple[int, int],
+    options: tuple[LodipOptions, DoubleDipOptions],
     index: int,
     progress: bool,
 ) -> None:
-    device = "cpu"
-    (lodip_iterations, double_dip_iterations), (window, patience) = iterations, early_stopping
+    lodip_options, double_dip_options = options
+    execution = lodip_options.execution
     static_estimate, static_s = _timed(
-        reconstruct_static, data.static_pattern, data.static_support, device=device
+        reconstruct_static, data.static_pattern, data.static_support, execution
     )
     static = static_in_pattern_units(
         static_estimate,
@@ -181,15 +183,14 @@ def _run_one(
         data.config.illumination_ratio,
     )
     problem = (data.pattern, static, data.sample_support, data.static_support)
-    baseline, hio_s = _timed(hio_stat, *problem, device=device)
+    baseline, hio_s = _timed(hio_stat, *problem, HioStatOptions(execution=execution))
     fitted, lodip_s = _timed(
-        lodip, *problem, arch=arch, max_iterations=lodip_iterations, window=window, patience=patience,
-        seed=index, device=device,
-    )  # fmt: skip
+        lodip, *problem, lodip_options.replace(execution={"seed": execution.seed + index})
+    )
+    double_seed = double_dip_options.execution.seed + index
     free, double_s = _timed(
-        double_dip, data.pattern, arch=arch, max_iterations=double_dip_iterations, window=window,
-        patience=patience, seed=index, device=device,
-    )  # fmt: skip
+        double_dip, data.pattern, double_dip_options.replace(execution={"seed": double_seed})
+    )
     exit_wave = data.sample_scale * data.sample_truth + data.static_scale * data.static_truth
     aligned = align_to_truth(free.object, exit_wave)
     dose.psnr_db["HIO-stat"].append(sample_psnr(baseline, data))
@@ -257,12 +258,13 @@ def bench_dip_denoise(
     architectures: Sequence[DipArchitecture | str] = (DipArchitecture.ARCH1, DipArchitecture.ARCH2),
     size_px: int = 64,
     repeats: int = 1,
-    max_iterations: int = 1000,
-    window: int = DEFAULT_WINDOW,
-    patience: int = DEFAULT_PATIENCE,
+    options: DenoiseOptions = BENCH_DENOISE,
     threads: int | None = 1,
 ) -> list[DenoiseTiming]:
-    """Time ``repeats`` ES-WMV denoises of a noisy size_px² dead-leaves image per architecture, and print."""
+    """Time ``repeats`` ES-WMV denoises of a noisy size_px² dead-leaves image per architecture, and print.
+
+    Each architecture replaces ``options.network.architecture``; repeat r is seeded ``execution.seed + r``.
+    """
     with torch_threads(threads):
         rng = np.random.default_rng(0)
         clean, _ = dead_leaves_material((size_px, size_px), rng, size_px / 32, size_px / 4)
@@ -271,10 +273,11 @@ def bench_dip_denoise(
         for architecture in architectures:
             seconds, per_iteration, stops, peaks, scores = [], [], [], [], []
             for repeat in range(repeats):
-                result, elapsed_s = _timed(
-                    dip_denoise, noisy, DipArchitecture(architecture), max_iterations=max_iterations,
-                    window=window, patience=patience, seed=repeat, device="cpu",
-                )  # fmt: skip
+                run_options = options.replace(
+                    network={"architecture": architecture},
+                    execution={"seed": options.execution.seed + repeat},
+                )
+                result, elapsed_s = _timed(dip_denoise, noisy, run_options)
                 seconds.append(elapsed_s)
                 per_iteration.append(elapsed_s / result.stop_iteration)
                 stops.append(result.stop_iteration)

@@ -45,7 +45,7 @@ from phasestream.errors import ConfigError
 from phasestream.formats.units import wavelength_m
 from phasestream.models.execution import torch_threads
 from phasestream.models.nets.dip import dip_denoise
-from phasestream.models.nets.skip_net import DipArchitecture
+from phasestream.models.nets.dip_options import DenoiseOptions, DipArchitecture
 from phasestream.models.quality import FrcCurve, FrcThreshold, frc_resolution, half_bit_threshold
 from phasestream.simulators.probes import ProbeKind
 from phasestream.simulators.samples import SampleKind
@@ -58,6 +58,11 @@ OBJECT_PIXEL_NM = 20.0
 DETECTOR_SIZE_PX = 64
 DETECTOR_PIXEL_M = 75e-6
 ENERGY_KEV = 8.8
+FLYSCAN_DIP = DenoiseOptions(
+    optimisation={"max_iterations": 2000}, early_stopping={"window": 100, "patience": 300},
+    execution={"device": "cpu"},
+)  # fmt: skip
+"""The DIP that denoises each reconstruction (the network is each architecture compared)."""
 PROBE_DIAMETER_PX = 24.0
 PROBE_BRIGHT_FIELD_PX = 32.0
 PAPER_RESOLUTION_NM = {
@@ -162,9 +167,7 @@ def bench_flyscan(
     fly_substeps: int = 2,
     epochs: int = 20,
     architectures: Sequence[DipArchitecture | str] = (DipArchitecture.ARCH1, DipArchitecture.ARCH2),
-    dip_max_iterations: int = 2000,
-    dip_window: int = 100,
-    dip_patience: int = 300,
+    dip: DenoiseOptions = FLYSCAN_DIP,
     seed: int = 0,
     threads: int | None = 1,
     figure: Path | None = None,
@@ -175,8 +178,8 @@ def bench_flyscan(
     ``rows`` × ``rows`` frames at ``photons_per_frame`` each; the probe moves one step (diameter × (1 −
     overlap)) along the row during each exposure, sampled at ``fly_substeps`` sub-positions. Binning sums
     ``k`` frames. ``epochs`` ePIE sweeps for either case (the same total dose and the same number of
-    sweeps over all the data). The DIP (``dip_*``: iteration cap and ES-WMV window and patience) denoises
-    the field of view of each reconstruction with every one of ``architectures``.
+    sweeps over all the data). The DIP (``dip``, seeded with ``seed``) denoises the field of view of each
+    reconstruction with every one of ``architectures``.
     """
     with torch_threads(threads):
         scan = simulate_scan(
@@ -201,10 +204,8 @@ def bench_flyscan(
                 frc_resolution(curve, FrcThreshold.HALF_BIT) * pixel_nm, curve, obj[view], epie_s,
             )  # fmt: skip
             for architecture in architectures:
-                dip_settings = (dip_max_iterations, dip_window, dip_patience)
-                case.denoised[str(architecture)] = _denoise(
-                    case.image, scan, architecture, dip_settings, seed, progress
-                )
+                options = dip.replace(network={"architecture": architecture}, execution={"seed": seed})
+                case.denoised[str(architecture)] = _denoise(case.image, scan, options, progress)
             results[str(binning)] = case
         print(format_flyscan_table(results, scan, k))
         if figure is not None:
@@ -213,28 +214,17 @@ def bench_flyscan(
         return results
 
 
-def _denoise(
-    image: np.ndarray,
-    scan: SimulatedScan,
-    architecture: DipArchitecture | str,
-    settings: tuple[int, int, int],
-    seed: int,
-    progress: bool,
-) -> CaseDenoise:
-    max_iterations, window, patience = settings
+def _denoise(image: np.ndarray, scan: SimulatedScan, options: DenoiseOptions, progress: bool) -> CaseDenoise:
     start_s = time.perf_counter()
-    result = dip_denoise(
-        image, DipArchitecture(architecture), max_iterations=max_iterations, window=window, patience=patience,
-        seed=seed, device="cpu", progress=progress,
-    )  # fmt: skip
+    result = dip_denoise(image, options, progress=progress)
     seconds = time.perf_counter() - start_s
     whole = (slice(0, image.shape[0]), slice(0, image.shape[1]))
     view = field_of_view(scan)
     curve = frc_against_truth(result.denoised, scan.object_truth[view], whole)
     resolution_nm = frc_resolution(curve, FrcThreshold.HALF_BIT) * scan.object_pixel_size_m * 1e9
     return CaseDenoise(
-        str(architecture), resolution_nm, curve, result.denoised, seconds, result.stop_iteration,
-        result.best_iteration,
+        str(options.network.architecture), resolution_nm, curve, result.denoised, seconds,
+        result.stop_iteration, result.best_iteration,
     )  # fmt: skip
 
 

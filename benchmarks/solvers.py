@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from phasestream.errors import ConfigError
+from phasestream.models.cdi.options import CdiOptions
 from phasestream.models.cdi.phasing import CdiSolver
-from phasestream.models.cdi.support import ShrinkWrap
-from phasestream.models.execution import default_device, torch_threads
+from phasestream.models.execution import default_device
 from phasestream.models.physics import far_field
 from phasestream.models.ptycho.epie import EpieSolver
 from phasestream.models.ptycho.options import DEFAULT_BATCH_SIZE, EpieOptions, EpieVariant, UpdateRule
@@ -28,6 +28,10 @@ GOLDEN_ANGLE_RAD = np.pi * (3.0 - np.sqrt(5.0))
 HEXAGONAL_SPACING_PER_SPIRAL_CONSTANT = np.sqrt(2.0 * np.pi / np.sqrt(3.0))
 """A Fermat spiral r = a√k holds one point per area π a²; packed hexagonally that is a nearest-neighbour
 distance of sqrt(2π/√3) · a ≈ 1.90 a."""
+BENCH_CDI = CdiOptions(
+    support={"shrink_wrap": True}, schedule={"hio_iterations": 180, "er_iterations": 20, "cycles": 3}
+)
+"""HIO/ER with shrink-wrap, (180 HIO + 20 ER) × 3: the 600 iterations the AutoPhaseNN comparison quotes."""
 
 
 @dataclass(frozen=True)
@@ -186,30 +190,20 @@ def _timed_epochs(solver: EpieSolver, epochs: int, label: str, progress: bool) -
     return seconds_per_epoch, error
 
 
-def bench_cdi(
-    amplitude_path: str,
-    *,
-    schedule_blocks: int = 3,
-    device: str | None = None,
-    num_threads: int | None = None,
-) -> dict:
-    """HIO/ER with shrink-wrap on a measured 64³ Bragg CDI amplitude: (180 HIO + 20 ER) × blocks.
+def bench_cdi(amplitude_path: str, options: CdiOptions = BENCH_CDI) -> dict:
+    """HIO/ER on a measured 64³ Bragg CDI amplitude with ``options`` (default :data:`BENCH_CDI`), timed
+    cycle by cycle of ``options.schedule``.
 
     The support starts as the autocorrelation's support at 4 % of its peak, the usual loose start.
-    Three blocks make the 600 iterations that the AutoPhaseNN comparison quotes.
     """
-    with torch_threads(num_threads):
-        return _bench_cdi(amplitude_path, schedule_blocks, device)
-
-
-def _bench_cdi(amplitude_path: str, schedule_blocks: int, device: str | None) -> dict:
     amplitude = np.load(amplitude_path).astype(np.float32)
     autocorrelation = np.abs(np.fft.ifftn(np.fft.ifftshift(amplitude.astype(np.float64) ** 2)))
     support = np.fft.fftshift(autocorrelation > 0.04 * autocorrelation.max())
-    solver = CdiSolver(amplitude, support, shrink_wrap=ShrinkWrap(), seed=0, device=device)
+    solver = CdiSolver(amplitude, support, options)
+    cycle = options.schedule.replace(cycles=1).steps()
     started = time.perf_counter()
-    for _ in tqdm(range(schedule_blocks), desc="HIO/ER 64³", unit="block"):
-        solver.run([("hio", 180), ("er", 20)])
+    for _ in tqdm(range(options.schedule.cycles), desc="HIO/ER 64³", unit="cycle"):
+        solver.run(cycle)
     elapsed_s = time.perf_counter() - started
     errors = solver.fourier_errors
     return {

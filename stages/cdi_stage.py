@@ -46,7 +46,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError, FrameValidationError
+from phasestream.models.cdi.options import HioStatOptions, HioStatSchedule, LodipEarlyStopping, LodipOptions
 from phasestream.models.execution import default_device, set_torch_threads
+from phasestream.models.nets.dip_options import (
+    ExecutionOptions,
+    MaxIterations,
+    NetworkOptions,
+    NumThreads,
+    OptimisationOptions,
+    Patience,
+    Window,
+)
 from phasestream.models.quality import fourier_r_factor
 from phasestream.runtime.messages import FrameBatch, Message, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.stage import Stage
@@ -61,7 +71,30 @@ class CdiMethod(StrEnum):
     HIO_STAT = "hio_stat"
 
 
+class CdiStageOptimisation(OptimisationOptions):
+    """LoDIP's fit in the stage: a lower iteration cap than the library's, for a live series."""
+
+    max_iterations: MaxIterations = 600
+
+
+class CdiStageEarlyStopping(LodipEarlyStopping):
+    """LoDIP's ES-WMV in the stage: a shorter window and patience, for a live series."""
+
+    window: Window = 50
+    patience: Patience = 150
+
+
+class CdiStageExecution(ExecutionOptions):
+    """The stage's device, seed and torch threads: one CPU thread unless told otherwise."""
+
+    num_threads: NumThreads = 1
+
+
 class CdiStageConfig(BaseModel):
+    """The cdi stage's settings: the static reference and fluxes, and the solvers' options in the groups
+    of :class:`~phasestream.models.cdi.options.LodipOptions` and
+    :class:`~phasestream.models.cdi.options.HioStatOptions`."""
+
     model_config = ConfigDict(extra="forbid")
 
     algorithm: CdiMethod = Field(
@@ -73,15 +106,32 @@ class CdiStageConfig(BaseModel):
         gt=0, description="s: photons per sample pixel of unit transmission in each pattern (beam monitor)"
     )
     illumination_ratio: float = Field(default=10.0, gt=0, le=1e6, description="r: static / sample flux")
-    architecture: str = Field(default="arch1", pattern="^(arch1|arch2)$", description="LoDIP generator")
-    max_iterations: int = Field(default=600, ge=1, le=100_000, description="LoDIP iteration cap")
-    window: int = Field(default=50, ge=2, description="ES-WMV window (LoDIP)")
-    patience: int = Field(default=150, ge=1, description="ES-WMV patience (LoDIP)")
-    hio_cycles: int = Field(
-        default=2, ge=1, le=100, description="HIO-stat: this many rounds of 450 HIO + 50 ER iterations"
+    network: NetworkOptions = Field(default_factory=NetworkOptions, description="LoDIP's generator")
+    optimisation: CdiStageOptimisation = Field(
+        default_factory=CdiStageOptimisation, description="LoDIP's Adam fit: iteration cap, step, input noise"
     )
-    device: str | None = Field(default=None, description="torch device; default cuda when present, else cpu")
-    torch_threads: int | None = Field(default=1, ge=1, description="CPU threads for torch")
+    early_stopping: CdiStageEarlyStopping = Field(
+        default_factory=CdiStageEarlyStopping, description="LoDIP's ES-WMV window and patience"
+    )
+    hio_stat: HioStatSchedule = Field(
+        default_factory=HioStatSchedule,
+        description="HIO-stat's iterations: cycles of hio_iterations HIO then er_iterations ER",
+    )
+    execution: CdiStageExecution = Field(
+        default_factory=CdiStageExecution,
+        description="device; num_threads, also the stage's CPU threads for torch (None: one per core); seed: "
+        "pattern k is fitted with seed + k, and the static region's random starts begin at seed",
+    )
+
+    def lodip_options(self, frame_index: int) -> LodipOptions:
+        """LoDIP's options for the pattern of this frame index."""
+        return LodipOptions(
+            network=self.network, optimisation=self.optimisation, early_stopping=self.early_stopping,
+            execution=self.execution.replace(seed=self.execution.seed + frame_index),
+        )  # fmt: skip
+
+    def hio_stat_options(self) -> HioStatOptions:
+        return HioStatOptions(schedule=self.hio_stat, execution=self.execution)
 
 
 @dataclass(frozen=True)
@@ -166,8 +216,8 @@ class CdiStage(Stage):
     config: CdiStageConfig
 
     def setup(self) -> None:
-        set_torch_threads(self.config.torch_threads)
-        self._device = default_device(self.config.device)
+        set_torch_threads(self.config.execution.num_threads)
+        default_device(self.config.execution.device)  # a CUDA device this host lacks fails here, at setup
         self._series: dict[str, CdiScan] = {}
         # U depends only on the file: reconstructed again only when the file changes.
         self._static_cache: tuple[tuple[str, int], StaticReference, np.ndarray] | None = None
@@ -209,7 +259,9 @@ class CdiStage(Stage):
             return reference, estimate
         reference = load_static_reference(path)
         check_reference(reference, detector_shape_px)
-        estimate = reconstruct_static(reference.static_pattern, reference.static_support, device=self._device)
+        estimate = reconstruct_static(
+            reference.static_pattern, reference.static_support, self.config.execution
+        )
         self._static_cache = (key, reference, estimate)
         self.report_status(static_reference=str(path))
         return reference, estimate
@@ -256,24 +308,17 @@ class CdiStage(Stage):
             yield reconstruction
 
     def _solve(self, scan: CdiScan, pattern: np.ndarray, frame_index: int) -> Reconstruction:
-        from phasestream.models.cdi.lodip import HIO_STAT_SCHEDULE, hio_stat, lodip
-        from phasestream.models.nets.skip_net import DipArchitecture
+        from phasestream.models.cdi.lodip import hio_stat, lodip
 
         reference = scan.reference
         problem = (pattern, scan.static_field, reference.sample_support, reference.static_support)
-        device = self._device
         start_s = time.perf_counter()
         if self.config.algorithm is CdiMethod.LODIP:
-            config = self.config
-            result = lodip(
-                *problem, arch=DipArchitecture(config.architecture), max_iterations=config.max_iterations,
-                window=config.window, patience=config.patience, seed=frame_index, device=device,
-            )  # fmt: skip
+            result = lodip(*problem, self.config.lodip_options(frame_index))
             sample, solver_iterations = result.sample, result.stop_iteration
         else:
-            schedule = HIO_STAT_SCHEDULE[:2] * self.config.hio_cycles
-            sample = hio_stat(*problem, schedule=schedule, device=device)
-            solver_iterations = sum(count for _, count in schedule)
+            sample = hio_stat(*problem, self.config.hio_stat_options())
+            solver_iterations = self.config.hio_stat.iterations
         seconds = time.perf_counter() - start_s
         scan.solved += 1
         amplitude_scale = np.sqrt(self.config.incident_photons_per_px)

@@ -32,7 +32,7 @@ publish waits for all N ScanEnds. So:
   back-to-back scans do not pile up; with ``every_snapshot``, N snapshots are fitted in parallel.
 - Round robin does not see load: a final may land on a worker still busy with the previous scan's final
   while another idles (its wait is bounded by ``final_timeout_s``). Give each worker its own GPU (e.g.
-  ``CUDA_VISIBLE_DEVICES`` per host) or a share of the CPU (``torch_threads``).
+  ``CUDA_VISIBLE_DEVICES`` per host) or a share of the CPU (``execution.num_threads``).
 - Order holds per worker only: publish fair-queues N sockets. A snapshot forwarded by one worker can
   reach publish after the final object forwarded by another when refine sends them milliseconds apart
   (seen in the end-to-end test with a snapshot every 2 epochs), and publish then shows the snapshot as
@@ -57,16 +57,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from phasestream.errors import ConfigError, PhasestreamError
 from phasestream.models.execution import default_device, set_torch_threads
-from phasestream.models.nets.dip import (
-    DEFAULT_INPUT_NOISE_STD,
-    DEFAULT_LEARNING_RATE,
-    DEFAULT_PATIENCE,
-    DEFAULT_WINDOW,
-    ComplexChannels,
-    DipResult,
-    dip_denoise,
+from phasestream.models.nets.dip import DipResult, dip_denoise
+from phasestream.models.nets.dip_options import (
+    ComplexNetworkOptions,
+    DenoiseOptions,
+    DipArchitecture,
+    EarlyStoppingOptions,
+    ExecutionOptions,
+    MaxIterations,
+    OptimisationOptions,
 )
-from phasestream.models.nets.skip_net import DipArchitecture, SkipNetConfig
 from phasestream.runtime import metrics
 from phasestream.runtime.messages import Message, Product, Reconstruction, ScanEnd, ScanStart
 from phasestream.runtime.stage import Stage
@@ -83,40 +83,47 @@ class DenoiseWhen(StrEnum):
     EVERY_SNAPSHOT = "every_snapshot"  # every object refine sends, latest-wins
 
 
-class DenoiseDevice(StrEnum):
-    AUTO = "auto"  # cuda when present, else cpu
-    CPU = "cpu"
-    CUDA = "cuda"
+class DenoiseStageOptimisation(OptimisationOptions):
+    """The DIP's fit in the stage: a lower iteration cap than the library's, for a live pipeline."""
+
+    max_iterations: MaxIterations = 2000
 
 
 class DenoiseConfig(BaseModel):
+    """The denoise stage's settings: what to denoise and how long a scan's end waits, and the DIP's options
+    in the groups of :class:`~phasestream.models.nets.dip_options.DenoiseOptions`."""
+
     model_config = ConfigDict(extra="forbid")
 
     when: DenoiseWhen = Field(
         default=DenoiseWhen.SCAN_END,
         description="scan_end: each scan's final object; every_snapshot: every object refine sends",
     )
-    representation: ComplexChannels = Field(
-        default=ComplexChannels.REAL_IMAG,
-        description="network channels of a complex object; amplitude_phase suits phases that do not wrap",
+    network: ComplexNetworkOptions = Field(
+        default_factory=ComplexNetworkOptions,
+        description="the skip network and the channels of a complex object",
     )
-    architecture: DipArchitecture | SkipNetConfig = Field(
-        default=DipArchitecture.ARCH1,
-        description="arch1 or arch2 (Erin et al. 2025), or {channels: [...], skip_channels: [...]}",
+    optimisation: DenoiseStageOptimisation = Field(
+        default_factory=DenoiseStageOptimisation, description="Adam: iteration cap, step, input noise"
     )
-    max_iterations: int = Field(default=2000, ge=1, description="cap on DIP iterations per fit")
-    window: int = Field(default=DEFAULT_WINDOW, ge=2, description="ES-WMV window (iterations)")
-    patience: int = Field(default=DEFAULT_PATIENCE, ge=1, description="ES-WMV patience (iterations)")
-    lr: float = Field(default=DEFAULT_LEARNING_RATE, gt=0, description="Adam step")
-    input_noise_std: float = Field(default=DEFAULT_INPUT_NOISE_STD, ge=0, description="σ_z on the input")
-    seed: int = Field(default=0, ge=0, description="network initialisation and input z")
-    device: DenoiseDevice = Field(
-        default=DenoiseDevice.AUTO, description="auto (cuda when present), cuda or cpu"
+    early_stopping: EarlyStoppingOptions = Field(
+        default_factory=EarlyStoppingOptions, description="ES-WMV window and patience"
     )
-    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch (default: all)")
+    execution: ExecutionOptions = Field(
+        default_factory=ExecutionOptions,
+        description="device (auto: cuda when present), num_threads (also the fitting thread's CPU threads "
+        "for torch; None: one per core) and the seed of the network and its input",
+    )
     final_timeout_s: float = Field(
         default=600.0, gt=0, description="longest a scan's ScanEnd waits for its final object's fit"
     )
+
+    def denoise_options(self) -> DenoiseOptions:
+        """The DIP's options: the groups as configured."""
+        return DenoiseOptions(
+            network=self.network, optimisation=self.optimisation, early_stopping=self.early_stopping,
+            execution=self.execution,
+        )  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -294,29 +301,17 @@ class DenoiseStage(Stage):
                 f"stage {self.stage_name!r} (denoise) is last in the chain: put publish after it so the "
                 "denoised objects reach Tiled"
             )
-        self._device = default_device(self.config.device.value)
-        set_torch_threads(self.config.torch_threads)
-        self._runner = DipRunner(self._fit, self.config.torch_threads)
+        default_device(self.config.execution.device)  # a CUDA device this host lacks fails here, at setup
+        set_torch_threads(self.config.execution.num_threads)
+        self._options = self.config.denoise_options()
+        self._runner = DipRunner(self._fit, self.config.execution.num_threads)
         self._held: dict[str, HeldScanEnd] = {}
         self._closed: set[str] = set()
         """Scans whose ScanEnd this worker has forwarded: nothing of theirs may follow it."""
         self._iterations_metric = metrics.ITERATIONS.labels(**self._labels)
 
     def _fit(self, image: np.ndarray, should_stop: Callable[[], bool]) -> DipResult:
-        config = self.config
-        return dip_denoise(
-            image,
-            config.architecture,
-            max_iterations=config.max_iterations,
-            lr=config.lr,
-            input_noise_std=config.input_noise_std,
-            seed=config.seed,
-            device=self._device,
-            complex_channels=config.representation,
-            window=config.window,
-            patience=config.patience,
-            should_stop=should_stop,
-        )
+        return dip_denoise(image, self._options, should_stop=should_stop)
 
     def has_open_scan(self) -> bool:
         return super().has_open_scan() or bool(self._held) or self._runner.busy
@@ -381,7 +376,7 @@ class DenoiseStage(Stage):
                     "denoise_timeout",
                     f"scan {scan_uid}: the final object's DIP ran past final_timeout_s="
                     f"{self.config.final_timeout_s:g} s; sending its estimate so far. Raise final_timeout_s, "
-                    "lower max_iterations or patience, or run denoise on a GPU",
+                    "lower optimisation.max_iterations or early_stopping.patience, or run denoise on a GPU",
                 )
             elif held.stopped_at_s is not None and now > held.stopped_at_s + _CANCEL_GRACE_S:
                 del self._held[scan_uid]
@@ -442,12 +437,12 @@ class DenoiseStage(Stage):
             dip_stopping_iteration=stop_iteration,
             dip_seconds=round(outcome.seconds, 3),
         )
-        architecture = self.config.architecture
-        name = architecture.value if isinstance(architecture, DipArchitecture) else "custom"
+        network = self.config.network
+        name = network.architecture.value if isinstance(network.architecture, DipArchitecture) else "custom"
         return source.model_copy(
             update={
                 "product": Product.DENOISED,
-                "algorithm": f"dip-{name}-{self.config.representation.value} of {source.algorithm}",
+                "algorithm": f"dip-{name}-{network.representation.value} of {source.algorithm}",
                 "object": np.ascontiguousarray(denoised, dtype=source.object.dtype),
                 "quality": {
                     "dip_stopping_iteration": float(stop_iteration),

@@ -7,13 +7,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from phasestream.errors import ConfigError, FrameValidationError
+from phasestream.models.cdi.options import CdiOptions, HioStatOptions, ScheduleOptions, SupportOptions
 from phasestream.models.cdi.phasing import CdiSolver, amplitude_from_intensity, best_of_random_starts
 from phasestream.models.cdi.support import ShrinkWrap
 from phasestream.models.quality import aligned_error
 
 BCDI_AMPLITUDE = Path(__file__).parent / "data" / "bcdi_amplitude_64.npy"
+CPU = CdiOptions(execution={"device": "cpu"})
+SHRINK_WRAP = {"shrink_wrap": True}
+
+
+def on_cpu(**changes) -> CdiOptions:
+    """CdiOptions on the CPU with some groups changed (mappings of the fields to change)."""
+    return CPU.replace(**changes)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Independent NumPy reference: Fienup (1982) written out, complex128, centred patterns, no torch.
@@ -132,11 +142,9 @@ def test_one_iteration_matches_numpy_reference(algorithm, positivity, with_mask)
     solver = CdiSolver(
         amplitude,
         support,
+        on_cpu(constraints={"positivity": positivity}, execution={"precision": "complex128"}),
         unmeasured=unmeasured if with_mask else None,
         initial_image=start,
-        positivity=positivity,
-        device="cpu",
-        dtype=torch.complex128,
     )
     solver.step(algorithm)
 
@@ -166,11 +174,8 @@ def test_er_error_never_rises(positivity):
     solver = CdiSolver(
         amplitude,
         loose_support,
+        on_cpu(constraints={"positivity": positivity}, execution={"seed": 3, "precision": "complex128"}),
         unmeasured=unmeasured,
-        positivity=positivity,
-        seed=3,
-        device="cpu",
-        dtype=torch.complex128,
     )
     errors = solver.run([("er", 50)]).numpy()
     assert errors[-1] < 0.5 * errors[0]  # it does make progress
@@ -182,8 +187,13 @@ def test_perfect_start_stays_put():
     obj, _ = blob_2d()
     true_support = np.abs(obj) > 0
     amplitude = np.abs(centred_far_field(obj))
-    solver = CdiSolver(amplitude, true_support, initial_image=obj, device="cpu")
-    errors = solver.run([("hio", 10), ("er", 10)])
+    solver = CdiSolver(
+        amplitude,
+        true_support,
+        on_cpu(schedule={"hio_iterations": 10, "er_iterations": 10}),
+        initial_image=obj,
+    )
+    errors = solver.run()
     assert float(errors.max()) < 1e-10
     change = np.linalg.norm(solver.image.numpy() - obj) / np.linalg.norm(obj)
     assert change < 1e-5  # complex64 rounding of 20 FFT pairs
@@ -196,7 +206,7 @@ def test_shrink_wrap_matches_thresholded_blur():
     blob = disc * (1.2 - np.hypot(yy - 15, xx - 22) / 14)
     blob[27:33, 4:10] = 0.6  # a second, weaker piece: the 20 % threshold must keep it
     image = torch.as_tensor(blob * np.exp(1j * xx / 7))
-    shrink_wrap = ShrinkWrap()
+    shrink_wrap = ShrinkWrap(SupportOptions(**SHRINK_WRAP))
     support = shrink_wrap.update(image, ndim=2).numpy()
 
     blurred = reference_blur(blob, sigma_px=3.0)
@@ -210,7 +220,7 @@ def test_shrink_wrap_matches_thresholded_blur():
 def test_shrink_wrap_sigma_floor_and_interval():
     obj, loose_support = blob_2d()
     amplitude = np.abs(centred_far_field(obj))
-    solver = CdiSolver(amplitude, loose_support, shrink_wrap=ShrinkWrap(), seed=0, device="cpu")
+    solver = CdiSolver(amplitude, loose_support, on_cpu(support=SHRINK_WRAP))
     solver.run([("hio", 19)])
     assert np.array_equal(solver.support.numpy(), loose_support)
     solver.run([("hio", 1)])
@@ -229,7 +239,7 @@ def test_convergence_2d_hio_er_shrink_wrap():
     obj, loose_support = blob_2d()
     amplitude = np.abs(centred_far_field(obj))
     result = best_of_random_starts(
-        amplitude, loose_support, [("hio", 180), ("er", 20)] * 10, seeds=(0, 1, 2), device="cpu"
+        amplitude, loose_support, on_cpu(support=SHRINK_WRAP, schedule={"cycles": 10}), 3
     )
     # Measured: best of seeds 0-2 has χ² 1.7e-10 and error 0.0045 after 2,000 iterations (single seeds
     # after 1,200 iterations: 0.04-0.07); 0.02 leaves a 4x margin and still fails for a stagnated or
@@ -243,9 +253,8 @@ def test_convergence_2d_hio_er_shrink_wrap():
 def test_convergence_3d_faceted_crystal_best_of_random_starts():
     obj, loose_support = faceted_crystal_3d()
     amplitude = np.abs(centred_far_field(obj))
-    result = best_of_random_starts(
-        amplitude, loose_support, [("hio", 180), ("er", 20)] * 5, seeds=(2, 3, 4), device="cpu"
-    )
+    options = on_cpu(support=SHRINK_WRAP, schedule={"cycles": 5}, execution={"seed": 2})
+    result = best_of_random_starts(amplitude, loose_support, options, 3)
     # Measured after 1,000 iterations (seeds 0-5): five-in-six starts reach χ² ≈ 1e-9 and an error of
     # 0.001-0.0034; seeds 2 and 3 stagnate at χ² ≈ 7e-6 with an error of 0.064. Keeping the lowest χ²
     # must therefore pick seed 4 (0.0033); 0.02 is a 6x margin that a stagnated start cannot meet.
@@ -260,7 +269,7 @@ def test_warm_start_from_noisy_truth_converges_fast():
     rng = np.random.default_rng(0)
     noisy = obj + 0.2 * (rng.standard_normal(obj.shape) + 1j * rng.standard_normal(obj.shape))
     support = np.abs(obj) > 0
-    solver = CdiSolver(amplitude, support, initial_image=noisy, device="cpu")
+    solver = CdiSolver(amplitude, support, CPU, initial_image=noisy)
     errors = solver.run([("er", 50)])
     start_error = twin_aware_error_3d(noisy * support, obj)
     final_error = twin_aware_error_3d(solver.final_image().numpy(), obj)
@@ -275,8 +284,8 @@ def test_public_bcdi_amplitude_error_falls():
     amplitude = np.load(BCDI_AMPLITUDE)  # already sqrt(counts): an amplitude, not an intensity
     autocorrelation = np.abs(np.fft.ifftn(np.fft.ifftshift(amplitude.astype(np.float64) ** 2)))
     support = np.fft.fftshift(autocorrelation > 0.04 * autocorrelation.max())
-    solver = CdiSolver(amplitude, support, shrink_wrap=ShrinkWrap(), seed=0, device="cpu")
-    errors = solver.run([("hio", 180), ("er", 20)])
+    solver = CdiSolver(amplitude, support, on_cpu(support=SHRINK_WRAP))
+    errors = solver.run()
     # Measured over 200 iterations: χ² 0.67 → 0.0026 (seed 0); seeds 1 and 2 fall by 530 and 240. Asking
     # for a factor of 50 keeps a ≥ 5x margin; a solver that fails to use the data stays near χ² ≈ 0.1.
     assert float(errors[-1]) < float(errors[0]) / 50
@@ -288,7 +297,7 @@ def test_public_bcdi_amplitude_error_falls():
 
 def test_support_shape_mismatch_raises():
     with pytest.raises(ConfigError, match=r"support has shape \(16, 16\) but the pattern is \(32, 32\)"):
-        CdiSolver(np.ones((32, 32)), np.ones((16, 16), bool), device="cpu")
+        CdiSolver(np.ones((32, 32)), np.ones((16, 16), bool), CPU)
 
 
 def test_negative_and_nan_intensities_raise_with_count():
@@ -308,36 +317,63 @@ def test_nan_on_unmeasured_pixels_is_allowed():
     unmeasured = np.zeros((16, 16), bool)
     amplitude[8, 8] = np.nan
     with pytest.raises(FrameValidationError, match="1 NaN"):
-        CdiSolver(amplitude, np.ones((16, 16), bool), device="cpu")
+        CdiSolver(amplitude, np.ones((16, 16), bool), CPU)
     unmeasured[8, 8] = True
-    solver = CdiSolver(amplitude, np.ones((16, 16), bool), unmeasured=unmeasured, device="cpu")
+    solver = CdiSolver(amplitude, np.ones((16, 16), bool), CPU, unmeasured=unmeasured)
     assert np.isfinite(solver.run([("er", 2)]).numpy()).all()
 
 
 def test_all_zero_pattern_raises():
     with pytest.raises(FrameValidationError, match="zero on every measured pixel"):
-        CdiSolver(np.zeros((16, 16)), np.ones((16, 16), bool), device="cpu")
+        CdiSolver(np.zeros((16, 16)), np.ones((16, 16), bool), CPU)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"beta": 1.5}, "beta=1.5"),
         ({"unmeasured": np.zeros((8, 8), bool)}, r"unmeasured has shape \(8, 8\)"),
         ({"initial_image": np.zeros((8, 8))}, r"initial_image has shape \(8, 8\)"),
     ],
 )
-def test_bad_options_raise(kwargs, pattern):
+def test_bad_arrays_raise(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        CdiSolver(np.ones((16, 16)), np.ones((16, 16), bool), device="cpu", **kwargs)
+        CdiSolver(np.ones((16, 16)), np.ones((16, 16), bool), CPU, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("groups", "field"),
+    [
+        ({"constraints": {"beta": 1.5}}, "constraints.beta"),
+        ({"constraints": {"beta": 0}}, "constraints.beta"),
+        ({"support": {"threshold": 1.0}}, "support.threshold"),
+        ({"support": {"interval": 0}}, "support.interval"),
+        ({"support": {"min_sigma_px": 4.0}}, "min_sigma_px"),
+        ({"schedule": {"er_iterations": -1}}, "schedule.er_iterations"),
+        ({"execution": {"device": "gpu"}}, "execution.device"),
+        ({"execution": {"precision": "float16"}}, "execution.precision"),
+    ],
+)
+def test_options_out_of_bounds_are_refused_naming_the_option(groups, field):
+    with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+        on_cpu(**groups)
+
+
+def test_a_group_given_in_part_keeps_its_solvers_defaults():
+    assert HioStatOptions(schedule={"cycles": 3}).schedule.steps() == [("hio", 450), ("er", 50)] * 3
+    assert ScheduleOptions(cycles=2).iterations == 400
+    options = on_cpu(support={"interval": 5})
+    assert options.support.threshold == 0.2 and options.execution.device == "cpu"
+    assert CdiSolver(np.ones((16, 16)), np.ones((16, 16), bool), options).shrink_wrap is None
 
 
 def test_bad_pattern_and_support_raise():
     with pytest.raises(FrameValidationError, match=r"shape \(16,\)"):
-        CdiSolver(np.ones(16), np.ones(16, bool), device="cpu")
+        CdiSolver(np.ones(16), np.ones(16, bool), CPU)
     with pytest.raises(ConfigError, match="support selects no pixel"):
-        CdiSolver(np.ones((16, 16)), np.zeros((16, 16), bool), device="cpu")
+        CdiSolver(np.ones((16, 16)), np.zeros((16, 16), bool), CPU)
     with pytest.raises(ConfigError, match="-3 iterations of hio"):
-        CdiSolver(np.ones((16, 16)), np.ones((16, 16), bool), device="cpu").run([("hio", -3)])
+        CdiSolver(np.ones((16, 16)), np.ones((16, 16), bool), CPU).run([("hio", -3)])
+    with pytest.raises(ConfigError, match="starts=0"):
+        best_of_random_starts(np.ones((16, 16)), np.ones((16, 16), bool), CPU, 0)
     with pytest.raises(ValueError, match="'raar'"):
-        CdiSolver(np.ones((16, 16)), np.ones((16, 16), bool), device="cpu").run([("raar", 3)])
+        CdiSolver(np.ones((16, 16)), np.ones((16, 16), bool), CPU).run([("raar", 3)])

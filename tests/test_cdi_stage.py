@@ -13,6 +13,7 @@ from tiled.client import from_uri
 
 from phasestream.apps.tiled_server import EmbeddedTiledServer
 from phasestream.errors import ConfigError
+from phasestream.models.cdi.options import LodipOptions
 from phasestream.models.quality import psnr
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.config import load_pipeline
@@ -23,7 +24,7 @@ from phasestream.simulators.diffraction import far_field_intensity
 from phasestream.simulators.insitu_cdi import InSituCdiConfig, InSituCdiData, simulate_insitu_cdi
 from phasestream.simulators.insitu_cdi_stream import insitu_cdi_messages, save_static_reference
 from phasestream.simulators.selun import SelunEmitter
-from phasestream.stages.cdi_stage import BAD_REFERENCE
+from phasestream.stages.cdi_stage import BAD_REFERENCE, CdiStageConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SIZE_PX = 64
@@ -106,7 +107,10 @@ def test_hio_stat_recovers_each_pattern_and_leaves_out_a_dark_one(reference, dat
 
 @pytest.mark.slow
 def test_lodip_runs_within_its_iteration_cap(reference, data) -> None:
-    stage = cdi_stage(reference, data, algorithm="lodip", max_iterations=40, window=10, patience=20)
+    stage = cdi_stage(
+        reference, data, algorithm="lodip", optimisation={"max_iterations": 40},
+        early_stopping={"window": 10, "patience": 20},
+    )  # fmt: skip
     list(stage.on_scan_start(start("lodip")))
     (out,) = list(stage.process(batch("lodip", [data.pattern])))
     assert out.algorithm == "lodip"
@@ -114,6 +118,24 @@ def test_lodip_runs_within_its_iteration_cap(reference, data) -> None:
     assert np.isfinite(out.object).all() and np.all(out.object[~data.sample_support] == 0)
     assert out.object.real.min() >= 0  # LoDIP's generator ends in a sigmoid: a non-negative sample
     assert 0 < out.quality["r_factor"] < 1
+
+
+def test_the_config_embeds_the_solvers_option_groups_with_the_stages_defaults(reference, data) -> None:
+    config = CdiStageConfig(
+        static_reference=reference, incident_photons_per_px=1.0, early_stopping={"window": 20},
+        execution={"seed": 5},
+    )  # fmt: skip
+    # A group given in part keeps the stage's defaults for the rest, not the library's.
+    assert (config.early_stopping.window, config.early_stopping.patience) == (20, 150)
+    assert config.optimisation.max_iterations == 600 and config.execution.num_threads == 1
+    options = config.lodip_options(frame_index=3)
+    assert isinstance(options, LodipOptions) and options.execution.seed == 8
+    assert options.early_stopping == config.early_stopping and options.network == config.network
+    hio_stat = config.hio_stat_options()
+    assert hio_stat.schedule.steps() == [("hio", 450), ("er", 50)] * 2 and hio_stat.execution.num_threads == 1
+    for bad, name in (({"hio_stat": {"cycles": 0}}, "cycles"), ({"execution": {"device": "gpu"}}, "device")):
+        with pytest.raises(ValueError, match=name):
+            CdiStageConfig(static_reference=reference, incident_photons_per_px=1.0, **bad)
 
 
 def _counted(stage, message) -> None:
@@ -139,7 +161,7 @@ def test_a_bad_reference_rejects_the_scans_frames_and_the_next_scan_goes_on(
         overlapping |= np.roll(data.static_support, -4, axis=1)  # the support reaches into the static region
         bad = dataclasses.replace(data, sample_support=overlapping)
     save_static_reference(path, bad)
-    stage = cdi_stage(path, data, algorithm="hio_stat", hio_cycles=1)
+    stage = cdi_stage(path, data, algorithm="hio_stat", hio_stat={"cycles": 1})
     assert list(stage.on_scan_start(start("bad", shape_px))) == [start("bad", shape_px)]
     with pytest.raises(ConfigError, match=expected) as raised:
         list(stage.process(batch("bad", [data.pattern[:shape_px, :shape_px]])))
@@ -188,7 +210,8 @@ def test_an_insitu_series_streams_through_cdi_into_tiled(
     for spec in pipeline.stages:
         if spec.name == "cdi":
             config = {
-                **spec.config, "algorithm": "hio_stat", "hio_cycles": 1, "static_reference": str(reference),
+                **spec.config, "algorithm": "hio_stat", "hio_stat": {"cycles": 1},
+                "static_reference": str(reference),
                 "incident_photons_per_px": data.incident_photons_per_px,
             }  # fmt: skip
             spec = spec.model_copy(update={"config": config})

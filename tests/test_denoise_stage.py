@@ -18,7 +18,7 @@ from tiled.client import from_uri
 
 from phasestream.apps.tiled_server import EmbeddedTiledServer
 from phasestream.errors import ConfigError
-from phasestream.models.nets.skip_net import DipArchitecture
+from phasestream.models.nets.dip_options import DipArchitecture
 from phasestream.runtime.accounting import unaccounted_frames
 from phasestream.runtime.config import load_pipeline, validate_pipeline
 from phasestream.runtime.messages import (
@@ -39,7 +39,10 @@ from phasestream.stages.denoise import DenoiseConfig, DenoiseStage, DenoiseWhen,
 STAGE_REF = "phasestream.stages.denoise:DenoiseStage"
 TINY = {"channels": [8, 16], "skip_channels": [4, 4], "input_channels": 8}
 """Two levels: milliseconds per DIP iteration on a 32 × 32 object."""
-FAST = {"architecture": TINY, "max_iterations": 12, "window": 3, "patience": 4, "torch_threads": 1}
+FAST = {
+    "network": {"architecture": TINY}, "optimisation": {"max_iterations": 12},
+    "early_stopping": {"window": 3, "patience": 4}, "execution": {"num_threads": 1},
+}  # fmt: skip
 GEOMETRY = Geometry(
     energy_kev=8.8, detector_distance_m=2.0, pixel_size_m=75e-6, detector_shape_px=(32, 32),
     detector_dtype="uint16",
@@ -70,6 +73,14 @@ SCAN_START = ScanStart(scan_uid="scan", seq=0, geometry=GEOMETRY, planned_frames
 SCAN_END = ScanEnd(scan_uid="scan", seq=99, frames_sent=10)
 
 
+def fast(**changes) -> dict:
+    """FAST with some options changed: a group by a mapping of the fields to change, the others kept."""
+    config = dict(FAST)
+    for name, value in changes.items():
+        config[name] = {**config[name], **value} if isinstance(value, dict) and name in config else value
+    return config
+
+
 def make_stage(stages: list[dict] | None = None, **config) -> DenoiseStage:
     pipeline = validate_pipeline(
         {
@@ -78,7 +89,7 @@ def make_stage(stages: list[dict] | None = None, **config) -> DenoiseStage:
             "stages": stages
             or [
                 {"name": "refine", "stage": "refine"},
-                {"name": "denoise", "stage": STAGE_REF, "config": {**FAST, **config}},
+                {"name": "denoise", "stage": STAGE_REF, "config": fast(**config)},
                 {"name": "publish", "stage": "publish"},
             ],
         }
@@ -162,7 +173,7 @@ def test_final_object_goes_out_at_once_its_denoised_copy_next_and_scan_end_last(
     assert np.isfinite(denoised.object).all() and not np.array_equal(denoised.object, final.object)
     np.testing.assert_array_equal(denoised.probe, final.probe)
     quality = denoised.quality
-    assert 1 <= quality["dip_stopping_iteration"] <= FAST["max_iterations"]
+    assert 1 <= quality["dip_stopping_iteration"] <= FAST["optimisation"]["max_iterations"]
     assert 1 <= quality["dip_best_iteration"] <= quality["dip_stopping_iteration"]
     assert quality["dip_seconds"] > 0
     assert quality["dip_diverged"] == quality["dip_failed"] == quality["dip_timed_out"] == 0
@@ -219,7 +230,9 @@ def test_scan_end_drops_unfinished_snapshot_work(stages) -> None:
 
 @pytest.mark.filterwarnings("ignore:DIP .* diverged:RuntimeWarning")
 def test_a_diverging_dip_falls_back_to_the_undenoised_object(stages) -> None:
-    stage = stages(lr=1e30, max_iterations=50, window=20, patience=20)
+    stage = stages(
+        optimisation={"lr": 1e30, "max_iterations": 50}, early_stopping={"window": 20, "patience": 20}
+    )
     final = reconstruction(9, final=True)
     sent = feed(stage, SCAN_START, final, SCAN_END)
     sent += finish(stage)
@@ -245,7 +258,9 @@ def test_a_failing_dip_is_counted_and_falls_back(stages) -> None:
 
 def test_a_final_fit_past_its_timeout_is_stopped_and_its_estimate_sent(stages) -> None:
     cap = 1_000_000
-    stage = stages(max_iterations=cap, patience=cap, final_timeout_s=0.2)
+    stage = stages(
+        optimisation={"max_iterations": cap}, early_stopping={"patience": cap}, final_timeout_s=0.2
+    )
     sent = feed(stage, SCAN_START, reconstruction(4, final=True), SCAN_END)
     assert kinds(sent) == ["scan_start", "object:4"]
     for _ in range(200):  # idle() polls as the runtime does; wait() returns as soon as the fit stopped
@@ -280,7 +295,7 @@ def test_representation_channels_stay_within_the_input_range(stages, representat
     rng = np.random.default_rng(1)
     phase = 0.6 + 0.4 * np.clip(rng.standard_normal((32, 32)), -1, 1)
     pure_phase = np.exp(1j * phase).astype(np.complex64)
-    stage = stages(representation=representation)
+    stage = stages(network={"representation": representation})
     sent = feed(stage, SCAN_START, reconstruction(1, final=True, obj=pure_phase), SCAN_END)
     sent += finish(stage)
     denoised = sent[2].object.astype(np.complex128)
@@ -305,7 +320,11 @@ def test_the_denoised_final_is_closer_to_the_clean_object_than_the_noisy_one(sta
     clean = (0.75 + 0.25 * np.cos(2 * np.pi * x)) * np.exp(1j * (0.5 + 0.5 * np.sin(2 * np.pi * y)))
     rng = np.random.default_rng(1)
     noisy = clean + 0.1 * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
-    stage = stages(max_iterations=400, window=20, patience=60, seed=1)
+    stage = stages(
+        optimisation={"max_iterations": 400},
+        early_stopping={"window": 20, "patience": 60},
+        execution={"seed": 1},
+    )
     sent = feed(stage, SCAN_START, reconstruction(1, final=True, obj=noisy.astype(np.complex64)), SCAN_END)
     sent += finish(stage)
     denoised = sent[2]
@@ -321,7 +340,11 @@ def test_the_denoised_final_is_closer_to_the_clean_object_than_the_noisy_one(sta
 
 def test_bad_configs_and_a_denoise_stage_last_in_the_chain_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="max_iteration"):
-        make_stage(max_iteration=5)
+        make_stage(optimisation={"max_iteration": 5})
+    with pytest.raises(ConfigError, match="window"):
+        make_stage(early_stopping={"window": 1})
+    with pytest.raises(ConfigError, match="device"):
+        make_stage(execution={"device": "gpu"})
     with pytest.raises(ConfigError, match="when"):
         make_stage(when="sometimes")
     with pytest.raises(ConfigError, match="put publish after it"):
@@ -335,7 +358,8 @@ def test_the_deploy_topology_fans_denoise_out_to_two_workers_that_publish_waits_
     spec = pipeline.stage("denoise")
     assert resolve_stage(spec.stage) is DenoiseStage and spec.workers == 2
     config = DenoiseConfig.model_validate(spec.config)
-    assert config.when is DenoiseWhen.SCAN_END and config.architecture is DipArchitecture.ARCH1
+    assert config.when is DenoiseWhen.SCAN_END and config.network.architecture is DipArchitecture.ARCH1
+    assert config.optimisation.max_iterations == 2000 and config.early_stopping.patience == 500
     assert len(place(pipeline, "refine", 0).output_endpoints) == 2
     assert place(pipeline, "publish", 0).upstream_workers == 2
 
@@ -373,7 +397,9 @@ def test_pipeline_publishes_the_denoised_final_object_beside_the_object(
             "name": "denoise",
             "stage": STAGE_REF,
             "workers": 2,
-            "config": {**FAST, "max_iterations": DIP_CAP, "window": 5, "patience": 10},
+            "config": fast(
+                optimisation={"max_iterations": DIP_CAP}, early_stopping={"window": 5, "patience": 10}
+            ),
         },
         {"name": "publish", "stage": "publish"},
     ]

@@ -17,28 +17,29 @@ from pydantic import ValidationError
 from phasestream.errors import ConfigError, FrameValidationError
 from phasestream.models.cdi.double_dip import double_dip, object_box
 from phasestream.models.cdi.lodip import (
-    FitLoss,
     data_misfit,
     hio_stat,
     lodip,
     reconstruct_static,
     static_in_pattern_units,
 )
-from phasestream.models.nets.dip import (
-    ComplexChannels,
-    EsWmv,
-    channels_to_image,
-    dip_denoise,
-    image_to_channels,
+from phasestream.models.cdi.options import (
+    DoubleDipOptions,
+    FitLoss,
+    HioStatOptions,
+    LodipOptions,
 )
-from phasestream.models.nets.skip_net import (
+from phasestream.models.nets.dip import EsWmv, channels_to_image, dip_denoise, image_to_channels
+from phasestream.models.nets.dip_options import (
     ARCHITECTURES,
+    ComplexChannels,
+    DenoiseOptions,
     DipArchitecture,
-    SkipNet,
+    EarlyStoppingOptions,
+    ExecutionOptions,
     SkipNetConfig,
-    dip_grid_shape,
-    skip_net_config,
 )
+from phasestream.models.nets.skip_net import SkipNet, dip_grid_shape, skip_net_config
 from phasestream.models.quality import psnr
 from phasestream.simulators.insitu_cdi import (
     InSituCdiConfig,
@@ -51,6 +52,20 @@ from phasestream.simulators.samples import dead_leaves_material
 TINY = SkipNetConfig(channels=(8, 16), skip_channels=(4, 4), input_channels=8)
 """Two levels: enough to exercise the fitting loop in milliseconds per step."""
 SMALL_GEOMETRY = {"size_px": 32, "sample_size_px": 8, "static_shape_px": (8, 6)}
+CPU = {"device": "cpu"}
+
+
+def denoise_options(architecture=TINY, **changes) -> DenoiseOptions:
+    """DenoiseOptions on the CPU with this network and some groups changed."""
+    return DenoiseOptions(network={"architecture": architecture}, execution=CPU).replace(**changes)
+
+
+def lodip_options(architecture=TINY, **changes) -> LodipOptions:
+    return LodipOptions(network={"architecture": architecture}, execution=CPU).replace(**changes)
+
+
+def double_dip_options(architecture=TINY, **changes) -> DoubleDipOptions:
+    return DoubleDipOptions(network={"architecture": architecture}, execution=CPU).replace(**changes)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,6 +119,10 @@ def test_skip_net_rejects_a_grid_its_levels_cannot_halve() -> None:
 def test_bad_network_configs_are_rejected() -> None:
     with pytest.raises(ValidationError, match="one entry per level"):
         SkipNetConfig(channels=(8, 16), skip_channels=(4,))
+    with pytest.raises(ValidationError, match=r"channels\.1"):
+        SkipNetConfig(channels=(8, 0), skip_channels=(4, 4))
+    with pytest.raises(ValidationError, match=r"skip_channels\.0"):
+        SkipNetConfig(channels=(8, 16), skip_channels=(-1, 4))
     with pytest.raises(ConfigError, match="arch1, arch2"):
         skip_net_config("arch3")
 
@@ -119,7 +138,7 @@ def test_es_wmv_variance_matches_a_numpy_reference(is_complex) -> None:
     if is_complex:
         frames = frames + 1j * rng.standard_normal(frames.shape)
     window = 7
-    stopper = EsWmv(window=window, patience=1000)
+    stopper = EsWmv(EarlyStoppingOptions(window=window, patience=1000))
     for frame in frames:
         stopper.update(torch.as_tensor(frame))
     pairs = np.stack([frames.real, frames.imag], axis=-1) if is_complex else frames
@@ -135,7 +154,7 @@ def test_es_wmv_stops_patience_steps_after_a_known_variance_minimum() -> None:
     amplitude = 0.02 + np.abs(np.arange(2000) - 400) / 400
     expected_variance = np.convolve(amplitude**2, np.ones(window) / window, mode="valid")
     expected_best = int(np.argmin(expected_variance)) + window - 1
-    stopper = EsWmv(window=window, patience=patience)
+    stopper = EsWmv(EarlyStoppingOptions(window=window, patience=patience))
     frames = []
     for t in range(2000):
         frames.append(0.5 + amplitude[t] * rng.standard_normal((16, 16)))
@@ -146,11 +165,32 @@ def test_es_wmv_stops_patience_steps_after_a_known_variance_minimum() -> None:
     np.testing.assert_array_equal(stopper.best.numpy(), frames[stopper.best_iteration])
 
 
-def test_es_wmv_rejects_bad_settings() -> None:
-    with pytest.raises(ConfigError, match="window"):
-        EsWmv(window=1)
-    with pytest.raises(ConfigError, match="patience"):
-        EsWmv(patience=0)
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"early_stopping": {"window": 1}}, "early_stopping.window"),
+        ({"early_stopping": {"patience": 0}}, "early_stopping.patience"),
+        ({"optimisation": {"max_iterations": 0}}, "optimisation.max_iterations"),
+        ({"optimisation": {"lr": 0.0}}, "optimisation.lr"),
+        ({"optimisation": {"input_noise_std": -0.1}}, "optimisation.input_noise_std"),
+        ({"network": {"representation": "polar"}}, "network.representation"),
+        ({"execution": {"seed": -1}}, "execution.seed"),
+        ({"execution": {"num_threads": 0}}, "execution.num_threads"),
+        ({"execution": {"device": "gpu"}}, "execution.device"),
+    ],
+)
+def test_dip_options_out_of_bounds_are_refused_naming_the_option(changes, field) -> None:
+    with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+        denoise_options(**changes)
+
+
+def test_solver_defaults_hold_for_a_group_given_in_part() -> None:
+    """LoDIP's patience is its own; a partial early_stopping group keeps it, as replace() keeps the rest."""
+    assert LodipOptions(early_stopping={"window": 20}).early_stopping.patience == 300
+    assert DoubleDipOptions(early_stopping={"window": 20}).early_stopping.patience == 500
+    options = lodip_options(optimisation={"lr": 0.5})
+    assert options.optimisation.lr == 0.5 and options.network.architecture == TINY
+    assert options.execution == ExecutionOptions(device="cpu")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -180,7 +220,8 @@ def test_complex_images_map_to_two_channels_and_back(mode) -> None:
     ],
 )
 def test_dip_denoise_keeps_shape_and_dtype(image, mode) -> None:
-    result = dip_denoise(image, TINY, max_iterations=5, complex_channels=mode, device="cpu")
+    options = denoise_options(network={"representation": mode}, optimisation={"max_iterations": 5})
+    result = dip_denoise(image, options)
     assert result.denoised.shape == image.shape and result.denoised.dtype == image.dtype
     assert result.stop_iteration == 5 and len(result.losses) == 5 and not result.diverged
     assert np.isfinite(result.denoised).all()
@@ -195,14 +236,17 @@ def test_dip_denoise_removes_noise_from_a_smooth_image() -> None:
     clean = np.fft.ifft2(np.fft.fft2(rng.standard_normal((32, 32))) * np.exp(-((frequency / 0.06) ** 2))).real
     clean = (clean - clean.min()) / (clean.max() - clean.min())
     noisy = clean + 0.2 * rng.standard_normal(clean.shape)
-    result = dip_denoise(noisy, BENCH_NETWORK, max_iterations=400, window=20, patience=60, device="cpu")
+    options = denoise_options(
+        BENCH_NETWORK, optimisation={"max_iterations": 400}, early_stopping={"window": 20, "patience": 60}
+    )
+    result = dip_denoise(noisy, options)
     assert psnr(result.denoised, clean, 1.0) > psnr(noisy, clean, 1.0) + 3
 
 
 def test_a_diverging_fit_stops_reports_and_returns_the_input() -> None:
     image = dead_leaves(16, 4)
     with pytest.warns(RuntimeWarning, match="diverged"):
-        result = dip_denoise(image, TINY, max_iterations=200, lr=1e30, device="cpu")
+        result = dip_denoise(image, denoise_options(optimisation={"max_iterations": 200, "lr": 1e30}))
     assert result.diverged and result.stop_iteration < 200
     assert not np.isfinite(result.losses[-1])
     np.testing.assert_array_equal(result.denoised, image)
@@ -210,9 +254,9 @@ def test_a_diverging_fit_stops_reports_and_returns_the_input() -> None:
 
 def test_dip_denoise_rejects_bad_images() -> None:
     with pytest.raises(FrameValidationError, match="NaN"):
-        dip_denoise(np.full((16, 16), np.nan), TINY, max_iterations=2)
+        dip_denoise(np.full((16, 16), np.nan), denoise_options())
     with pytest.raises(FrameValidationError, match="2D"):
-        dip_denoise(np.zeros((2, 16, 16)), TINY, max_iterations=2)
+        dip_denoise(np.zeros((2, 16, 16)), denoise_options())
 
 
 @pytest.mark.parametrize(
@@ -227,7 +271,7 @@ def test_dip_output_has_no_new_periodic_peaks(architecture, iterations) -> None:
     rng = np.random.default_rng(5)
     clean = dead_leaves(64, 5)
     noisy = clean + 0.1 * rng.standard_normal(clean.shape)
-    result = dip_denoise(noisy, architecture, max_iterations=iterations, device="cpu")
+    result = dip_denoise(noisy, denoise_options(architecture, optimisation={"max_iterations": iterations}))
     assert periodic_peaks(result.denoised) - periodic_peaks(noisy) == set()
     grid = 0.02 * (np.arange(64)[:, None] % 4 == 0)
     found = periodic_peaks(result.denoised + grid) - periodic_peaks(result.denoised)
@@ -285,7 +329,7 @@ def test_bad_geometry_is_a_config_error(settings, message) -> None:
 
 def small_case(photons_per_px: float, seed: int = 0) -> tuple[InSituCdiData, np.ndarray]:
     data = simulate_insitu_cdi(InSituCdiConfig(**SMALL_GEOMETRY, photons_per_px=photons_per_px, seed=seed))
-    estimate = reconstruct_static(data.static_pattern, data.static_support, device="cpu")
+    estimate = reconstruct_static(data.static_pattern, data.static_support, ExecutionOptions(**CPU))
     static = static_in_pattern_units(
         estimate,
         data.static_incident_photons_per_px,
@@ -324,7 +368,9 @@ def test_hio_stat_recovers_the_sample_at_high_dose() -> None:
     an error near 0.5 / √(5e4) ≈ 0.2 % of the range (≈ 50 dB; seeds 0-3 give 49-50 dB). 40 dB (1 % RMS)
     leaves room for other seeds while any failure to phase would score near 10 dB."""
     data, static = small_case(1e4)
-    sample = hio_stat(data.pattern, static, data.sample_support, data.static_support, device="cpu")
+    sample = hio_stat(
+        data.pattern, static, data.sample_support, data.static_support, HioStatOptions(execution=CPU)
+    )
     assert sample_psnr(sample, data) > 40
     assert not sample[~data.sample_support].any()
 
@@ -335,10 +381,8 @@ def test_lodip_recovers_the_sample_at_high_dose() -> None:
     but within 400 iterations it must resolve the leaves: 20 dB (RMS error 10 % of the range) against
     10-11 dB for the best constant image. (Seeds 0-3 reach 29-36 dB here.)"""
     data, static = small_case(1e4, seed=1)
-    result = lodip(
-        data.pattern, static, data.sample_support, data.static_support, arch=BENCH_NETWORK,
-        max_iterations=400, device="cpu",
-    )  # fmt: skip
+    options = lodip_options(BENCH_NETWORK, optimisation={"max_iterations": 400})
+    result = lodip(data.pattern, static, data.sample_support, data.static_support, options)
     constant = np.full(data.sample_support.sum(), data.sample_truth[data.sample_support].mean())
     assert psnr(constant, data.sample_truth[data.sample_support], 1.0) < 12
     assert sample_psnr(result.sample, data) > 20
@@ -349,9 +393,9 @@ def test_a_diverging_lodip_returns_hio_stat() -> None:
     data, static = small_case(100.0)
     problem = (data.pattern, static, data.sample_support, data.static_support)
     with pytest.warns(RuntimeWarning, match="diverged"):
-        result = lodip(*problem, arch=TINY, lr=1e30, max_iterations=100, device="cpu")
+        result = lodip(*problem, lodip_options(optimisation={"lr": 1e30, "max_iterations": 100}))
     assert result.diverged
-    np.testing.assert_allclose(result.sample, hio_stat(*problem, device="cpu"))
+    np.testing.assert_allclose(result.sample, hio_stat(*problem, HioStatOptions(execution=CPU)))
 
 
 @pytest.mark.parametrize(
@@ -374,9 +418,9 @@ def test_insitu_solvers_reject_bad_input(change, error, message) -> None:
         static = static + 1.0
     else:
         sample_support = sample_support[:-1]
-    for solver in (hio_stat, lodip):
+    for solver, options in ((hio_stat, HioStatOptions(execution=CPU)), (lodip, lodip_options())):
         with pytest.raises(error, match=message):
-            solver(pattern, static, sample_support, static_support, device="cpu")
+            solver(pattern, static, sample_support, static_support, options)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -395,9 +439,10 @@ def test_twin_keeps_the_fourier_modulus_and_alignment_undoes_it() -> None:
 @pytest.mark.slow
 def test_double_dip_fits_a_plane_wave_pattern_inside_its_half_size_box() -> None:
     data = simulate_insitu_cdi(InSituCdiConfig(**SMALL_GEOMETRY, photons_per_px=1e4))
-    result = double_dip(
-        data.pattern, arch=BENCH_NETWORK, max_iterations=150, window=20, patience=1000, device="cpu"
+    options = double_dip_options(
+        BENCH_NETWORK, optimisation={"max_iterations": 150}, early_stopping={"window": 20, "patience": 1000}
     )
+    result = double_dip(data.pattern, options)
     outside = np.ones(data.pattern.shape, dtype=bool)
     outside[object_box(data.pattern.shape)] = False
     assert result.object.shape == data.pattern.shape and not result.object[outside].any()
@@ -408,8 +453,10 @@ def test_double_dip_fits_a_plane_wave_pattern_inside_its_half_size_box() -> None
 
 def test_double_dip_rejects_an_empty_pattern_and_falls_back_when_it_diverges() -> None:
     with pytest.raises(FrameValidationError, match="no diffraction"):
-        double_dip(np.zeros((32, 32)), arch=TINY, max_iterations=2, device="cpu")
+        double_dip(np.zeros((32, 32)), double_dip_options(optimisation={"max_iterations": 2}))
     data = simulate_insitu_cdi(InSituCdiConfig(**SMALL_GEOMETRY, photons_per_px=100.0))
     with pytest.warns(RuntimeWarning, match="diverged"):
-        result = double_dip(data.pattern, arch=TINY, lr=1e30, max_iterations=100, device="cpu")
+        result = double_dip(
+            data.pattern, double_dip_options(optimisation={"lr": 1e30, "max_iterations": 100})
+        )
     assert result.diverged and np.isfinite(result.object).all() and np.abs(result.object).max() > 0

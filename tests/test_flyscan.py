@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from phasestream_bench.flyscan import OBJECT_PIXEL_NM, bench_flyscan, binned_scan, flyscan_config
+from phasestream_bench.flyscan import FLYSCAN_DIP, OBJECT_PIXEL_NM, bench_flyscan, binned_scan, flyscan_config
 
 from phasestream.errors import ConfigError
 from phasestream.simulators.scan_simulation import simulate_scan
@@ -52,8 +52,11 @@ def test_the_bench_runs_end_to_end_on_a_tiny_scan(tmp_path, capsys) -> None:
     figure = tmp_path / "flyscan.png"
     try:
         results = bench_flyscan(
-            rows=21, k=3, photons_per_frame=1e5, epochs=3, architectures=("arch1",), dip_max_iterations=30,
-            dip_window=5, dip_patience=10, figure=figure, progress=False,
+            rows=21, k=3, photons_per_frame=1e5, epochs=3, architectures=("arch1",), figure=figure,
+            dip=FLYSCAN_DIP.replace(
+                optimisation={"max_iterations": 30}, early_stopping={"window": 5, "patience": 10}
+            ),
+            progress=False,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)

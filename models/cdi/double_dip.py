@@ -12,14 +12,15 @@ random input:
 on a box half the pattern's size in each direction, centred in the array and zero outside; this box is the
 only object-domain constraint (oversampling 2 per axis), with no tight support and no shrink-wrap, as in the
 paper. Both networks and the learnable scale k minimise the misfit between |F x| and the measured pattern
-(:class:`~phasestream.models.cdi.lodip.FitLoss`, squared amplitude error by default; F the project's centred
+(:class:`~phasestream.models.cdi.options.FitLoss`, squared amplitude error by default; F the project's centred
 orthonormal FFT) with Adam; ES-WMV stops the fit (Wang et al. 2023). k starts from Parseval,
 Σ|x|² = Σ Y. The result is defined up to the usual CDI ambiguities: global phase, translation within the
 box and the twin image x*(−r).
 
 Real and imaginary parts are the default: on a compact complex test object (32-px pattern, 1e5 photons,
 800 iterations) they reached a 5 % error at the noise floor of the misfit, while magnitude and phase
-stalled at 50 % (the phase network has to move across ±π).
+stalled at 50 % (the phase network has to move across ±π). The fit's settings are
+:class:`~phasestream.models.cdi.options.DoubleDipOptions`.
 """
 
 from __future__ import annotations
@@ -31,29 +32,21 @@ import torch
 from torch import nn
 
 from phasestream.errors import ConfigError
-from phasestream.models.cdi.lodip import FitLoss, data_misfit, measured_in_fft_layout
+from phasestream.models.cdi.lodip import data_misfit, measured_in_fft_layout
+from phasestream.models.cdi.options import CdiOptions, DoubleDipOptions
 from phasestream.models.cdi.phasing import CdiSolver, amplitude_from_intensity, validate_pattern
-from phasestream.models.execution import default_device
-from phasestream.models.nets.dip import (
-    DEFAULT_INPUT_NOISE_STD,
-    DEFAULT_LEARNING_RATE,
-    DEFAULT_PATIENCE,
-    DEFAULT_WINDOW,
-    ComplexChannels,
-    EsWmv,
-    fit_dip,
-)
+from phasestream.models.execution import default_device, torch_threads
+from phasestream.models.nets.dip import EsWmv, fit_dip
+from phasestream.models.nets.dip_options import ComplexChannels, ExecutionOptions, SkipNetConfig
 from phasestream.models.nets.skip_net import (
-    DipArchitecture,
-    SkipNetConfig,
     dip_grid_shape,
     random_input,
     seeded_skip_nets,
     skip_net_config,
 )
 
-FALLBACK_SCHEDULE = (("hio", 180), ("er", 20)) * 2
-"""HIO/ER on the half-size box: what a diverged fit returns instead."""
+FALLBACK_OPTIONS = CdiOptions(schedule={"hio_iterations": 180, "er_iterations": 20, "cycles": 2})
+"""HIO/ER on the half-size box: what a diverged fit returns instead (on the fit's device and seed)."""
 
 
 @dataclass(frozen=True)
@@ -112,14 +105,12 @@ class _DipPair:
         return _combine(*outputs, self.representation)
 
 
-def _check_double_dip_inputs(pattern: np.ndarray, input_noise_std: float) -> None:
+def _check_double_dip_pattern(pattern: np.ndarray) -> None:
     validate_pattern(torch.as_tensor(pattern), "pattern")
     if pattern.ndim != 2:
         raise ConfigError(f"pattern has shape {pattern.shape}: double DIP takes one 2D pattern")
     if min(pattern.shape) < 8:
         raise ConfigError(f"pattern has shape {pattern.shape}: the half-size object box needs at least 8 px")
-    if input_noise_std < 0:
-        raise ConfigError(f"input_noise_std={input_noise_std!r} must be ≥ 0")
 
 
 def _parseval_log_scale(pair: _DipPair, pattern: np.ndarray) -> nn.Parameter:
@@ -131,66 +122,61 @@ def _parseval_log_scale(pair: _DipPair, pattern: np.ndarray) -> nn.Parameter:
 
 
 def _hio_er_fallback(
-    pattern: np.ndarray, box: tuple[slice, slice], seed: int, device: torch.device
+    pattern: np.ndarray, box: tuple[slice, slice], execution: ExecutionOptions, device: torch.device
 ) -> np.ndarray:
     """What a diverged fit returns: HIO/ER with the box as the support."""
     support = np.zeros(pattern.shape, dtype=bool)
     support[box] = True
-    solver = CdiSolver(amplitude_from_intensity(pattern), support, seed=seed, device=device)
-    solver.run(FALLBACK_SCHEDULE)
+    options = FALLBACK_OPTIONS.replace(execution={**execution.model_dump(), "device": str(device)})
+    solver = CdiSolver(amplitude_from_intensity(pattern), support, options)
+    solver.run()
     return solver.final_image().cpu().numpy()
 
 
 def double_dip(
-    pattern: np.ndarray,
-    *,
-    arch: DipArchitecture | str | SkipNetConfig = DipArchitecture.ARCH1,
-    representation: ComplexChannels | str = ComplexChannels.REAL_IMAG,
-    loss: FitLoss | str = FitLoss.AMPLITUDE,
-    max_iterations: int = 3000,
-    lr: float = DEFAULT_LEARNING_RATE,
-    input_noise_std: float = DEFAULT_INPUT_NOISE_STD,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    window: int = DEFAULT_WINDOW,
-    patience: int = DEFAULT_PATIENCE,
+    pattern: np.ndarray, options: DoubleDipOptions | None = None, *, progress: bool = False
 ) -> DoubleDipResult:
     """Retrieve a complex object from one 2D centred pattern (counts) with two DIPs (module docstring).
 
     On a non-finite loss the fit stops, ``diverged`` is True and the object is the HIO/ER fallback on the
     same box.
     """
+    options = options if options is not None else DoubleDipOptions()
     pattern = np.asarray(pattern, dtype=np.float64)
-    _check_double_dip_inputs(pattern, input_noise_std)
-    representation = ComplexChannels(representation)
-    loss = FitLoss(loss)
-    resolved = torch.device(device) if device is not None else default_device()
+    _check_double_dip_pattern(pattern)
+    with torch_threads(options.execution.num_threads):
+        return _double_dip(pattern, options, progress)
+
+
+def _double_dip(pattern: np.ndarray, options: DoubleDipOptions, progress: bool) -> DoubleDipResult:
+    execution = options.execution
+    resolved = default_device(execution.device)
     box = object_box(pattern.shape)
     box_shape = tuple(s.stop - s.start for s in box)
     measured, measured_amplitude = measured_in_fft_layout(pattern, resolved)
-    pair = _DipPair(skip_net_config(arch), box_shape, representation, seed, resolved)
+    config = skip_net_config(options.network.architecture)
+    pair = _DipPair(config, box_shape, options.network.representation, execution.seed, resolved)
     pad = (box[1].start, pattern.shape[1] - box[1].stop, box[0].start, pattern.shape[0] - box[0].stop)
     log_scale = _parseval_log_scale(pair, pattern)
+    input_noise_std = options.optimisation.input_noise_std
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         obj = log_scale.exp() * pair.unscaled_object(input_noise_std)
         # The modulus of a spectrum does not change when the object moves, so the padded object goes to
         # the FFT as it is and only the measured pattern is taken to the FFT's layout.
         spectrum = torch.fft.fft2(nn.functional.pad(obj, pad), norm="ortho")
-        return data_misfit(spectrum, measured, measured_amplitude, loss), obj
+        return data_misfit(spectrum, measured, measured_amplitude, options.loss), obj
 
     fit = fit_dip(
         [*pair.parameters(), log_scale],
         step,
-        max_iterations=max_iterations,
-        lr=lr,
-        early_stopping=EsWmv(window, patience),
+        options.optimisation,
+        early_stopping=EsWmv(options.early_stopping),
         progress=progress,
         description="double DIP",
     )
     if fit.diverged or fit.estimate is None:
-        obj = _hio_er_fallback(pattern, box, seed, resolved)
+        obj = _hio_er_fallback(pattern, box, execution, resolved)
     else:
         obj = np.zeros(pattern.shape, dtype=np.complex128)
         obj[box] = fit.estimate.cpu().numpy()

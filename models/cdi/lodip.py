@@ -24,69 +24,54 @@ lit r times more strongly, Y = |F(X + U)|² with Poisson noise, F the project's 
    mean (|F(·)| − √Y)² (default: the usual choice for DIP phase retrieval; the square root evens out the
    Poisson variance, and at 1 photon per pixel it scored 2-3 dB above the alternative on three simulated
    samples, at 1,000 the same) or the Poisson negative log-likelihood mean (Ŷ − Y log Ŷ)
-   (:class:`FitLoss`). k starts from Parseval: supports that do not overlap make
-   Σ Y ≈ Σ |X|² + Σ |U|², so k₀ = √((Σ Y − Σ U²) / Σ_S g₀²).
+   (:class:`~phasestream.models.cdi.options.FitLoss`). k starts from Parseval: supports that do not
+   overlap make Σ Y ≈ Σ |X|² + Σ |U|², so k₀ = √((Σ Y − Σ U²) / Σ_S g₀²).
 
 3. **HIO-stat**, the paper's baseline: HIO with β = 0.9 on the sample support and positivity, the static
    region reset to U after every iteration, then ER (:func:`hio_stat`).
 
-Samples are taken as real and non-negative (the paper's setting; the generator ends in a sigmoid).
+Samples are taken as real and non-negative (the paper's setting; the generator ends in a sigmoid). The
+solvers' settings are :class:`~phasestream.models.cdi.options.LodipOptions` and
+:class:`~phasestream.models.cdi.options.HioStatOptions`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import torch
 from torch import nn
 
 from phasestream.errors import ConfigError
-from phasestream.models.cdi.phasing import (
-    HIO_BETA,
+from phasestream.models.cdi.options import (
     CdiAlgorithm,
-    amplitude_from_intensity,
-    best_of_random_starts,
-    validate_pattern,
+    CdiOptions,
+    FitLoss,
+    HioStatOptions,
+    LodipOptions,
+    Precision,
 )
-from phasestream.models.execution import default_device
-from phasestream.models.nets.dip import (
-    DEFAULT_INPUT_NOISE_STD,
-    DEFAULT_LEARNING_RATE,
-    DEFAULT_WINDOW,
-    EsWmv,
-    fit_dip,
-)
-from phasestream.models.nets.skip_net import (
-    DipArchitecture,
-    SkipNet,
-    SkipNetConfig,
-    dip_grid_shape,
-    seeded_skip_nets,
-    skip_net_config,
-)
+from phasestream.models.cdi.phasing import amplitude_from_intensity, best_of_random_starts, validate_pattern
+from phasestream.models.execution import default_device, torch_threads
+from phasestream.models.nets.dip import EsWmv, fit_dip
+from phasestream.models.nets.dip_options import ExecutionOptions
+from phasestream.models.nets.skip_net import SkipNet, dip_grid_shape, seeded_skip_nets, skip_net_config
 from phasestream.models.physics import FOURIER_EPSILON
 
-STATIC_SCHEDULE = (("hio", 180), ("er", 20)) * 3
+STATIC_OPTIONS = CdiOptions(
+    constraints={"positivity": True},
+    schedule={"hio_iterations": 180, "er_iterations": 20, "cycles": 3},
+    execution={"precision": Precision.COMPLEX128},
+)
 """HIO/ER for the high-dose static pattern: on the simulator's triangles U comes back to about 0.1 %."""
-STATIC_SEEDS = (0, 1, 2)
-HIO_STAT_SCHEDULE = (("hio", 450), ("er", 50)) * 2
-LODIP_PATIENCE = 300
-"""ES-WMV patience for LoDIP: the variance minimum of a phase-retrieval fit is broad, so a few hundred
-iterations past it suffice."""
+STATIC_STARTS = 3
+"""Random starts of the static reconstruction, seeded from the execution's seed on."""
 INTENSITY_FLOOR = 1e-6
 """Added to Ŷ inside the Poisson log-likelihood: keeps log Ŷ finite where the model is dark; far below one
 photon, so it does not bias pixels that recorded any."""
 MIN_SAMPLE_ENERGY_FRACTION = 1e-3
 """When noise makes Σ Y − Σ U² nearly zero or negative, k₀ uses this fraction of Σ Y instead."""
-
-
-class FitLoss(StrEnum):
-    """The data misfit of a DIP phase retrieval."""
-
-    AMPLITUDE = "amplitude"
-    POISSON = "poisson"
 
 
 @dataclass(frozen=True)
@@ -154,27 +139,19 @@ def validate_insitu(
 
 
 def reconstruct_static(
-    static_pattern: np.ndarray,
-    static_support: np.ndarray,
-    *,
-    seeds: tuple[int, ...] = STATIC_SEEDS,
-    device: torch.device | str | None = None,
+    static_pattern: np.ndarray, static_support: np.ndarray, execution: ExecutionOptions | None = None
 ) -> np.ndarray:
-    """U from its high-dose, static-only pattern: HIO/ER with the fixed support and positivity, best χ².
+    """U from its high-dose, static-only pattern: HIO/ER with the fixed support and positivity
+    (:data:`STATIC_OPTIONS`, on ``execution``'s device and threads), the best χ² of :data:`STATIC_STARTS`.
 
     Returns U (real, zero off the support) in the static pattern's amplitude units (√counts).
     """
     static_pattern = np.asarray(static_pattern, dtype=np.float64)
     static_support = _as_mask(static_support, "static_support", static_pattern.shape)
+    execution = execution if execution is not None else ExecutionOptions()
+    options = STATIC_OPTIONS.replace(execution=execution.model_dump())
     result = best_of_random_starts(
-        amplitude_from_intensity(static_pattern),
-        static_support,
-        STATIC_SCHEDULE,
-        seeds=seeds,
-        shrink_wrap=False,
-        positivity=True,
-        device=device if device is not None else default_device(),
-        dtype=torch.complex128,
+        amplitude_from_intensity(static_pattern), static_support, options, STATIC_STARTS
     )
     return result.image.real.cpu().numpy() * static_support
 
@@ -206,22 +183,29 @@ def hio_stat(
     static_field: np.ndarray,
     sample_support: np.ndarray,
     static_support: np.ndarray,
-    *,
-    schedule: tuple[tuple[str, int], ...] = HIO_STAT_SCHEDULE,
-    beta: float = HIO_BETA,
-    device: torch.device | str | None = None,
+    options: HioStatOptions | None = None,
 ) -> np.ndarray:
     """HIO-stat: Fienup's HIO/ER on the sample support with positivity, the static region held at U.
 
     Starts from U alone (no sample); returns the real sample (pattern amplitude units, zero off S).
     """
+    options = options if options is not None else HioStatOptions()
     pattern, static_field, sample_support, static_support = validate_insitu(
         pattern, static_field, sample_support, static_support
     )
-    if not 0 < beta <= 1:
-        raise ConfigError(f"beta={beta!r} must lie in (0, 1]: Fienup's HIO uses 0.9")
-    resolved = torch.device(device) if device is not None else default_device()
+    resolved = default_device(options.execution.device)
+    with torch_threads(options.execution.num_threads):
+        return _hio_stat(pattern, static_field, sample_support, static_support, options, resolved)
 
+
+def _hio_stat(
+    pattern: np.ndarray,
+    static_field: np.ndarray,
+    sample_support: np.ndarray,
+    static_support: np.ndarray,
+    options: HioStatOptions,
+    resolved: torch.device,
+) -> np.ndarray:
     # As in lodip(): only the pattern goes to the FFT's layout; the real-space arrays stay as they are.
     amplitude = torch.as_tensor(np.fft.ifftshift(np.sqrt(pattern)), device=resolved)
     support = torch.as_tensor(sample_support, device=resolved)
@@ -229,14 +213,13 @@ def hio_stat(
     static = torch.as_tensor(static_field, dtype=torch.complex128, device=resolved)
     image = static.clone()
     zero = torch.zeros((), dtype=torch.complex128, device=resolved)
-    for name, count in schedule:
-        algorithm = CdiAlgorithm(name)
+    for algorithm, count in options.schedule.steps():
         for _ in range(count):
             spectrum = torch.fft.fft2(image, norm="ortho")
             corrected = spectrum * (amplitude / spectrum.abs().clamp_min(FOURIER_EPSILON))
             projected = torch.fft.ifft2(corrected, norm="ortho")
             allowed = support & (projected.real >= 0)
-            outside = zero if algorithm is CdiAlgorithm.ER else image - beta * projected
+            outside = zero if algorithm is CdiAlgorithm.ER else image - options.beta * projected
             image = torch.where(allowed, projected.real.to(image.dtype), outside)
             image = torch.where(static_mask, static, image)
     sample = torch.where(support & (image.real >= 0), image.real, torch.zeros((), dtype=torch.float64))
@@ -297,57 +280,55 @@ def lodip(
     static_field: np.ndarray,
     sample_support: np.ndarray,
     static_support: np.ndarray,
+    options: LodipOptions | None = None,
     *,
-    arch: DipArchitecture | str | SkipNetConfig = DipArchitecture.ARCH1,
-    loss: FitLoss | str = FitLoss.AMPLITUDE,
-    max_iterations: int = 3000,
-    lr: float = DEFAULT_LEARNING_RATE,
-    input_noise_std: float = DEFAULT_INPUT_NOISE_STD,
-    seed: int = 0,
-    device: torch.device | str | None = None,
     progress: bool = False,
-    window: int = DEFAULT_WINDOW,
-    patience: int = LODIP_PATIENCE,
 ) -> LodipResult:
     """Fit Y ≈ |F(k · g_W(z) ⊙ S + U)|² (module docstring); ``static_field`` is U in pattern units.
 
-    On a non-finite loss the fit stops, ``diverged`` is True, and the sample is the HIO-stat fallback.
+    On a non-finite loss the fit stops, ``diverged`` is True, and the sample is the HIO-stat fallback
+    (default :class:`HioStatOptions` on the same device and threads).
     """
-    pattern, static_field, sample_support, static_support = validate_insitu(
-        pattern, static_field, sample_support, static_support
-    )
-    loss = FitLoss(loss)
-    if input_noise_std < 0:
-        raise ConfigError(f"input_noise_std={input_noise_std!r} must be ≥ 0")
-    resolved = torch.device(device) if device is not None else default_device()
-    config = skip_net_config(arch)
+    options = options if options is not None else LodipOptions()
+    problem = validate_insitu(pattern, static_field, sample_support, static_support)
+    with torch_threads(options.execution.num_threads):
+        return _lodip(problem, options, progress)
+
+
+def _lodip(
+    problem: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], options: LodipOptions, progress: bool
+) -> LodipResult:
+    pattern, static_field, sample_support, _ = problem
+    execution = options.execution
+    resolved = default_device(execution.device)
+    config = skip_net_config(options.network.architecture)
     n_y, n_x = pattern.shape
     grid = dip_grid_shape((n_y, n_x), config)
     z = pattern_input(pattern, grid, resolved)
     measured, measured_amplitude = measured_in_fft_layout(pattern, resolved)
     support = torch.as_tensor(sample_support, dtype=torch.float32, device=resolved)
     static = torch.as_tensor(static_field, dtype=torch.float32, device=resolved)
-    generator = torch.Generator().manual_seed(seed)
-    (network,) = seeded_skip_nets(config, 1, seed=seed, device=resolved, in_channels=1)
+    generator = torch.Generator().manual_seed(execution.seed)
+    (network,) = seeded_skip_nets(config, 1, seed=execution.seed, device=resolved, in_channels=1)
     log_scale = _initial_log_scale(network, z, pattern, static_field, sample_support, resolved)
+    input_noise_std = options.optimisation.input_noise_std
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         noisy_input = z + input_noise_std * torch.randn(z.shape, generator=generator).to(resolved)
         sample = log_scale.exp() * network(noisy_input)[0, 0, :n_y, :n_x] * support
         spectrum = torch.fft.fft2(sample + static, norm="ortho")
-        return data_misfit(spectrum, measured, measured_amplitude, loss), sample
+        return data_misfit(spectrum, measured, measured_amplitude, options.loss), sample
 
     fit = fit_dip(
         [*network.parameters(), log_scale],
         step,
-        max_iterations=max_iterations,
-        lr=lr,
-        early_stopping=EsWmv(window, patience),
+        options.optimisation,
+        early_stopping=EsWmv(options.early_stopping),
         progress=progress,
         description="LoDIP",
     )
     if fit.diverged or fit.estimate is None:
-        sample = hio_stat(pattern, static_field, sample_support, static_support, device=resolved)
+        sample = _hio_stat(*problem, HioStatOptions(execution=execution), resolved)
     else:
         sample = fit.estimate.to("cpu", torch.float64).numpy()
     scale = float(log_scale.detach().exp())

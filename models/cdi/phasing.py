@@ -20,34 +20,28 @@ iterate ρ_k, over measured pixels M:
     χ²_k = Σ_M (|Fρ_k| − a)² / Σ_M a²
 
 For ER it never rises (Fienup 1982 proves this for error reduction). The support follows the image
-with shrink-wrap (:mod:`phasestream.models.cdi.support`). The amplitude is stored ``ifftshift``-ed: the
+with shrink-wrap (:mod:`phasestream.models.cdi.support`). Everything the solver is told is a
+:class:`~phasestream.models.cdi.options.CdiOptions`. The amplitude is stored ``ifftshift``-ed: the
 projection acts pixel by pixel, so the solver works in the FFT's native layout and never shifts per
 iteration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import torch
 
 from phasestream.errors import ConfigError, FrameValidationError
+from phasestream.models.cdi.options import CdiAlgorithm, CdiOptions, Precision
 from phasestream.models.cdi.support import ShrinkWrap
-from phasestream.models.execution import default_device
+from phasestream.models.execution import default_device, torch_threads
 from phasestream.models.physics import FOURIER_EPSILON
 
-HIO_BETA = 0.9
-"""Fienup's feedback parameter β; he found 0.5 to 1 to work, 0.9 is the usual choice."""
-
 _SPATIAL_DIMS = (2, 3)
-
-
-class CdiAlgorithm(StrEnum):
-    ER = "er"
-    HIO = "hio"
+_DTYPES = {Precision.COMPLEX64: torch.complex64, Precision.COMPLEX128: torch.complex128}
 
 
 def cdi_far_field(image: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -130,39 +124,35 @@ class CdiResult:
     support: torch.Tensor
     fourier_errors: torch.Tensor
     final_error: float
-    seed: int | None = None
+    seed: int
 
 
 class CdiSolver:
     """ER/HIO with optional shrink-wrap and positivity, for one 2D or 3D centred diffraction amplitude.
 
     ``amplitude``: sqrt(I), centred (zero frequency at N//2 on every axis). ``support``: bool array of the
-    same shape, the first support guess (a loose box or blob). ``unmeasured``: bool, True where the
-    detector recorded nothing (beamstop, gaps); the modulus there stays free. ``initial_image``: a warm
-    start (e.g. a neural-network prediction); without it the start is F⁻¹[a · e^{iφ}] with uniform random
-    φ from ``seed``, cut to the support. ``shrink_wrap``: a :class:`ShrinkWrap` schedule, or None to keep
-    the support fixed. Everything lives on ``device`` (CUDA when present) as ``dtype``.
+    same shape, the first support guess (a loose box or blob). ``options``: everything about the
+    iterations (:class:`~phasestream.models.cdi.options.CdiOptions`: shrink-wrap, positivity, β, the
+    schedule :meth:`run` follows by default, device, seed and precision). ``unmeasured``: bool, True where
+    the detector recorded nothing (beamstop, gaps); the modulus there stays free. ``initial_image``: a
+    warm start (e.g. a neural-network prediction); without it the start is F⁻¹[a · e^{iφ}] with uniform
+    random φ from ``execution.seed``, cut to the support. Everything lives on ``execution.device`` (CUDA
+    when present); ``execution.num_threads`` holds for :meth:`run`.
     """
 
     def __init__(
         self,
         amplitude: np.ndarray | torch.Tensor,
         support: np.ndarray | torch.Tensor,
+        options: CdiOptions | None = None,
         *,
         unmeasured: np.ndarray | torch.Tensor | None = None,
         initial_image: np.ndarray | torch.Tensor | None = None,
-        positivity: bool = False,
-        beta: float = HIO_BETA,
-        shrink_wrap: ShrinkWrap | None = None,
-        seed: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.complex64,
     ) -> None:
-        self.device = torch.device(device) if device is not None else default_device()
-        if dtype not in (torch.complex64, torch.complex128):
-            raise ConfigError(f"dtype={dtype!r} must be torch.complex64 or torch.complex128")
-        if not 0 < beta <= 1:
-            raise ConfigError(f"beta={beta!r} must lie in (0, 1]: Fienup's HIO uses 0.5 to 1, default 0.9")
+        self.options = options if options is not None else CdiOptions()
+        execution = self.options.execution
+        self.device = default_device(execution.device)
+        self.dtype = _DTYPES[execution.precision]
         amplitude = torch.as_tensor(amplitude)
         shape = tuple(amplitude.shape)
         self.ndim = amplitude.ndim
@@ -170,8 +160,7 @@ class CdiSolver:
         validate_pattern(amplitude, "amplitude", unmeasured_mask)
         support = _support_of_shape(support, shape)
         self._dims = tuple(range(-self.ndim, 0))
-        real_dtype = torch.float64 if dtype == torch.complex128 else torch.float32
-        self.dtype = dtype
+        real_dtype = torch.float64 if self.dtype == torch.complex128 else torch.float32
         measured = torch.ones(shape, dtype=torch.bool) if unmeasured_mask is None else ~unmeasured_mask
         amplitude = torch.where(measured, amplitude, torch.zeros((), dtype=amplitude.dtype))
         self._amplitude = self._unshift(amplitude.to(self.device, real_dtype))
@@ -181,10 +170,10 @@ class CdiSolver:
         self.support = support.to(self.device, torch.bool)
         if not bool(self.support.any()):
             raise ConfigError("support selects no pixel: pass a support that covers the object")
-        self.positivity = positivity
-        self.beta = beta
-        self.shrink_wrap = shrink_wrap
-        self.seed = seed
+        self.positivity = self.options.constraints.positivity
+        self.beta = self.options.constraints.beta
+        self.shrink_wrap = ShrinkWrap(self.options.support) if self.options.support.shrink_wrap else None
+        self.seed = execution.seed
         self.iteration = 0
         self._errors: list[torch.Tensor] = []
         self.image = self._start_image(initial_image, shape)
@@ -195,7 +184,7 @@ class CdiSolver:
         """The warm start as given, or F⁻¹[a · e^{iφ}] with uniform random φ from ``seed``, cut to the
         support."""
         if initial_image is None:
-            generator = torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
+            generator = torch.Generator().manual_seed(self.seed)
             phase = 2 * torch.pi * torch.rand(shape, generator=generator, dtype=torch.float64)
             spectrum = self._amplitude.to(torch.float64).cpu() * torch.exp(1j * phase)
             start = torch.fft.ifftn(spectrum, dim=self._dims, norm="ortho").to(self.device, self.dtype)
@@ -257,16 +246,20 @@ class CdiSolver:
             self.support = self.shrink_wrap.update(self.image, self.ndim)
         return error
 
-    def run(self, schedule: Iterable[tuple[CdiAlgorithm | str, int]]) -> torch.Tensor:
-        """Run e.g. ``[("hio", 180), ("er", 20)] * 5``; returns the χ² of the iterations of this call."""
+    def run(self, schedule: Iterable[tuple[CdiAlgorithm | str, int]] | None = None) -> torch.Tensor:
+        """Run the options' schedule, or one given as e.g. ``[("hio", 180), ("er", 20)] * 5``; returns the
+        χ² of the iterations of this call."""
+        if schedule is None:
+            schedule = self.options.schedule.steps()
         steps = [(CdiAlgorithm(name), int(count)) for name, count in schedule]
         for name, count in steps:
             if count < 0:
                 raise ConfigError(f"schedule asks for {count} iterations of {name}: counts must be ≥ 0")
         start = len(self._errors)
-        for algorithm, count in steps:
-            for _ in range(count):
-                self.step(algorithm)
+        with torch_threads(self.options.execution.num_threads):
+            for algorithm, count in steps:
+                for _ in range(count):
+                    self.step(algorithm)
         return self.fourier_errors[start:]
 
     def final_image(self) -> torch.Tensor:
@@ -286,29 +279,24 @@ class CdiSolver:
 def best_of_random_starts(
     amplitude: np.ndarray | torch.Tensor,
     support: np.ndarray | torch.Tensor,
-    schedule: Sequence[tuple[CdiAlgorithm | str, int]],
+    options: CdiOptions,
+    starts: int = 4,
     *,
-    seeds: Sequence[int] = (0, 1, 2, 3),
-    shrink_wrap: bool = True,
-    **solver_options,
+    unmeasured: np.ndarray | torch.Tensor | None = None,
 ) -> CdiResult:
-    """Run the schedule from one random start per seed and keep the result with the lowest final χ².
+    """Run the options' schedule from ``starts`` random starts and keep the result with the lowest final χ².
 
-    ``shrink_wrap`` gives each start a fresh default :class:`ShrinkWrap` schedule (its σ is state).
-    ``solver_options`` go to :class:`CdiSolver` (``unmeasured``, ``positivity``, ``beta``, ``device``…).
+    Start k is seeded with ``options.execution.seed + k``; each has its own shrink-wrap schedule when
+    ``options.support.shrink_wrap`` is on (its σ is state).
     """
-    if not seeds:
-        raise ConfigError("seeds is empty: give at least one seed for the random starts")
+    if starts < 1:
+        raise ConfigError(f"starts={starts!r}: give at least one random start")
     best: CdiResult | None = None
-    for seed in seeds:
+    for seed in range(options.execution.seed, options.execution.seed + starts):
         solver = CdiSolver(
-            amplitude,
-            support,
-            seed=seed,
-            shrink_wrap=ShrinkWrap() if shrink_wrap else None,
-            **solver_options,
+            amplitude, support, options.replace(execution={"seed": seed}), unmeasured=unmeasured
         )
-        solver.run(schedule)
+        solver.run()
         result = solver.result()
         if best is None or result.final_error < best.final_error:
             best = result

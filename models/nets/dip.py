@@ -5,7 +5,8 @@ References: D. Ulyanov, A. Vedaldi and V. Lempitsky, "Deep image prior", CVPR 20
 DIP; H. Wang, T. Li, Z. Zhuang, T. Chen, H. Liang and J. Sun, "Early stopping for deep image prior",
 TMLR 2023 (arXiv:2112.06074), whose ES-WMV rule this module implements.
 
-The network, Ulyanov et al.'s "skip" hourglass, is :class:`~phasestream.models.nets.skip_net.SkipNet`.
+The network, Ulyanov et al.'s "skip" hourglass, is :class:`~phasestream.models.nets.skip_net.SkipNet`; the
+settings of a fit are the groups of :mod:`phasestream.models.nets.dip_options`.
 
 **Fitting** (Ulyanov Eq. 2): θ* = argmin_θ E(f_θ(z); x₀) with Adam, from a fixed random input z (32
 channels, uniform in [0, 0.1)), perturbed at every step by Gaussian noise of std σ_z (σ_z = 1/30 in
@@ -27,42 +28,29 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from phasestream.errors import ConfigError, FrameValidationError
-from phasestream.models.execution import default_device
+from phasestream.errors import FrameValidationError
+from phasestream.models.execution import default_device, torch_threads
+from phasestream.models.nets.dip_options import (
+    ComplexChannels,
+    DenoiseOptions,
+    EarlyStoppingOptions,
+    OptimisationOptions,
+)
 from phasestream.models.nets.skip_net import (
-    DipArchitecture,
-    SkipNetConfig,
     dip_grid_shape,
     random_input,
     seeded_skip_nets,
     skip_net_config,
 )
 
-DEFAULT_INPUT_NOISE_STD = 1 / 30
-"""σ_z of Ulyanov et al.'s denoising."""
-DEFAULT_LEARNING_RATE = 0.01
-"""Adam step of Ulyanov et al."""
-DEFAULT_WINDOW = 100
-DEFAULT_PATIENCE = 500
-"""ES-WMV window and patience (iterations). A window of 100 averages over the iteration-to-iteration jitter
-of Adam and of the input noise; a patience of a few hundred iterations sees the variance rise well past its
-minimum on the images of this project and keeps a CPU denoise to tens of seconds."""
 NORMALISATION_FLOOR = 1e-12
 """Smallest channel range (max − min) divided by when an image channel is brought to [0, 1]."""
-
-
-class ComplexChannels(StrEnum):
-    """How a complex image becomes two real network channels."""
-
-    REAL_IMAG = "real_imag"
-    AMPLITUDE_PHASE = "amplitude_phase"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,18 +61,15 @@ class EsWmv:
     """Windowed-moving-variance early stopping (Wang et al. 2023, Algorithm 1).
 
     Call :meth:`update` with each new output; it returns True once the running variance over the last
-    ``window`` outputs has not reached a new minimum for ``patience`` updates. :attr:`best` is the output
-    that closed the minimum-variance window, :attr:`best_iteration` its index (0-based). The sums run in
-    float64 so that removing the oldest output from them does not lose the small variance near the minimum.
+    ``options.window`` outputs has not reached a new minimum for ``options.patience`` updates.
+    :attr:`best` is the output that closed the minimum-variance window, :attr:`best_iteration` its index
+    (0-based). The sums run in float64 so that removing the oldest output from them does not lose the
+    small variance near the minimum.
     """
 
-    def __init__(self, window: int = DEFAULT_WINDOW, patience: int = DEFAULT_PATIENCE) -> None:
-        if window < 2:
-            raise ConfigError(f"window={window!r}: the running variance needs at least 2 outputs")
-        if patience < 1:
-            raise ConfigError(f"patience={patience!r} must be at least 1 iteration")
-        self.window = window
-        self.patience = patience
+    def __init__(self, options: EarlyStoppingOptions) -> None:
+        self.window = options.window
+        self.patience = options.patience
         self._outputs: deque[torch.Tensor] = deque()
         self._sum: torch.Tensor | None = None
         self._sum_of_squares: torch.Tensor | None = None
@@ -144,33 +129,26 @@ class DipFit:
     """``should_stop`` ended the fit before ES-WMV or the iteration cap did."""
 
 
-def _check_fit_settings(max_iterations: int, lr: float) -> None:
-    if max_iterations < 1:
-        raise ConfigError(f"max_iterations={max_iterations!r} must be at least 1")
-    if not lr > 0:
-        raise ConfigError(f"lr={lr!r} must be positive: Ulyanov et al. use Adam with 0.01")
-
-
 def fit_dip(
     parameters: Iterable[torch.Tensor],
     step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    optimisation: OptimisationOptions,
     *,
-    max_iterations: int,
-    lr: float,
     early_stopping: EsWmv | None,
     progress: bool = False,
     description: str = "DIP",
     should_stop: Callable[[], bool] | None = None,
 ) -> DipFit:
-    """Adam on ``parameters``; ``step()`` runs one forward pass and returns (loss, estimate).
+    """Adam with ``optimisation.lr`` on ``parameters``; ``step()`` runs one forward pass and returns (loss,
+    estimate); ``step`` adds the input noise itself.
 
-    Stops after ``max_iterations``, when ``early_stopping`` says so, or at the first non-finite loss
-    (``diverged``; a RuntimeWarning names the iteration). Without early stopping, or before its first
-    full window, the estimate is the last finite one. ``should_stop``, asked before every iteration, lets
-    a caller on another thread end the fit early (``interrupted``) with the estimate so far.
+    Stops after ``optimisation.max_iterations``, when ``early_stopping`` says so, or at the first
+    non-finite loss (``diverged``; a RuntimeWarning names the iteration). Without early stopping, or
+    before its first full window, the estimate is the last finite one. ``should_stop``, asked before every
+    iteration, lets a caller on another thread end the fit early (``interrupted``) with the estimate so far.
     """
-    _check_fit_settings(max_iterations, lr)
-    optimiser = torch.optim.Adam(list(parameters), lr=lr)
+    max_iterations = optimisation.max_iterations
+    optimiser = torch.optim.Adam(list(parameters), lr=optimisation.lr)
     losses: list[float] = []
     last: torch.Tensor | None = None
     diverged = False
@@ -250,15 +228,13 @@ def channels_to_image(
     return channels[0] * np.exp(1j * channels[1])
 
 
-def _check_denoise_inputs(image: np.ndarray, input_noise_std: float) -> None:
+def _check_denoise_input(image: np.ndarray) -> None:
     if image.ndim != 2:
         raise FrameValidationError(f"image has shape {image.shape}: dip_denoise takes one 2D (H, W) image")
     if not np.isfinite(image).all():
         raise FrameValidationError(
             f"image holds {int((~np.isfinite(image)).sum())} NaN or infinite values: replace them first"
         )
-    if input_noise_std < 0:
-        raise ConfigError(f"input_noise_std={input_noise_std!r} must be ≥ 0 (Ulyanov et al. use 1/30)")
 
 
 def _channel_ranges(channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,38 +245,44 @@ def _channel_ranges(channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dip_denoise(
     image: np.ndarray,
-    arch: DipArchitecture | str | SkipNetConfig = DipArchitecture.ARCH2,
+    options: DenoiseOptions | None = None,
     *,
-    max_iterations: int = 3000,
-    lr: float = DEFAULT_LEARNING_RATE,
-    input_noise_std: float = DEFAULT_INPUT_NOISE_STD,
-    seed: int = 0,
-    device: torch.device | str | None = None,
     progress: bool = False,
-    complex_channels: ComplexChannels | str = ComplexChannels.REAL_IMAG,
-    window: int = DEFAULT_WINDOW,
-    patience: int = DEFAULT_PATIENCE,
     should_stop: Callable[[], bool] | None = None,
 ) -> DipResult:
     """Denoise one (H, W) real or complex image with a DIP and ES-WMV (the module docstring).
 
     Each channel is brought to [0, 1] by its own minimum and maximum, fitted with a mean squared error and
-    a sigmoid output, and mapped back. Amplitude/phase channels suit objects whose phase does not wrap;
-    real/imaginary channels always do. On a non-finite loss the fit stops, ``diverged`` is True and the
-    input comes back unchanged. ``should_stop`` is passed to :func:`fit_dip`.
+    a sigmoid output, and mapped back. Amplitude/phase channels (``options.network.representation``) suit
+    objects whose phase does not wrap; real/imaginary channels always do. On a non-finite loss the fit
+    stops, ``diverged`` is True and the input comes back unchanged. ``should_stop`` is passed to
+    :func:`fit_dip`.
     """
+    options = options if options is not None else DenoiseOptions()
     image = np.asarray(image)
-    _check_denoise_inputs(image, input_noise_std)
-    resolved = torch.device(device) if device is not None else default_device()
-    config = skip_net_config(arch)
+    _check_denoise_input(image)
+    with torch_threads(options.execution.num_threads):
+        return _denoise(image, options, progress, should_stop)
+
+
+def _denoise(
+    image: np.ndarray,
+    options: DenoiseOptions,
+    progress: bool,
+    should_stop: Callable[[], bool] | None,
+) -> DipResult:
+    resolved = default_device(options.execution.device)
+    config = skip_net_config(options.network.architecture)
+    complex_channels = options.network.representation
+    input_noise_std = options.optimisation.input_noise_std
     is_complex = np.iscomplexobj(image)
     channels = image_to_channels(image, complex_channels)
     low, span = _channel_ranges(channels)
     target = torch.as_tensor((channels - low) / span, dtype=torch.float32, device=resolved)[None]
     height, width = image.shape
     grid = dip_grid_shape((height, width), config)
-    generator = torch.Generator().manual_seed(seed)
-    (network,) = seeded_skip_nets(config, len(channels), seed=seed, device=resolved)
+    generator = torch.Generator().manual_seed(options.execution.seed)
+    (network,) = seeded_skip_nets(config, len(channels), seed=options.execution.seed, device=resolved)
     z = random_input(config.input_channels, grid, generator, resolved)
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,9 +293,8 @@ def dip_denoise(
     fit = fit_dip(
         network.parameters(),
         step,
-        max_iterations=max_iterations,
-        lr=lr,
-        early_stopping=EsWmv(window, patience),
+        options.optimisation,
+        early_stopping=EsWmv(options.early_stopping),
         progress=progress,
         description=f"DIP {config.levels}-level denoise",
         should_stop=should_stop,

@@ -16,68 +16,23 @@ convolution and a sigmoid map out_0 to the image channels. Erin et al.'s **Arch1
 [8, 16, 32, 64, 128] with skips [0, 0, 0, 4, 4]; **Arch2** has [128]×6, here with Ulyanov's 4 skip
 filters per level. Each level halves the grid, and batch norm needs at least 2×2 values at the deepest
 level, so the network works on a grid that is a multiple of 2^L and at least 2^(L+1) on each side
-(:func:`dip_grid_shape`); images are fitted on its top-left corner.
+(:func:`dip_grid_shape`); images are fitted on its top-left corner. The presets and the configuration of a
+network of one's own (:class:`~phasestream.models.nets.dip_options.SkipNetConfig`) are options, in
+:mod:`phasestream.models.nets.dip_options`.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from phasestream.errors import ConfigError
+from phasestream.models.nets.dip_options import ARCHITECTURES, DipArchitecture, SkipNetConfig
 
 LEAKY_RELU_SLOPE = 0.2
 """Ulyanov et al.'s LeakyReLU slope."""
-INPUT_CHANNELS = 32
-"""Channels of the random input z in Ulyanov et al.'s denoising experiments."""
 INPUT_SCALE = 0.1
 """z is uniform in [0, 0.1) (Ulyanov et al.)."""
-
-
-class DipArchitecture(StrEnum):
-    """The two skip networks of Erin et al. (2025)."""
-
-    ARCH1 = "arch1"
-    ARCH2 = "arch2"
-
-
-class SkipNetConfig(BaseModel):
-    """Filters per level (down and up paths alike) and skip filters per level, shallowest first."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    channels: tuple[int, ...] = Field(min_length=1, max_length=8)
-    skip_channels: tuple[int, ...] = Field(min_length=1, max_length=8)
-    input_channels: int = Field(default=INPUT_CHANNELS, ge=1)
-    kernel_size: int = Field(default=3, ge=1)
-
-    @model_validator(mode="after")
-    def _levels_agree(self) -> SkipNetConfig:
-        if len(self.channels) != len(self.skip_channels):
-            raise ValueError(
-                f"channels {self.channels} and skip_channels {self.skip_channels} must have one entry per "
-                "level"
-            )
-        if min(self.channels) < 1 or min(self.skip_channels) < 0:
-            raise ValueError(
-                f"channels {self.channels} need ≥ 1 filter and skip_channels {self.skip_channels} ≥ 0"
-            )
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size={self.kernel_size} must be odd so that convolutions keep the grid")
-        return self
-
-    @property
-    def levels(self) -> int:
-        return len(self.channels)
-
-
-ARCHITECTURES = {
-    DipArchitecture.ARCH1: SkipNetConfig(channels=(8, 16, 32, 64, 128), skip_channels=(0, 0, 0, 4, 4)),
-    DipArchitecture.ARCH2: SkipNetConfig(channels=(128,) * 6, skip_channels=(4,) * 6),
-}
 
 
 def skip_net_config(architecture: DipArchitecture | str | SkipNetConfig) -> SkipNetConfig:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from phasestream.errors import ConfigError
-from phasestream.models.cdi.phasing import CdiAlgorithm, CdiResult, CdiSolver
-from phasestream.models.cdi.support import ShrinkWrap
+from phasestream.models.cdi.options import CdiAlgorithm, CdiOptions
+from phasestream.models.cdi.phasing import CdiResult, CdiSolver
 from phasestream.models.nets.autophasenn.fit import PatternFit, fit_pattern, validate_network_input
 from phasestream.models.nets.autophasenn.network import AutoPhaseNN
 
@@ -89,12 +89,11 @@ def refine_prediction(
     amplitude by least squares, is the warm start and the predicted support the support."""
     modelled = np.abs(np.fft.fftshift(np.fft.fftn(prediction.object.astype(np.complex128), norm="ortho")))
     scale = float(np.sum(modelled * prediction.measured) / max(np.sum(modelled**2), 1e-30))
+    options = CdiOptions(
+        support={"shrink_wrap": shrink_wrap}, execution={"device": None if device is None else str(device)}
+    )
     solver = CdiSolver(
-        prediction.measured,
-        prediction.support,
-        initial_image=prediction.object * scale,
-        shrink_wrap=ShrinkWrap() if shrink_wrap else None,
-        device=device,
+        prediction.measured, prediction.support, options, initial_image=prediction.object * scale
     )
     solver.run([(CdiAlgorithm.ER, iterations)])
     return solver.result()
