@@ -150,7 +150,7 @@ def test_previous_starts_the_second_scan_from_the_first_scans_probe(tmp_path: Pa
             stored.append((np.load(kept), result.probe))
     finally:
         run.send_signal(signal.SIGINT)
-        run.wait(timeout=60)
+        run.wait(timeout=120)  # every stage flushes its results and metrics first
         shutil.rmtree(folder, ignore_errors=True)
     assert "no previous probe for this geometry" in "".join(seen)
     assert "probe from auto" in starts[0]
