@@ -51,7 +51,7 @@ from phasestream.formats.units import JOULES_PER_EV
 # when a configuration is validated).
 PLANCK_TIMES_LIGHT_SPEED_M_KEV = 1.23984198e-9
 DATASET_SEPARATOR = "::"
-MAX_PROBE_MODES = 16  # the refine stage's probe_modes bound
+MAX_PROBE_MODES = 16  # the refine stage's probe.modes bound
 MIN_WINDOW_PX = 8
 # A probe pixel outside this range is a unit slip (nanometres stored as metres, or the reverse).
 PLAUSIBLE_PIXEL_M = (1e-12, 1e-3)
