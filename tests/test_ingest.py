@@ -4,7 +4,7 @@ The ``Launcher`` starts two processes: the real ``ingest`` stage, which connects
 PUSH sockets (ipc in a short run directory), and ``FrameCollector`` (defined below; the child process
 imports this module because ``PYTHONPATH`` holds the tests folder), which writes every FrameBatch it
 receives to an ``.npz`` file per scan. One pipeline serves the whole module (``exit_after_scan: false``);
-each test sends its own scans through it and checks what the issue asks of every bad input:
+each test sends its own scans through it and checks what every bad input must get:
 
 - a warning (a ``log`` control event) whose text names the offending value and the fix,
 - a counter in ingest's ``/metrics`` (scraped before and after the scan, so the tests see deltas),

@@ -30,8 +30,8 @@ from phasestream.models.nets.dip_options import (
     NetworkOptions,
     OptimisationOptions,
     Patience,
-    SolverOptions,
 )
+from phasestream.models.options import SolverOptions
 
 HIO_BETA = 0.9
 """Fienup's feedback parameter β; he found 0.5 to 1 to work, 0.9 is the usual choice."""

@@ -20,14 +20,14 @@ a validated copy with some values changed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from phasestream.errors import ConfigError
 from phasestream.models.execution import parse_device
+from phasestream.models.options import SolverOptions
 
 DEFAULT_INPUT_NOISE_STD = 1 / 30
 """σ_z of Ulyanov et al.'s denoising."""
@@ -109,26 +109,6 @@ ARCHITECTURES = {
     DipArchitecture.ARCH1: SkipNetConfig(channels=(8, 16, 32, 64, 128), skip_channels=(0, 0, 0, 4, 4)),
     DipArchitecture.ARCH2: SkipNetConfig(channels=(128,) * 6, skip_channels=(4,) * 6),
 }
-
-
-class SolverOptions(BaseModel):
-    """Frozen, with unknown names refused; the base of every option group and solver's options."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def replace(self, **changes: Any) -> Self:
-        """A validated copy with some values changed: a group by a mapping of its fields to change (the
-        others kept), any other field or a whole group by value.
-
-        ``options.replace(optimisation={"max_iterations": 100}, execution={"seed": 3})``
-        """
-        data = self.model_dump()
-        for name, value in changes.items():
-            if isinstance(value, Mapping) and isinstance(data.get(name), dict):
-                data[name] = {**data[name], **value}
-            else:
-                data[name] = value
-        return type(self).model_validate(data)
 
 
 class NetworkOptions(SolverOptions):

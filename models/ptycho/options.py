@@ -12,14 +12,13 @@ test are checked by the same rules. Every model is frozen: a solver's options ne
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from phasestream.errors import ConfigError
 from phasestream.models.execution import parse_device
+from phasestream.models.options import SolverOptions
 
 DEFAULT_BATCH_SIZE = 32
 """Positions per mini-batch, tuned on two CPU cores: for 516 patterns of 128×128, batches of 8 to 64 took
@@ -48,11 +47,7 @@ class FourierConstraint(StrEnum):
     POISSON = "poisson"
 
 
-class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ObjectOptions(_Options):
+class ObjectOptions(SolverOptions):
     """How each step moves the object (the sample's complex transmission)."""
 
     step: float = Field(
@@ -67,7 +62,7 @@ class ObjectOptions(_Options):
     )  # fmt: skip
 
 
-class ProbeOptions(_Options):
+class ProbeOptions(SolverOptions):
     """How the probe (the beam's complex illumination) is refined."""
 
     step: float = Field(
@@ -90,7 +85,7 @@ class ProbeOptions(_Options):
     )  # fmt: skip
 
 
-class PositionOptions(_Options):
+class PositionOptions(SolverOptions):
     """Whether the scan positions are refined, and how far they may move."""
 
     correction_start_epoch: int | None = Field(
@@ -104,7 +99,7 @@ class PositionOptions(_Options):
     )  # fmt: skip
 
 
-class ConstraintOptions(_Options):
+class ConstraintOptions(SolverOptions):
     """What pulls each exit wave towards the measured counts, and the physical bounds kept after epochs."""
 
     fourier_constraint: FourierConstraint = Field(
@@ -138,7 +133,7 @@ class ConstraintOptions(_Options):
         return self
 
 
-class ExecutionOptions(_Options):
+class ExecutionOptions(SolverOptions):
     """Where the sweeps run and in what order; none of it changes what the reconstruction converges to."""
 
     variant: EpieVariant = Field(
@@ -173,7 +168,7 @@ class ExecutionOptions(_Options):
         return device
 
 
-class PineOptions(_Options):
+class PineOptions(SolverOptions):
     """PINE's regularisation step O ← (1 − ρ) O + ρ D(O) after every sweep (:mod:`.pine`)."""
 
     rho: float = Field(
@@ -183,7 +178,7 @@ class PineOptions(_Options):
     )  # fmt: skip
 
 
-class EpieOptions(_Options):
+class EpieOptions(SolverOptions):
     """Every option of one ePIE/rPIE solver, grouped; the defaults are plain ePIE in mini-batches."""
 
     update_rule: UpdateRule = Field(
@@ -206,17 +201,3 @@ class EpieOptions(_Options):
     def probe_weight(self) -> float:
         """w of the probe update's denominator (1 − w)|O|² + w max|O|²; 1 for ePIE."""
         return self.probe.rpie_beta if self.update_rule is UpdateRule.RPIE else 1.0
-
-    def replace(self, **changes: Any) -> EpieOptions:
-        """A validated copy with some values changed: a group by a mapping of its fields to change (the
-        others kept), ``update_rule`` or a whole group by value.
-
-        ``options.replace(update_rule="rpie", object={"rpie_alpha": 0.2})``
-        """
-        data = self.model_dump()
-        for name, value in changes.items():
-            if isinstance(value, Mapping) and isinstance(data.get(name), dict):
-                data[name] = {**data[name], **value}
-            else:
-                data[name] = value
-        return EpieOptions.model_validate(data)

@@ -1,7 +1,7 @@
 """Tiled down for a while, then back on the same port and data folder: the publisher keeps only the
 latest state per node, retries with back-off, and the final object lands. Counted: retries, no failures.
 
-The outage lasts about 10 s, not the issue's minute: what matters is that it outlasts several retries.
+The outage lasts about 10 s: what matters is that it outlasts several retries.
 With back-off 0.5 s doubling to at most 4 s and 8 retries per update (about 25 s of patience), 10 s
 exercises the same path as a minute does with the publisher's defaults raised accordingly.
 """
